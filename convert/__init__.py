@@ -1,0 +1,1 @@
+"""Official PaliGemma checkpoints -> pg_edge converted folders (MLX safetensors)."""
