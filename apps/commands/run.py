@@ -1,0 +1,52 @@
+"""`pg-edge run MODEL --image PATH --prompt TEXT`: generate, streaming to the terminal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="generate text for an image and a prompt",
+                       description="Run a converted PaliGemma model on one image and prompt.")
+    p.add_argument("model", help="converted folder, mlx-community folder, or hub id")
+    p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    p.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect cat"')
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token ids, timings, peak memory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import pg_edge
+    from pg_edge.processor import load_image
+
+    image = load_image(args.image)  # a bad image fails before the model loads
+    pg = pg_edge.load(args.model)
+    if args.json:
+        result = pg.generate(image, args.prompt, **sampling_kwargs(args))
+        print(json.dumps(result.to_dict()))
+        return 0
+    result = None
+    for chunk in pg.stream(image, args.prompt, **sampling_kwargs(args)):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        result = chunk.result or result
+    sys.stdout.write("\n")
+    print(f"[{result.prompt_tokens} prompt tokens, {len(result.tokens)} generated, "
+          f"{result.generation_tps:.1f} tok/s, peak {result.peak_memory_gb:.2f} GB]", file=sys.stderr)
+    return 0

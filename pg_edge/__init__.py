@@ -1,0 +1,29 @@
+"""pg_edge: Google's PaliGemma 1 and 2 on your own machine with MLX.
+
+    import pg_edge
+    pg = pg_edge.load("converted-folder-or-hub-id")
+    print(pg.generate("cat.jpg", "caption en").text)
+
+Attributes are imported lazily so that `pg_edge.reference` and `pg_edge.processor` can be used
+without importing MLX.
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("pg_edge.pipeline", "load"),
+    "PaliGemma": ("pg_edge.pipeline", "PaliGemma"),
+    "GenerationResult": ("pg_edge.generate", "GenerationResult"),
+    "PgEdgeError": ("pg_edge.errors", "PgEdgeError"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'pg_edge' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,206 @@
+"""Gemma (PaliGemma 1) and Gemma2 (PaliGemma 2) decoders, and the prefix-LM mask.
+
+Attribute names follow the checkpoint keys under `language_model.`. Gemma vs Gemma2 differs only
+by config flags: attention / final logit softcaps, the "sandwich" norms (post-attention,
+pre- and post-feedforward), the query scale (query_pre_attn_scalar) and the sliding window.
+
+Masks are boolean, True = may attend, shaped [B, 1, T_q, T_k] so they broadcast over heads.
+One builder serves inference and training (big_vision's `mask_ar` form):
+    cum = cumsum(mask_ar); attend[i, j] = cum[j] <= cum[i] and valid[j]
+so image + `<bos>` + prefix + "\\n" (mask_ar 0) attend both ways and the suffix (mask_ar 1) is
+causal and sees the whole prefix.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+from .siglip import activation
+
+
+def prefix_lm_mask(mask_ar: mx.array, valid: mx.array, window: int | None = None) -> mx.array:
+    """The prefix-LM attention mask.
+
+    mask_ar: int[B, T] 0 for tokens of the bidirectional prefix, 1 for causal (suffix) tokens.
+    valid:   bool[B, T] False for padding.
+    window:  sliding window (Gemma2 local layers): a query sees keys less than `window`
+             positions back, except that prefix tokens always see the whole prefix (what
+             transformers does: the window narrows the causal part, the prefix block is OR-ed in).
+    Returns bool[B, 1, T, T].
+    """
+    cum = mx.cumsum(mask_ar.astype(mx.int32), axis=1)
+    attend = (cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :]
+    if window is not None:
+        T = mask_ar.shape[1]
+        idx = mx.arange(T)
+        near = (idx[:, None] - idx[None, :]) < window
+        in_prefix = cum == 0
+        block = in_prefix[:, :, None] & in_prefix[:, None, :]
+        attend = attend & (near[None] | block)
+    return attend[:, None]
+
+
+def decode_mask(valid: mx.array, T_q: int = 1, window: int | None = None) -> mx.array:
+    """Mask for T_q new causal (suffix) tokens appended after the cached keys.
+
+    valid: bool[B, T_k] validity of every key, the last T_q being the new tokens themselves.
+    A suffix token sees every earlier valid key (the whole prefix included) and itself; the
+    window, where set, limits how far back. Returns bool[B, 1, T_q, T_k].
+    """
+    T_k = valid.shape[1]
+    q_idx = mx.arange(T_k - T_q, T_k)[:, None]
+    k_idx = mx.arange(T_k)[None, :]
+    attend = (k_idx <= q_idx)[None] & valid[:, None, :]
+    if window is not None:
+        attend = attend & ((q_idx - k_idx) < window)[None]
+    return attend[:, None]
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w). Stored weights are offsets from 1."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+def softcap(x: mx.array, cap: float | None) -> mx.array:
+    return x if not cap else mx.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, window: int | None):
+        super().__init__()
+        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
+        self.scale = cfg.query_scale
+        self.softcap = cfg.attn_logit_softcapping
+        self.window = window
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, k * hd, bias=False)
+        self.v_proj = nn.Linear(d, k * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.rope = cfg.rope_theta
+
+    def __call__(self, x: mx.array, mask: mx.array | None, offset: Any, cache=None) -> mx.array:
+        """x: float[B, T, D]; mask: bool[B, 1, T, T_k] or None (full); offset: position of
+        x[:, 0] as int or int[B] (left padding gives each row its own). -> float[B, T, D]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope, scale=1.0, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if self.softcap:
+            o = self._softcapped_attention(q, k, v, mask)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def _softcapped_attention(self, q, k, v, mask):
+        """Gemma2: tanh softcap on the logits, which the fused kernel cannot do.
+
+        q: [B, H, T, hd]; k, v: [B, K, S, hd]. Query head n uses kv head n // (H / K)."""
+        B, H, T, hd = q.shape
+        K, S = k.shape[1], k.shape[2]
+        q = (q * self.scale).reshape(B, K, H // K, T, hd)
+        scores = (q @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)  # [B, K, G, T, S]
+        scores = softcap(scores, self.softcap)
+        if mask is not None:
+            scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
+        probs = mx.softmax(scores, axis=-1).astype(v.dtype)
+        return (probs @ v[:, :, None]).reshape(B, H, T, hd)
+
+
+class MLP(nn.Module):
+    """GeGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.act = activation(cfg.hidden_activation)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.window = cfg.window_for_layer(index)
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, self.window)
+        # Gemma 1: post_attention_layernorm is the pre-MLP norm. Gemma2: it normalises the
+        # attention output, and pre_feedforward_layernorm is the pre-MLP norm.
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x, mask, offset, cache=None):
+        a = self.self_attn(self.input_layernorm(x), mask, offset, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    """`language_model.model`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def __call__(self, h: mx.array, masks: dict, offset: Any, cache=None) -> mx.array:
+        """h: float[B, T, D] input embeddings (already scaled); masks: {window: mask} as built
+        by `LanguageModel.masks`. -> float[B, T, D] after the final norm."""
+        cache = cache or [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, masks[layer.window], offset, c)
+        return self.norm(h)
+
+
+class LanguageModel(nn.Module):
+    """`language_model`: Gemma body + LM head (tied to the embeddings unless a separate
+    `language_model.lm_head.weight` is present) + Gemma2's final logit softcap."""
+
+    def __init__(self, cfg: TextConfig, tie_word_embeddings: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.model = GemmaModel(cfg)
+        if not tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def windows(self) -> set:
+        return {layer.window for layer in self.model.layers}
+
+    def logits(self, h: mx.array) -> mx.array:
+        """float[..., D] final hidden states -> float[..., V] (softcapped for Gemma2)."""
+        if "lm_head" in self:
+            out = self.lm_head(h)
+        else:
+            out = self.model.embed_tokens.as_linear(h)
+        return softcap(out, self.cfg.final_logit_softcapping)
+
+    def __call__(self, h, masks, offset, cache=None, last_only: bool = False) -> mx.array:
+        h = self.model(h, masks, offset, cache)
+        if last_only:
+            h = h[:, -1:, :]  # prefill: only the next token's logits are needed
+        return self.logits(h)

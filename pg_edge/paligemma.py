@@ -1,0 +1,122 @@
+"""PaliGemma: SigLIP -> linear connector -> merge with text embeddings -> Gemma/Gemma2.
+
+Data flow for one forward pass:
+    pixels float[B, S, S, 3] --vision_tower--> float[B, N, C] --multi_modal_projector--> float[B, N, D]
+    input_ids int[B, T] --embed_tokens * sqrt(D)--> float[B, T, D]
+    merge: positions holding `<image>` take the image features in order (unscaled: HF divides
+           them by sqrt(D) before the common sqrt(D) multiply, a net identity)
+    decoder with the prefix-LM mask -> logits float[B, T or 1, V]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import PaliGemmaConfig
+from .gemma import LanguageModel, decode_mask, prefix_lm_mask
+from .siglip import VisionTower
+
+
+class MultiModalProjector(nn.Module):
+    """`multi_modal_projector.linear`: one Linear(C_vision -> D, bias) per image token."""
+
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(vision_dim, text_dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x)
+
+
+class PaliGemmaModel(nn.Module):
+    def __init__(self, config: PaliGemmaConfig, tie_word_embeddings: bool = True):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision)
+        self.multi_modal_projector = MultiModalProjector(config.vision.hidden_size, config.text.hidden_size)
+        self.language_model = LanguageModel(config.text, tie_word_embeddings)
+
+    # -- stages --------------------------------------------------------------------------
+    def encode_image(self, pixel_values: mx.array) -> mx.array:
+        """float[B, S, S, 3] in [-1, 1] -> image features float[B, N, D]."""
+        dtype = self.multi_modal_projector.linear.bias.dtype
+        return self.multi_modal_projector(self.vision_tower(pixel_values.astype(dtype)))
+
+    def embed(self, input_ids: mx.array, image_features: mx.array | None) -> mx.array:
+        """int[B, T] (+ float[B, N, D]) -> float[B, T, D], text scaled by sqrt(D)."""
+        image_id = self.config.image_token_index
+        is_image = input_ids == image_id
+        # `<image>` lies past the embedding of real checkpoints' vocabulary: look up pad instead.
+        text_ids = mx.where(is_image, self.config.pad_token_id, input_ids)
+        h = self.language_model.model.embed_tokens(text_ids)
+        h = h * mx.array(self.config.text.hidden_size**0.5, dtype=h.dtype)
+        if image_features is None:
+            return h
+        # The k-th `<image>` of a row takes feature k of that row's image.
+        k = mx.maximum(mx.cumsum(is_image.astype(mx.int32), axis=1) - 1, 0)
+        feats = mx.take_along_axis(image_features.astype(h.dtype), k[..., None], axis=1)
+        return mx.where(is_image[..., None], feats, h)
+
+    def masks(self, mask_ar: mx.array | None, valid: mx.array | None, B: int, T: int) -> dict:
+        """One mask per distinct sliding window; None where attention is full anyway."""
+        out = {}
+        for window in self.language_model.windows():
+            plain = mask_ar is None and valid is None
+            if plain and (window is None or T <= window):
+                out[window] = None  # the fused kernel's fast path: everyone sees everyone
+                continue
+            ar = mask_ar if mask_ar is not None else mx.zeros((B, T), dtype=mx.int32)
+            ok = valid if valid is not None else mx.ones((B, T), dtype=mx.bool_)
+            out[window] = prefix_lm_mask(ar, ok, window)
+        return out
+
+    def decode_masks(self, valid: mx.array | None, T_q: int, T_k: int) -> dict:
+        """Masks for T_q new tokens after T_k - T_q cached keys; valid None = no padding."""
+        out = {}
+        for w in self.language_model.windows():
+            if valid is None and T_q == 1 and (w is None or T_k <= w):
+                out[w] = None  # one query seeing every key: no mask needed
+            else:
+                ok = valid if valid is not None else mx.ones((1, T_k), dtype=mx.bool_)
+                out[w] = decode_mask(ok, T_q, w)
+        return out
+
+    # -- whole pass ----------------------------------------------------------------------
+    def __call__(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        *,
+        image_features: mx.array | None = None,
+        mask_ar: mx.array | None = None,
+        valid: mx.array | None = None,
+        cache: list | None = None,
+        last_only: bool = False,
+    ) -> mx.array:
+        """A full (prefill or training) pass from position 0.
+
+        input_ids int[B, T]; pixel_values float[B, S, S, 3] or precomputed image_features
+        float[B, N, D]; mask_ar int[B, T] (None: all prefix); valid bool[B, T] (None: no
+        padding; padding may be on either side but must be contiguous at the ends).
+        Returns logits float[B, T, V], or float[B, 1, V] with last_only.
+        """
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_image(pixel_values)
+        h = self.embed(input_ids, image_features)
+        offset: Any = 0
+        if valid is not None:
+            # Positions count valid tokens from 0 (big_vision); leading padding shifts them.
+            offset = -mx.argmax(valid.astype(mx.int32), axis=1)
+        masks = self.masks(mask_ar, valid, *input_ids.shape)
+        return self.language_model(h, masks, offset, cache, last_only=last_only)
+
+    def step(self, tokens: mx.array, valid: mx.array | None, offset: Any, cache: list) -> mx.array:
+        """Decode: tokens int[B, T_q] appended causally after the cache; valid bool[B, T_k]
+        covers every key including the new ones (None: no padding anywhere); offset: position
+        of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V]."""
+        h = self.embed(tokens, None)
+        T_k = cache[0].offset + tokens.shape[1]
+        masks = self.decode_masks(valid, tokens.shape[1], T_k)
+        return self.language_model(h, masks, offset, cache)

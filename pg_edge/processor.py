@@ -1,0 +1,167 @@
+"""Image preprocessing, the PaliGemma prompt layout and the SentencePiece tokenizer.
+
+Preprocessing is the one Hugging Face's SiglipImageProcessor (PIL backend) does, step for step,
+so pixels agree within float rounding: transparency composited onto white, RGB, square resize
+with PIL bicubic (no aspect ratio kept, no EXIF rotation), x/255 in float64 then float32,
+(x - 0.5) / 0.5 -> [-1, 1]. Output is NHWC (MLX convolution layout), not HF's NCHW.
+
+Prompt: `<image>` x N, `<bos>`, prefix, "\\n" (tokenized separately, as big_vision does), then
+for training the suffix and `<eos>`. Special ids come from the tokenizer files, never constants.
+
+This module imports no MLX: the NumPy reference path and the tools share it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CheckpointError, ImageError
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear error
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A path, raw bytes, a PIL image or an HWC uint8 array -> PIL image (not yet RGB)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ImageError(f"image array must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    try:
+        src = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
+        name = "<bytes>" if isinstance(image, bytes) else str(image)
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        img = Image.open(src)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {image}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ImageError(f"cannot read image {name}: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (what transformers does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
+    """Any image -> float32[size, size, 3] in [-1, 1]."""
+    img = to_rgb(load_image(image))
+    img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+    x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+class Tokenizer:
+    """SentencePiece tokenizer with PaliGemma's special ids read from the tokenizer files."""
+
+    def __init__(self, folder: str | os.PathLike):
+        import sentencepiece as spm
+
+        folder = Path(folder)
+        model = folder / "tokenizer.model"
+        if not model.is_file():
+            raise CheckpointError(f"missing tokenizer: {model} not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model))
+        except (OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read tokenizer {model}: {err}") from None
+        self.bos_id = self._special(self.sp.bos_id(), "<bos>")
+        self.eos_id = self._special(self.sp.eos_id(), "<eos>")
+        self.pad_id = self._special(self.sp.pad_id(), "<pad>")
+        self.image_id = _image_token_id(folder, fallback=self.sp.GetPieceSize())
+        self.loc0 = self.sp.PieceToId("<loc0000>")
+        self.seg0 = self.sp.PieceToId("<seg000>")
+        self.newline_ids = self.sp.Encode("\n")
+        self.vocab_size = self.sp.GetPieceSize()  # ids the model may emit (257152 for real ones)
+        self._controls = {self.bos_id, self.eos_id, self.pad_id}
+
+    def _special(self, sp_id: int, piece: str) -> int:
+        if sp_id >= 0:
+            return sp_id
+        pid = self.sp.PieceToId(piece)
+        if pid == self.sp.unk_id():
+            raise CheckpointError(f"tokenizer.model has no {piece} token")
+        return pid
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.Encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text; `<bos>`/`<eos>`/`<pad>`/`<image>` dropped, `<locNNNN>` kept."""
+        keep = [int(i) for i in ids if i not in self._controls and 0 <= i < self.vocab_size]
+        return self.sp.Decode(keep)
+
+    def prompt_ids(self, prefix: str, num_image_tokens: int) -> list[int]:
+        """`<image>` x N + `<bos>` + prefix + "\\n"."""
+        return [self.image_id] * num_image_tokens + [self.bos_id] + self.encode(prefix) + list(self.newline_ids)
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """Training target: suffix + `<eos>`."""
+        return self.encode(suffix) + [self.eos_id]
+
+
+def _image_token_id(folder: Path, fallback: int) -> int:
+    """`<image>` is an added token (added_tokens.json / tokenizer_config.json)."""
+    added = folder / "added_tokens.json"
+    if added.is_file():
+        table = json.loads(added.read_text())
+        if "<image>" in table:
+            return int(table["<image>"])
+    conf = folder / "tokenizer_config.json"
+    if conf.is_file():
+        for k, v in (json.loads(conf.read_text()).get("added_tokens_decoder") or {}).items():
+            if v.get("content") == "<image>":
+                return int(k)
+    return fallback
+
+
+@dataclass
+class Inputs:
+    """A batch ready for the model; rows are left-padded to a common length.
+
+    input_ids: int32[B, T]; valid: bool[B, T]; mask_ar: int32[B, T] (1 on suffix tokens);
+    pixel_values: float32[B, S, S, 3].
+    """
+
+    input_ids: np.ndarray
+    valid: np.ndarray
+    mask_ar: np.ndarray
+    pixel_values: np.ndarray
+
+
+class Processor:
+    """Images + prefixes -> model inputs, and generated ids -> text."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+
+    def __call__(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> Inputs:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        rows = [self.tokenizer.prompt_ids(p, self.num_image_tokens) for p in prompts]
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), self.tokenizer.pad_id, dtype=np.int32)
+        valid = np.zeros((len(rows), T), dtype=bool)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):] = r  # left padding: every row's next token lands at index T
+            valid[b, T - len(r):] = True
+        pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
+        return Inputs(ids, valid, np.zeros_like(ids), pixels)
