@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from pg_edge.errors import CheckpointError
+from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.vae import FORMAT, FORMAT_VERSION, MaskDecoder
 
 CODEBOOK_KEY = "_vq_vae._embedding"
@@ -97,11 +97,16 @@ def vae_weights(source: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], i
     return out, embed_dim
 
 
-def convert_vae(npz_path: str | Path, out_path: str | Path) -> Path:
-    """Convert vae-oid.npz to an MLX safetensors file at `out_path` (written atomically)."""
+def convert_vae(npz_path: str | Path, out_path: str | Path, *, force: bool = False) -> Path:
+    """Convert vae-oid.npz to an MLX safetensors file at `out_path` (written atomically).
+
+    An existing `out_path` is replaced only with `force`, as the model converters do.
+    """
     npz_path, out_path = Path(npz_path), Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"output must end in .safetensors, got {out_path}")
+        raise PgEdgeError(f"output must end in .safetensors, got {out_path}")
+    if out_path.exists() and not force:
+        raise PgEdgeError(f"output {out_path} exists; pass force=True (--force) to overwrite it")
     weights, embed_dim = vae_weights(_read_npz(npz_path))
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "embed_dim": str(embed_dim),
                 "source": npz_path.name}
