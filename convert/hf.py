@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.load import HUB_PATTERNS, iter_shards, read_config, resolve, weight_files
+from pg_edge.loader import HUB_PATTERNS, iter_shards, read_config, resolve, weight_files
 from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.processor import Tokenizer
 from pg_edge.weights import sanitize

@@ -47,8 +47,11 @@ class Progress:
         if self.quiet:
             return
         el = time.perf_counter() - self.t0
-        print(f"\r{self.label} [{i}/{self.total}] {what:<40.40} {nbytes / 1e9:6.2f} GB {el:6.1f} s",
-              end="" if i < self.total else "\n", file=sys.stderr, flush=True)
+        line = f"{self.label} [{i}/{self.total}] {what:<40.40} {nbytes / 1e9:6.2f} GB {el:6.1f} s"
+        if sys.stderr.isatty():  # redraw one line in a terminal; one line per step in logs
+            print("\r" + line, end="" if i < self.total else "\n", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 class FolderWriter:

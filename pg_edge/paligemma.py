@@ -108,7 +108,7 @@ class PaliGemmaModel(nn.Module):
         offset: Any = 0
         if valid is not None:
             # Positions count valid tokens from 0 (big_vision); leading padding shifts them.
-            offset = -mx.argmax(valid.astype(mx.int32), axis=1)
+            offset = -mx.argmax(valid.astype(mx.int32), axis=1).astype(mx.int32)  # argmax is uint32
         masks = self.masks(mask_ar, valid, *input_ids.shape)
         return self.language_model(h, masks, offset, cache, last_only=last_only)
 

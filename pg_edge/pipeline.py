@@ -25,7 +25,7 @@ import numpy as np
 from .config import PaliGemmaConfig
 from .errors import PgEdgeError
 from .generate import GenerationResult, StreamDecoder, generate_step, sampler_for
-from .load import load_model, resolve
+from .loader import load_model, resolve
 from .paligemma import PaliGemmaModel
 from .processor import ImageInput, Inputs, Processor, Tokenizer
 

@@ -112,4 +112,4 @@ def test_quantized_folder_matches_mlx_dequantized_weights(hf_checkpoint, tmp_pat
     padded.update({m + ".weight": weights[m + ".weight"] for m in modules if "o_proj" in m})
     padded = {k: v for k, v in padded.items() if not k.endswith((".scales", ".biases"))}
     same = ReferenceModel(config, padded).logits(ids, pixels, mask_ar)
-    assert np.abs(same - unquantized).max() <= 1e-6 * np.abs(unquantized).max()
+    assert np.abs(same - unquantized).max() <= 1e-5 * np.abs(unquantized).max()
