@@ -13,7 +13,6 @@ This module imports no MLX: the NumPy reference path and the tools share it.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CheckpointError, ImageError
+from .errors import ImageError
+from .tokenizer import Tokenizer
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear error
@@ -64,71 +64,6 @@ def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
     img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
     x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
     return (x - np.float32(0.5)) / np.float32(0.5)
-
-
-class Tokenizer:
-    """SentencePiece tokenizer with PaliGemma's special ids read from the tokenizer files."""
-
-    def __init__(self, folder: str | os.PathLike):
-        import sentencepiece as spm
-
-        folder = Path(folder)
-        model = folder / "tokenizer.model"
-        if not model.is_file():
-            raise CheckpointError(f"missing tokenizer: {model} not found")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(str(model))
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read tokenizer {model}: {err}") from None
-        self.bos_id = self._special(self.sp.bos_id(), "<bos>")
-        self.eos_id = self._special(self.sp.eos_id(), "<eos>")
-        self.pad_id = self._special(self.sp.pad_id(), "<pad>")
-        self.image_id = _image_token_id(folder, fallback=self.sp.GetPieceSize())
-        self.loc0 = self.sp.PieceToId("<loc0000>")
-        self.seg0 = self.sp.PieceToId("<seg000>")
-        self.newline_ids = self.sp.Encode("\n")
-        self.vocab_size = self.sp.GetPieceSize()  # ids the model may emit (257152 for real ones)
-        self._controls = {self.bos_id, self.eos_id, self.pad_id}
-
-    def _special(self, sp_id: int, piece: str) -> int:
-        if sp_id >= 0:
-            return sp_id
-        pid = self.sp.PieceToId(piece)
-        if pid == self.sp.unk_id():
-            raise CheckpointError(f"tokenizer.model has no {piece} token")
-        return pid
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.Encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Token ids -> text; `<bos>`/`<eos>`/`<pad>`/`<image>` dropped, `<locNNNN>` kept."""
-        keep = [int(i) for i in ids if i not in self._controls and 0 <= i < self.vocab_size]
-        return self.sp.Decode(keep)
-
-    def prompt_ids(self, prefix: str, num_image_tokens: int) -> list[int]:
-        """`<image>` x N + `<bos>` + prefix + "\\n"."""
-        return [self.image_id] * num_image_tokens + [self.bos_id] + self.encode(prefix) + list(self.newline_ids)
-
-    def suffix_ids(self, suffix: str) -> list[int]:
-        """Training target: suffix + `<eos>`."""
-        return self.encode(suffix) + [self.eos_id]
-
-
-def _image_token_id(folder: Path, fallback: int) -> int:
-    """`<image>` is an added token (added_tokens.json / tokenizer_config.json)."""
-    added = folder / "added_tokens.json"
-    if added.is_file():
-        table = json.loads(added.read_text())
-        if "<image>" in table:
-            return int(table["<image>"])
-    conf = folder / "tokenizer_config.json"
-    if conf.is_file():
-        for k, v in (json.loads(conf.read_text()).get("added_tokens_decoder") or {}).items():
-            if v.get("content") == "<image>":
-                return int(k)
-    return fallback
 
 
 @dataclass

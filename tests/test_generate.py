@@ -52,7 +52,7 @@ def test_stream_decoder_holds_back_a_split_multibyte_character(tokenizer_dir):
         assert "".join(pieces) == tok.decode(ids[:stop])
     assert tok.decode(ids) == text
     # a character split over byte tokens is really held back until complete
-    byte_ids = [i for i in ids if tok.sp.IdToPiece(i).startswith("<0x")]
+    byte_ids = [i for i in ids if tok.piece(i).startswith("<0x")]
     assert byte_ids, "the test string must need byte-fallback tokens"
 
 

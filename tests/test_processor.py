@@ -74,3 +74,29 @@ def test_batch_is_left_padded(tokenizer_dir, sample_images):
     assert not short[0] and short[-1] and inp.valid[1].all()
     assert (inp.input_ids[0][~short] == 0).all()
     assert inp.pixel_values.shape == (2, 28, 28, 3)
+
+
+def test_tokenizer_json_fallback_equals_sentencepiece(hf_checkpoint, tmp_path):
+    """Folders written by transformers 5 / recent mlx-vlm carry only tokenizer.json."""
+    import shutil
+
+    src = hf_checkpoint(version=1)
+    only_json = tmp_path / "json"
+    only_json.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, only_json / name)
+    sp, tj = Tokenizer(src), Tokenizer(only_json)
+    assert type(tj.backend).__name__ == "_TokenizerJson"
+    for attr in ("bos_id", "eos_id", "pad_id", "image_id", "loc0", "seg0", "vocab_size", "newline_ids"):
+        assert getattr(tj, attr) == getattr(sp, attr), attr
+    for prompt in PROMPTS:
+        assert tj.prompt_ids(prompt, 4) == sp.prompt_ids(prompt, 4), prompt
+        ids = sp.encode(prompt)
+        assert tj.decode(ids) == sp.decode(ids)
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    from pg_edge.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        Tokenizer(tmp_path)
