@@ -15,7 +15,10 @@ from pg_edge.errors import PgEdgeError
 # (subcommand module, one-line help) in the order `pg-edge --help` lists them.
 COMMAND_MODULES = [
     "apps.commands.run",
+    "apps.commands.tasks",
     "convert.cli",
+    "convert.vae_cli",
+    "quantize.cli",
 ]
 
 

@@ -41,6 +41,7 @@ def test_truncated_safetensors(hf_checkpoint, tmp_path, capsys):
 def test_missing_tokenizer(hf_checkpoint, tmp_path, capsys):
     src = copy_folder(hf_checkpoint(version=1), tmp_path / "src")
     (src / "tokenizer.model").unlink()
+    (src / "tokenizer.json").unlink()  # the fallback; with neither there is no tokenizer
     code, err = run_cli(capsys, "convert", src, "-o", tmp_path / "out")
     assert_one_line_error(code, err, "tokenizer")
     assert not (tmp_path / "out").exists()
