@@ -118,6 +118,7 @@ class FolderWriter:
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{int(time.time())}")
             self.out.rename(old)
+        self.tmp.chmod(0o755)  # mkdtemp makes it 0700: a model folder is meant to be shared
         self.tmp.rename(self.out)
         self.tmp = None
         if old is not None:
