@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import PaliGemmaConfig
 from .errors import PgEdgeError
+from . import vision_tasks
 from .generate import GenerationResult, StreamDecoder, generate_step, sampler_for
 from .loader import load_model, resolve
 from .paligemma import PaliGemmaModel
@@ -164,6 +165,26 @@ class PaliGemma:
             )
             for b, r in enumerate(rows)
         ]
+
+
+    # -- tasks (pg_edge.vision_tasks): prompts in the official forms, outputs parsed ------------
+    def caption(self, image: ImageInput, lang: str = "en", **gen):
+        return vision_tasks.caption(self, image, lang=lang, **gen)
+
+    def ocr(self, image: ImageInput, **gen):
+        return vision_tasks.ocr(self, image, **gen)
+
+    def ask(self, image: ImageInput, question: str, lang: str = "en", **gen):
+        return vision_tasks.ask(self, image, question, lang=lang, **gen)
+
+    def detect(self, image: ImageInput, objects, **gen):
+        """Boxes in the original image's pixels: `.objects` (label, box), `.skipped`."""
+        return vision_tasks.detect(self, image, objects, **gen)
+
+    def segment(self, image: ImageInput, objects, vae=None, **gen):
+        """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
+        model folder."""
+        return vision_tasks.segment(self, image, objects, vae=vae, **gen)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None) -> PaliGemma:

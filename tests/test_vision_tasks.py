@@ -13,6 +13,7 @@ from PIL import Image
 
 from apps.cli import main
 from convert.vae import convert_vae
+import pg_edge
 from pg_edge import vision_tasks
 from pg_edge.draw import color_for, rle_to_mask
 from pg_edge.errors import PgEdgeError
@@ -188,3 +189,13 @@ def test_real_tiny_model_runs_every_command(model_dir, image_file, capsys):
     # Same text as calling the function directly (the command adds nothing of its own).
     direct = vision_tasks.caption(pg, image_file, "de", max_tokens=4).text
     assert out[0] == direct
+
+
+def test_tasks_are_methods_of_the_loaded_model(model_dir, image, monkeypatch):
+    """`pg.detect(...)` etc. on the object `pg_edge.load` returns, same results as the functions."""
+    crafted(monkeypatch, DETECT_OUT)
+    pg = pg_edge.load(model_dir)
+    r = pg.detect(image, "cat ; black dog")
+    assert [o.label for o in r.objects] == ["cat", "black dog"]
+    assert r.objects[0].box == vision_tasks.detect(pg, image, "cat ; black dog").objects[0].box
+    assert pg.caption(image).prompt == "caption en"
