@@ -1,0 +1,154 @@
+"""`quantize(src, dst)`: a float converted folder -> a quantized converted folder + a report.
+
+    report = quantize("pg2-3b-224", "pg2-3b-224-q", recipe="decoder4-vision8")
+    print(report.to_text())
+
+Steps: check the source (a pg_edge / mlx-vlm float folder: safetensors marked `format: mlx`,
+no quantization yet, tensor shapes matching the config) from the file headers, before writing
+anything; stream it shard by shard through a `QuantPlan` into a `FolderWriter` (atomic: a failed
+run leaves no output); check every tensor the loaders will ask for is there with its shape;
+then measure: the float model answers the probes and is scored teacher-forced, it is released,
+and the quantized folder, loaded back exactly as a user would load it, is scored on the same
+tokens.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+from convert.writer import FolderWriter, Progress
+from pg_edge.errors import CheckpointError, PgEdgeError
+from pg_edge.loader import iter_shards, read_config, resolve, weight_files
+from pg_edge.metrics import combine, compare_logits
+from pg_edge.reference.safetensors_np import read_header
+from pg_edge.weights import canonical_key, component, sanitize
+
+from . import probes as probes_mod
+from .plan import QuantPlan, tie_word_embeddings
+from .recipes import UNSET, QuantSettings, resolve_settings
+from .report import QuantizeReport, SizeCounter, folder_bytes
+
+
+def source_shapes(folder: Path, raw: dict) -> dict[str, tuple]:
+    """Tensor shapes (classic keys) of a float converted folder, read from the safetensors
+    headers only; refuses, naming the reason, anything this tool cannot quantize."""
+    if raw.get("quantization") or raw.get("quantization_config"):
+        raise CheckpointError(f"{folder} is already quantized; quantize its float source instead")
+    shapes: dict[str, tuple] = {}
+    for f in weight_files(folder):
+        header, _ = read_header(f)
+        if (header.get("__metadata__") or {}).get("format") != "mlx":
+            raise CheckpointError(
+                f"{folder} is not a converted folder ({f.name} is not marked format: mlx); run "
+                "`pg-edge convert` first, or `pg-edge convert -q 4` to convert and quantize"
+            )
+        for k, entry in header.items():
+            if k == "__metadata__":
+                continue
+            if k.endswith(".scales"):
+                raise CheckpointError(f"{folder} is already quantized ({k} in {f.name})")
+            shapes[canonical_key(k)] = tuple(entry["shape"])
+    return shapes
+
+
+def quantize(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    bits: int | None = None,
+    group_size: int = 64,
+    vision_bits=UNSET,
+    connector_bits=UNSET,
+    embed_bits=UNSET,
+    recipe: str | None = None,
+    settings: QuantSettings | None = None,
+    force: bool = False,
+    probes: int | list | None = None,
+    max_new_tokens: int = 8,
+    quiet: bool = True,
+) -> QuantizeReport:
+    """Quantize the float converted folder `src` into `dst`; returns the report.
+
+    bits: the decoder's bits (4 or 8; default: the recipe's); group_size: 32, 64 or 128;
+    vision_bits / connector_bits / embed_bits: 4, 8 or None (leave float), default the
+    recipe's; recipe: a name in quantize.recipes.RECIPES (default DEFAULT_RECIPE); settings:
+    a ready QuantSettings instead of all of these. probes: None for the 4 built-in probes, a
+    number of them (0: size report only), or a list of probes.Probe; max_new_tokens: greedy
+    tokens per probe that both models are then scored on.
+    Raises PgEdgeError / CheckpointError on bad settings or a source it cannot quantize.
+    """
+    t0 = time.perf_counter()
+    if settings is None:
+        settings = resolve_settings(bits=bits, group_size=group_size, vision_bits=vision_bits,
+                                    connector_bits=connector_bits, embed_bits=embed_bits, recipe=recipe)
+    folder = resolve(src)
+    out = Path(dst).expanduser().resolve()
+    if out == folder.resolve():
+        raise PgEdgeError("the output folder must differ from the source folder")
+    if out.exists() and not force:
+        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    config = read_config(folder)
+    shapes = source_shapes(folder, config.raw)
+    probe_list = probes_mod.resolve_probes(probes)
+    if probe_list:
+        from pg_edge.processor import Tokenizer
+
+        Tokenizer(folder)  # the probes need it: fail now rather than after writing the folder
+    tie = tie_word_embeddings(config.raw)
+    plan = QuantPlan.build(config.raw, settings, tie=tie, shapes=shapes)
+    sizes = SizeCounter()
+    files = weight_files(folder)
+    progress = Progress(len(files), "quantize", quiet)
+    with FolderWriter(out, force=force, source=str(src), converter="quantize") as writer:
+        for i, (f, tensors, _) in enumerate(iter_shards(folder), 1):
+            tensors = sanitize(tensors, mlx_layout=True, tie_word_embeddings=tie)
+            qt = plan.apply(tensors)
+            sizes.add(tensors, qt)
+            writer.add_shard(qt)
+            progress.update(i, f.name, writer.nbytes)
+            del tensors, qt
+        plan.check_complete(writer.shapes())
+        writer.finish(plan.config_dict(), source_folder=folder)
+    return build_report(plan, sizes, source=str(src), source_folder=folder, output=out,
+                        probe_list=probe_list, max_new_tokens=max_new_tokens, started=t0)
+
+
+def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_folder: Path, output: Path,
+                 probe_list: list, max_new_tokens: int = 8, started: float | None = None) -> QuantizeReport:
+    """The report of a finished run. Also for `convert -q`, which streams shards through
+    `plan.apply` and `sizes.add` itself: there `source_folder` can be the original HF
+    checkpoint (pg_edge loads those too), the float reference the probes are scored against."""
+    for name, part in sizes.parts.items():
+        q = plan.settings.for_component(name)
+        part.setting = str(q) if q else "float"
+        part.quantized_layers = sum(1 for p in plan.targets if component(p + ".weight") == name)
+        part.float_layers = sum(1 for p in plan.left_float if component(p + ".weight") == name)
+    report = QuantizeReport(
+        source=source, output=str(output), settings=plan.settings.as_dict(), components=sizes.parts,
+        source_disk_bytes=folder_bytes(source_folder), disk_bytes=folder_bytes(output),
+        vision_mlp_width=plan.vision_width, left_float=dict(plan.left_float),
+    )
+    if probe_list:
+        report.quality, report.probes = measure(source_folder, output, probe_list, max_new_tokens)
+    report.seconds = time.perf_counter() - started if started is not None else 0.0
+    return report
+
+
+def measure(float_folder: Path, quant_folder: Path, probe_list: list,
+            max_new_tokens: int = 8) -> tuple[dict, list[dict]]:
+    """Teacher-forced agreement of the quantized folder with the float one on the probes:
+    (combined metrics, per-probe rows). One model in memory at a time."""
+    from pg_edge.pipeline import load
+
+    ref_pg = load(float_folder)
+    reference = probes_mod.teacher_forced(ref_pg, probe_list, max_new_tokens)
+    del ref_pg
+    gc.collect()
+    got = probes_mod.rescore(load(quant_folder), reference)
+    rows = []
+    for s, logits in zip(reference, got):
+        m = compare_logits(s.logits, logits)
+        rows.append({"name": s.probe.name, "prompt": s.probe.prompt, "tokens": s.generated, "metrics": m})
+    return combine(r["metrics"] for r in rows), rows
