@@ -16,6 +16,7 @@ from pg_edge.errors import PgEdgeError
 COMMAND_MODULES = [
     "apps.commands.run",
     "apps.commands.tasks",
+    "apps.commands.verify",
     "convert.cli",
     "convert.vae_cli",
     "quantize.cli",

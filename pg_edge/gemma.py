@@ -199,8 +199,7 @@ class LanguageModel(nn.Module):
             out = self.model.embed_tokens.as_linear(h)
         return softcap(out, self.cfg.final_logit_softcapping)
 
-    def __call__(self, h, masks, offset, cache=None, last_only: bool = False) -> mx.array:
+    def __call__(self, h, masks, offset, cache=None, logits_from: int = 0) -> mx.array:
+        """Logits of positions logits_from.. only: prefill needs just the last one."""
         h = self.model(h, masks, offset, cache)
-        if last_only:
-            h = h[:, -1:, :]  # prefill: only the next token's logits are needed
-        return self.logits(h)
+        return self.logits(h[:, logits_from:, :] if logits_from else h)

@@ -94,13 +94,15 @@ class PaliGemmaModel(nn.Module):
         valid: mx.array | None = None,
         cache: list | None = None,
         last_only: bool = False,
+        logits_from: int = 0,
     ) -> mx.array:
         """A full (prefill or training) pass from position 0.
 
         input_ids int[B, T]; pixel_values float[B, S, S, 3] or precomputed image_features
         float[B, N, D]; mask_ar int[B, T] (None: all prefix); valid bool[B, T] (None: no
         padding; padding may be on either side but must be contiguous at the ends).
-        Returns logits float[B, T, V], or float[B, 1, V] with last_only.
+        Returns logits float[B, T, V]; float[B, 1, V] with last_only; float[B, T - k, V] with
+        logits_from=k (scoring a suffix without pushing every prompt row through the LM head).
         """
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values)
@@ -110,7 +112,9 @@ class PaliGemmaModel(nn.Module):
             # Positions count valid tokens from 0 (big_vision); leading padding shifts them.
             offset = -mx.argmax(valid.astype(mx.int32), axis=1).astype(mx.int32)  # argmax is uint32
         masks = self.masks(mask_ar, valid, *input_ids.shape)
-        return self.language_model(h, masks, offset, cache, last_only=last_only)
+        if last_only:
+            logits_from = input_ids.shape[1] - 1
+        return self.language_model(h, masks, offset, cache, logits_from=logits_from)
 
     def step(self, tokens: mx.array, valid: mx.array | None, offset: Any, cache: list) -> mx.array:
         """Decode: tokens int[B, T_q] appended causally after the cache; valid bool[B, T_k]

@@ -25,7 +25,7 @@ from pg_edge.metrics import combine, compare_logits
 from pg_edge.reference.safetensors_np import read_header
 from pg_edge.weights import canonical_key, component, sanitize
 
-from . import probes as probes_mod
+from pg_edge import probes as probes_mod
 from .plan import QuantPlan, tie_word_embeddings
 from .recipes import UNSET, QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes

@@ -208,3 +208,22 @@ def converted(tmp_path_factory, hf_checkpoint):
         return built[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def qsrc(tmp_path_factory, tokenizer_dir):
+    """Factory: version -> (HF folder, float32 converted folder) of the quantizable fixture
+    (widths that divide the group sizes; see tests/quant_fixture.py)."""
+    from convert.hf import convert_hf
+    from quant_fixture import make_quantizable_checkpoint
+
+    built = {}
+
+    def factory(version: int = 1) -> tuple[Path, Path]:
+        if version not in built:
+            root = tmp_path_factory.mktemp(f"quant_pg{version}")
+            hf = make_quantizable_checkpoint(root / "hf", tokenizer_dir, version=version)
+            built[version] = hf, convert_hf(hf, root / "float32", dtype="float32", quiet=True)
+        return built[version]
+
+    return factory

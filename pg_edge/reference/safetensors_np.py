@@ -182,10 +182,40 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
-def read_folder(folder: str | Path) -> tuple[dict, FolderWeights]:
-    """(config.json as a dict, all tensors as a lazy mapping) of a checkpoint folder."""
+class HFLayoutWeights(Mapping):
+    """An original Hugging Face checkpoint seen with converted-folder names and layouts: any of
+    the three HF key layouts renamed to the classic names (pg_edge.weights.canonical_key), the
+    patch conv OIHW -> OHWI, buffers and the tied LM head dropped. Lazy like FolderWeights."""
+
+    def __init__(self, weights: FolderWeights):
+        from pg_edge.weights import canonical_key, is_dropped
+
+        self.weights = weights
+        self._source = {}
+        for key in weights:
+            k = canonical_key(key)
+            if not is_dropped(k) and k != "language_model.lm_head.weight":
+                self._source[k] = key
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self.weights[self._source[name]]
+        return array.transpose(0, 2, 3, 1) if name.endswith("patch_embedding.weight") else array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
+def read_folder(folder: str | Path) -> tuple[dict, Mapping]:
+    """(config.json as a dict, all tensors as a lazy mapping) of a checkpoint folder: a converted
+    one (safetensors metadata `format: mlx`), or an original Hugging Face one, renamed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     config = read_config(folder)
-    return config, FolderWeights([SafetensorsFile(p) for p in shard_paths(folder)])
+    weights = FolderWeights([SafetensorsFile(p) for p in shard_paths(folder)])
+    if weights.metadata.get("format") != "mlx":
+        return config, HFLayoutWeights(weights)
+    return config, weights

@@ -12,10 +12,13 @@ one early disagreement does not make every later position incomparable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .processor import load_image
 
 SIZE = 224
 
@@ -73,17 +76,39 @@ def noise_image(size: int = SIZE) -> Image.Image:
     return Image.fromarray(small, "RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
+def photo(name: str):
+    """A bundled photo (pg_edge/assets: public domain / CC0, see its README)."""
+    return lambda: Image.open(ASSETS / f"{name}.jpg").convert("RGB")
+
+
 @dataclass(frozen=True)
 class Probe:
+    """An image (a built-in name before ":" or a file path) and a task prompt."""
+
     name: str
     prompt: str
+    path: str | None = None
 
     def image(self) -> Image.Image:
+        if self.path is not None:
+            return load_image(self.path)
         return IMAGES[self.name.split(":")[0]]()
 
 
-IMAGES = {"shapes": shapes_image, "blocks": blocks_image, "stripes": stripes_image, "noise": noise_image}
+def probes_for(images, prompts) -> list[Probe]:
+    """Every user image with every prompt (`pg-edge verify --images ... --prompts ...`)."""
+    return [Probe(f"{Path(i).name}:{p}", p, str(i)) for i in images for p in prompts]
+
+
+IMAGES = {"shapes": shapes_image, "blocks": blocks_image, "stripes": stripes_image, "noise": noise_image,
+          "cat": photo("cat"), "astronaut": photo("astronaut"), "coffee": photo("coffee")}
 DEFAULT_PROBES = (
+    Probe("cat:caption", "caption en"),
+    Probe("astronaut:answer", "answer en what is the person wearing?"),
+    Probe("coffee:detect", "detect cup"),
     Probe("shapes:caption", "caption en"),
     Probe("blocks:ocr", "ocr"),
     Probe("stripes:answer", "answer en how many stripes are there?"),
@@ -127,15 +152,10 @@ def score(pg, image, ids: np.ndarray, mask_ar: np.ndarray, start: int) -> np.nda
 
     pg: a pg_edge.pipeline.PaliGemma. Only the scored positions go through the LM head (the
     other T - start rows of a [T, 257216] matrix would be wasted work and memory)."""
-    model = pg.model
-    pixels = pg.prepare([image], [""]).pixel_values
-    feats = pg.image_features(pixels)
-    x = mx.array(ids[None].astype(np.int32))
-    h = model.embed(x, feats)
-    masks = model.masks(mx.array(mask_ar[None].astype(np.int32)), None, 1, x.shape[1])
-    h = model.language_model.model(h, masks, 0)
-    out = model.language_model.logits(h[:, start:])[0, :, : pg.config.real_vocab_size]
-    return np.array(out.astype(mx.float32))
+    feats = pg.image_features(pg.prepare([image], [""]).pixel_values)
+    out = pg.model(mx.array(ids[None].astype(np.int32)), image_features=feats,
+                   mask_ar=mx.array(mask_ar[None].astype(np.int32)), logits_from=start)
+    return np.array(out[0, :, : pg.config.real_vocab_size].astype(mx.float32))
 
 
 def teacher_forced(pg, probes: list[Probe], max_new_tokens: int = 8) -> list[Scored]:
