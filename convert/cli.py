@@ -34,26 +34,67 @@ def add_parser(sub) -> None:
                    help="big_vision only: tokenizer.model / paligemma_tokenizer.model (or a folder "
                    "with one); default: one of those names beside the .npz")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    q = p.add_argument_group("quantize in the same step (as `pg-edge quantize`)")
+    q.add_argument("-q", "--quantize", type=int, metavar="BITS", default=None,
+                   help="decoder bits, 4 or 8: write a quantized folder (the float one is not kept)")
+    from quantize.cli import add_mix_args
+
+    add_mix_args(q)
+    q.add_argument("--json", action="store_true", help="with -q: print the quantization report as JSON")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def convert_any(src: str, out, *, dtype: str, force: bool, tokenizer, quiet: bool) -> Path:
+    """HF folder / hub id or big_vision .npz -> converted folder."""
     from pg_edge.errors import PgEdgeError
 
-    t0 = time.perf_counter()
-    if is_big_vision(args.src):
+    if is_big_vision(src):
         from .big_vision import convert_big_vision
 
-        out = convert_big_vision(args.src, args.output, dtype=args.dtype, force=args.force,
-                                 tokenizer=args.tokenizer, quiet=args.quiet)
-    else:
-        if args.tokenizer is not None:
-            raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint "
-                              "brings its own tokenizer")
-        from .hf import convert_hf
+        return convert_big_vision(src, out, dtype=dtype, force=force, tokenizer=tokenizer, quiet=quiet)
+    if tokenizer is not None:
+        raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
+    from .hf import convert_hf
 
-        out = convert_hf(args.src, args.output, dtype=args.dtype, force=args.force, quiet=args.quiet)
-    if not args.quiet:
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return convert_hf(src, out, dtype=dtype, force=force, quiet=quiet)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.quantize is None:
+        out = convert_any(args.src, args.output, dtype=args.dtype, force=args.force,
+                          tokenizer=args.tokenizer, quiet=args.quiet)
+        if not args.quiet:
+            print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+        return 0
+    report = convert_and_quantize(args)
+    print(report.to_json() if args.json else report.to_text())
     return 0
+
+
+def convert_and_quantize(args: argparse.Namespace):
+    """Convert to a float folder beside the output, quantize it into the output, delete it.
+    Settings are checked before anything is converted; the output appears only when complete."""
+    import shutil
+    import tempfile
+
+    from pg_edge.errors import PgEdgeError
+    from quantize import quantize
+    from quantize.recipes import resolve_settings
+
+    settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
+                                connector_bits=args.connector_bits, embed_bits=args.embed_bits,
+                                recipe=args.recipe)
+    out = Path(args.output).expanduser().resolve()
+    if out.exists() and not args.force:
+        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    try:
+        float_dir = convert_any(args.src, work / "float", dtype=args.dtype, force=False,
+                                tokenizer=args.tokenizer, quiet=args.quiet)
+        return quantize(float_dir, out, settings=settings, force=args.force, probes=args.probes,
+                        quiet=args.quiet or args.json)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

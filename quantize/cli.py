@@ -21,16 +21,21 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="float converted folder (from `pg-edge convert`)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--bits", type=int, default=None, help="decoder bits, 4 or 8 (default: the recipe's)")
+    add_mix_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def add_mix_args(p: argparse.ArgumentParser) -> None:
+    """Group size, per-component bits, recipe and probes: shared with `pg-edge convert -q`."""
     p.add_argument("--group-size", type=int, default=64, help="columns per scale: 32, 64 (default) or 128")
     for comp in ("vision", "connector", "embed"):
         p.add_argument(f"--{comp}-bits", default=UNSET, metavar="4|8|none",
                        help=f"{comp} bits, or none to leave it float (default: the recipe's)")
     p.add_argument("--recipe", default=None, help=f"named mix: {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
     p.add_argument("--probes", type=int, default=4, help="probe inputs to score (0 = size report only)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -125,7 +125,7 @@ def test_cli_converts_npz_and_writes_hf_side_files(hf_checkpoint, hf_ref, sample
     tok_dir.mkdir()
     shutil.copy(hf_checkpoint(version=1) / "tokenizer.model", tok_dir / "paligemma_tokenizer.model")
     out = tmp_path / "out"
-    code = main(["convert", str(tmp_path / "pt_28.npz"), "-o", str(out), "--dtype", "float32", "-q",
+    code = main(["convert", str(tmp_path / "pt_28.npz"), "-o", str(out), "--dtype", "float32", "--quiet",
                  "--tokenizer", str(tok_dir / "paligemma_tokenizer.model")])
     assert code == 0
     assert json.loads((out / "added_tokens.json").read_text()) == {"<image>": 257152}
@@ -201,7 +201,7 @@ def _bad(tmp_path, arrays, capsys, expect, **kw):
     npz = tmp_path / "bad.npz"
     write_npz(arrays, npz, **kw)
     out = tmp_path / "out"
-    assert main(["convert", str(npz), "-o", str(out), "-q"]) != 0
+    assert main(["convert", str(npz), "-o", str(out), "--quiet"]) != 0
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err, err
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # no partial folder either
@@ -209,7 +209,7 @@ def _bad(tmp_path, arrays, capsys, expect, **kw):
 
 def test_wrong_model_is_refused(tmp_path, capsys, pg1_arrays):
     write_fake_vae(tmp_path / "vae-oid.npz")  # a real-looking .npz of another network
-    assert main(["convert", str(tmp_path / "vae-oid.npz"), "-o", str(tmp_path / "out"), "-q"]) != 0
+    assert main(["convert", str(tmp_path / "vae-oid.npz"), "-o", str(tmp_path / "out"), "--quiet"]) != 0
     err = capsys.readouterr().err
     assert "not a big_vision PaliGemma checkpoint" in err and not (tmp_path / "out").exists()
 
@@ -238,21 +238,21 @@ def test_unknown_key_is_named(key, tmp_path, capsys, pg1_arrays):
 def test_integer_weights_are_refused(tmp_path, capsys, pg1_arrays):
     np.savez(tmp_path / "int.npz", **{f"params/{k}": v.astype(np.int32 if "final_norm" in k else np.float32)
                                        for k, v in pg1_arrays.items()})
-    assert main(["convert", str(tmp_path / "int.npz"), "-o", str(tmp_path / "out"), "-q"]) != 0
+    assert main(["convert", str(tmp_path / "int.npz"), "-o", str(tmp_path / "out"), "--quiet"]) != 0
     assert "params/llm/final_norm/scale has dtype int32" in capsys.readouterr().err
 
 
 def test_missing_part_tokenizer_and_existing_output(hf_checkpoint, tmp_path, capsys):
     parts = write_bv_checkpoint(hf_checkpoint(version=1), tmp_path / "m.npz", parts=3)
     parts[-1].unlink()
-    assert main(["convert", str(parts[0]), "-o", str(tmp_path / "o"), "-q"]) != 0
+    assert main(["convert", str(parts[0]), "-o", str(tmp_path / "o"), "--quiet"]) != 0
     assert "are all .part files present?" in capsys.readouterr().err
     (tmp_path / "sub").mkdir()
     write_bv_checkpoint(hf_checkpoint(version=1), tmp_path / "sub" / "m.npz", tokenizer=False)
-    assert main(["convert", str(tmp_path / "sub" / "m.npz"), "-o", str(tmp_path / "o"), "-q"]) != 0
+    assert main(["convert", str(tmp_path / "sub" / "m.npz"), "-o", str(tmp_path / "o"), "--quiet"]) != 0
     assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "o").exists()
     (tmp_path / "o").mkdir()
-    assert main(["convert", str(tmp_path / "sub" / "m.npz"), "-o", str(tmp_path / "o"), "-q",
+    assert main(["convert", str(tmp_path / "sub" / "m.npz"), "-o", str(tmp_path / "o"), "--quiet",
                  "--tokenizer", str(hf_checkpoint(version=1))]) != 0
     assert "exists" in capsys.readouterr().err
 

@@ -84,7 +84,7 @@ def test_existing_output_needs_force(hf_checkpoint, converted, tmp_path, capsys)
     code, err = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out)
     assert_one_line_error(code, err, "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _ = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--force", "-q")
+    code, _ = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--force", "--quiet")
     assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 

@@ -25,7 +25,7 @@ def hub_cache(tmp_path, monkeypatch, hf_checkpoint):
 
 
 def test_convert_and_load_a_hub_id(hub_cache, hf_checkpoint, tmp_path, sample_images, capsys):
-    assert main(["convert", "pg-edge-test/tiny-pg1", "-o", str(tmp_path / "out"), "--dtype", "float32", "-q"]) == 0
+    assert main(["convert", "pg-edge-test/tiny-pg1", "-o", str(tmp_path / "out"), "--dtype", "float32", "--quiet"]) == 0
     direct = pg_edge.load("pg-edge-test/tiny-pg1")  # an HF hub id straight into the runtime
     conv = pg_edge.load(tmp_path / "out")
     np.testing.assert_allclose(direct.logits(sample_images[0], "ocr"), conv.logits(sample_images[0], "ocr"),

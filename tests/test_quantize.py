@@ -253,7 +253,7 @@ def test_cli_prints_the_report_as_text_and_json(qsrc, tmp_path, capsys):
     assert d["disk_bytes"] == sum(f.stat().st_size for f in out.iterdir())
     assert d["components"]["embed"]["bits_per_weight"] == pytest.approx(9.0)
     assert set(d["quality"]) >= {"top1_agreement", "mean_kl", "max_rel_err"} and len(d["probes"]) == 1
-    args = ["quantize", str(src), "-o", str(out), "--force", "--embed-bits", "4", "--vision-bits", "none", "-q"]
+    args = ["quantize", str(src), "-o", str(out), "--force", "--embed-bits", "4", "--vision-bits", "none", "--quiet"]
     assert main(args + ["--probes", "0"]) == 0
     text = capsys.readouterr().out
     assert "custom" in text and "bits/w" in text and "not measured" in text
@@ -294,3 +294,25 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(qsrc, recipe_runs, tmp_path,
     quantize(src, out, probes=0)
     with pytest.raises(PgEdgeError, match="exists"):
         quantize(src, out, probes=0)
+
+
+def test_convert_and_quantize_in_one_step_equals_two_steps(qsrc, tmp_path, capsys):
+    hf, src = qsrc(1)
+    assert main(["convert", str(hf), "-o", str(tmp_path / "one"), "--dtype", "float32", "-q", "4",
+                 "--probes", "0", "--quiet"]) == 0
+    assert "bits" in capsys.readouterr().out  # the quantization report is printed
+    quantize(src, tmp_path / "two", bits=4, probes=0)
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    ca = json.loads((tmp_path / "one" / "config.json").read_text())
+    cb = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert ca["quantization"] == cb["quantization"]
+    for (ka, va), (kb, vb) in zip(sorted(tree_flatten(a.model.parameters())), sorted(tree_flatten(b.model.parameters()))):
+        assert ka == kb and mx.array_equal(va, vb), ka
+    assert [p.name for p in tmp_path.iterdir()] == ["one", "two"]  # no float folder left behind
+
+
+def test_convert_with_bad_bits_writes_nothing(qsrc, tmp_path, capsys):
+    hf, _ = qsrc(1)
+    assert main(["convert", str(hf), "-o", str(tmp_path / "out"), "-q", "3"]) == 2
+    assert "3" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
