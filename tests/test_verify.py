@@ -18,8 +18,10 @@ def run_cli(capsys, *argv):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_correct_conversion_passes(version, converted, capsys):
-    code, out, _ = run_cli(capsys, "verify", converted(version=version), "--json")
+@pytest.mark.parametrize("image_size", [28, 56])
+def test_correct_conversion_passes(version, image_size, converted, capsys):
+    """MLX vs the NumPy reference, float32: logits, top-1 and free greedy decoding agree."""
+    code, out, _ = run_cli(capsys, "verify", converted(version=version, image_size=image_size), "--json")
     report = json.loads(out)
     assert code == 0 and report["passed"]
     assert report["mlx"]["top1_agreement"] == 1.0

@@ -8,7 +8,7 @@ import sys
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "verify", help="check a model against the NumPy reference, or a quantized one against its float source",
+        "verify", help="check a model against the NumPy reference, or against the checkpoint it came from",
         description="Run MODEL (MLX, float32) and an independent computation on probe images and task "
         "prompts and compare: top-1 agreement over teacher-forced positions, mean KL, max relative logit "
         "error, greedy agreement. Without --against the independent side is pg_edge's NumPy reference on "

@@ -27,6 +27,28 @@ def main() -> None:
     for obj in result.objects:
         print(f"{obj.label}: box (x1, y1, x2, y2) = {tuple(round(v, 1) for v in obj.box)}")
     draw_objects(cat, result.objects).save(HERE / "detect_cat.png")
+    segment_figure()
+
+
+def segment_figure() -> None:
+    """How `pg-edge segment -o` draws a mask. The mask here is HAND-MADE (two ellipses, the
+    cup and its saucer, as a decoded mask would look): real masks come from the VQ-VAE decoder
+    with big_vision's vae-oid.npz weights, which cannot be downloaded here."""
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import ImageDraw
+
+    coffee = Image.open(ASSETS / "coffee.jpg")
+    w, h = coffee.size
+    box = (38, 8, 292, 212)
+    obj = tasks.parse_objects(tasks.encode_box(box, coffee.size) + " cup", coffee.size).objects[0]
+    canvas = Image.new("L", coffee.size, 0)
+    d = ImageDraw.Draw(canvas)
+    d.ellipse((38, 62, 292, 212), fill=255)   # saucer
+    d.ellipse((92, 8, 226, 150), fill=255)    # cup
+    mask = np.asarray(canvas) > 0
+    draw_objects(coffee, [replace(obj, mask=mask)]).save(HERE / "segment_coffee.png")
 
 
 if __name__ == "__main__":
