@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "convert.cli",
     "convert.vae_cli",
     "quantize.cli",
+    "pg_edge.train.cli",
 ]
 
 

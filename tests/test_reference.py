@@ -231,7 +231,7 @@ def test_reference_imports_no_mlx_torch_or_transformers(models, tmp_path):
 
     _, ref, config = models(version=1, image_size=28)
     weights = {k: np.asarray(v) for k, v in ref.params.tensors.raw.items()}
-    save_file(weights, str(tmp_path / "model.safetensors"))
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "mlx"})  # MLX layout
     (tmp_path / "config.json").write_text(json.dumps(config))
     script = (
         "import sys, numpy as np\n"
