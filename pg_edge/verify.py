@@ -151,7 +151,7 @@ def format_report(r: VerifyReport) -> str:
 
     def row(name, side, m, greedy=""):
         return (f"{name:<28.28} {side:<9} {m['positions']:>4} {m['top1_agreement']:>6.3f} "
-                f"{m['mean_kl']:>9.2e} {m['max_rel_err']:>11.2e}  {greedy}")
+                f"{m['mean_kl']:>9.2e} {m['max_rel_err']:>11.2e}  {greedy}").rstrip()
 
     for p in r.probes:
         lines.append(row(p["probe"], "mlx", p["mlx"], "same" if p["greedy_same"] else "differs"))
