@@ -1,0 +1,158 @@
+"""`pg-edge finetune MODEL --data train.jsonl --train attn|lora|full -o OUT`: fine-tuning.
+
+    pg-edge finetune pg2-3b-224 --data train.jsonl --valid valid.jsonl --train attn -o run1
+    pg-edge finetune pg2-3b-224-q4 --data photos/ --train lora --freeze-vision -o run2
+    pg-edge finetune pg2-3b-224 --data train.jsonl --train lora -o run2 --resume run2
+
+Everything that can fail on bad input (model folder, tokenizer, every data line, settings) is
+checked before the output folder is created. OUT receives log.jsonl, checkpoints/step-N
+(for --resume) and the export: OUT/adapters (adapters.safetensors + adapter_config.json) or
+OUT/model (a converted folder for `pg-edge run` / `pg_edge.load`).
+
+Settings left out take the mode's recipe (big_vision's where it has one; see
+pg_edge/train/trainer.py RECIPES), or on --resume the checkpoint's own; a setting given
+explicitly on --resume must equal the checkpoint's. Data parallel over local processes (each
+takes its share of every batch; --batch-size stays the whole batch):
+    mlx.launch -n 2 --python "$(which python)" -- "$(which pg-edge)" finetune MODEL ...
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .modes import MODES
+
+EXPORTS = ("adapters", "fused", "none")
+# argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
+CONFIG_ARGS = {
+    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "optimizer": "optimizer",
+    "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay", "warmup": "warmup",
+    "clip": "clip_norm", "loss_norm": "normalize", "seed": "seed", "eval_every": "eval_every",
+    "save_every": "save_every", "max_new_tokens": "max_new_tokens",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, or full)",
+        description="Fine-tune PaliGemma as the paper recommends: prefix-LM attention, loss on the "
+        "suffix only, a task prefix per example. DATA is a JSONL file of {\"image\", \"prefix\", "
+        "\"suffix\"} objects (image paths relative to the file) or a folder holding labels.jsonl.",
+    )
+    p.add_argument("model", help="converted (or quantized, for lora) model folder or hub id")
+    p.add_argument("--data", required=True, help="training JSONL file, or a folder with labels.jsonl")
+    p.add_argument("--valid", default=None, help="validation JSONL / folder: loss and exact match / box IoU")
+    p.add_argument("--train", dest="mode", choices=MODES, default=None,
+                   help="attn: decoder attention only (big_vision's recipe); lora: adapters on the "
+                   "decoder, connector (and vision unless --freeze-vision); full: everything")
+    p.add_argument("--freeze-vision", action="store_true", default=None,
+                   help="keep SigLIP frozen (lora: no vision adapters; full: vision not trained)")
+    g = p.add_argument_group("optimisation (default: the mode's recipe)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per step, all processes together (default 8)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="decoupled, multiplied by lr")
+    g.add_argument("--warmup", type=float, default=None, help="linear warmup: a fraction of the steps (<1) or steps")
+    g.add_argument("--clip", type=float, default=None, help="clip the global gradient norm (0: off)")
+    g.add_argument("--loss-norm", choices=("example", "token"), default=None,
+                   help="mean per example, then over examples (big_vision, default) or over all tokens")
+    g.add_argument("--seed", type=int, default=None, help="data order, adapter init, dropout (default 0)")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--max-len", type=int, default=None, help="truncate suffixes to this many tokens per row")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", required=True, help="training folder (log, checkpoints, export)")
+    o.add_argument("--export", choices=EXPORTS, default=None,
+                   help="adapters (default for lora) or fused (a converted folder; default for attn/full)")
+    o.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: at the end)")
+    o.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at the end)")
+    o.add_argument("--max-new-tokens", type=int, default=None, help="greedy validation length")
+    o.add_argument("--resume", default=None, help="continue from a checkpoint folder or a training folder")
+    o.add_argument("--force", action="store_true", help="replace an existing output folder")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def _settings(args, saved: dict | None):
+    """(ModeSpec, TrainConfig) from the recipe or checkpoint, with the explicit arguments."""
+    from ..errors import PgEdgeError
+    from .modes import LoraSettings, ModeSpec
+    from .trainer import TrainConfig
+
+    given = {field: getattr(args, dest) for dest, field in CONFIG_ARGS.items() if getattr(args, dest) is not None}
+    lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if saved is None:
+        if args.mode is None:
+            raise PgEdgeError("--train attn|lora|full is required (unless resuming)")
+        return ModeSpec(args.mode, bool(args.freeze_vision), lora), TrainConfig.for_mode(args.mode, **given)
+    spec = ModeSpec.from_dict(saved["mode"])
+    if args.mode is not None and args.mode != spec.mode:
+        raise PgEdgeError(f"the checkpoint trains --train {spec.mode}, not {args.mode}")
+    if args.freeze_vision and not spec.freeze_vision:
+        raise PgEdgeError("the checkpoint was trained without --freeze-vision")
+    cfg = TrainConfig.from_dict({**saved["config"], **given})  # Trainer.resume checks what must match
+    return spec, cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from ..errors import PgEdgeError
+    from ..loader import load_model, read_config, resolve
+    from ..tokenizer import Tokenizer
+    from .checkpoint import find_checkpoint, read_state
+    from .data import load_dataset
+    from .export import save_adapters, save_fused
+    from .trainer import Trainer
+
+    t0 = time.perf_counter()
+    folder = resolve(args.model)
+    tokenizer = Tokenizer(folder)
+    config = read_config(folder)
+    out = Path(args.output).expanduser()
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    spec, cfg = _settings(args, read_state(ckpt) if ckpt else None)
+    group = mx.distributed.init()
+    cfg.check(group.size())
+    export = args.export or ("adapters" if spec.mode == "lora" else "fused")
+    if spec.mode == "attn" and spec.freeze_vision and not args.quiet:
+        print("note: --train attn never trains the vision tower; --freeze-vision changes nothing", file=sys.stderr)
+    if args.max_len is not None and args.max_len < 1:
+        raise PgEdgeError(f"--max-len must be >= 1, got {args.max_len}")
+
+    # All data checks before anything is written.
+    size, n_img = config.vision.image_size, config.num_image_tokens
+    train = load_dataset(args.data, tokenizer, size, n_img, args.max_len)
+    valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len) if args.valid else None
+    if out.exists() and not (args.force or ckpt):
+        raise PgEdgeError(f"output {out} exists; pass --resume {out} to continue it or --force to replace it")
+    if out.exists() and args.force and not ckpt and group.rank() == 0:
+        shutil.rmtree(out)
+
+    model, config, folder = load_model(folder)
+    trainer = Trainer(model, spec, cfg, train, valid, out=out, group=group, base_model=str(args.model),
+                      quiet=args.quiet)
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    trainer.fit()
+    if group.rank() != 0:
+        return 0
+    target = None
+    if export == "adapters":
+        target = save_adapters(model, spec, out / "adapters", base_model=str(args.model),
+                               base_dtype=trainer.base_dtype, step=trainer.step, force=True)
+    elif export == "fused":
+        target = save_fused(model, folder, out / "model", base_dtype=trainer.base_dtype, force=True)
+    if not args.quiet:
+        last = next((r for r in reversed(trainer.history) if "loss" in r), {})
+        print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s, last loss "
+              f"{last.get('loss', float('nan')):.4f}" + (f"; wrote {target}" if target else ""))
+    return 0
