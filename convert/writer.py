@@ -21,13 +21,8 @@ import mlx.core as mx
 
 from pg_edge import __version__
 from pg_edge.errors import PgEdgeError
+from pg_edge.loader import SIDE_FILES
 
-# Files copied from the source folder when present (tokenizer, processor, generation settings).
-SIDE_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-    "generation_config.json", "chat_template.json", "chat_template.jinja",
-)
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 

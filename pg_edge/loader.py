@@ -22,6 +22,13 @@ from .weights import sanitize
 
 # What a converted or HF folder needs; everything else on the hub is skipped when downloading.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Files of a model folder beside config.json and the weights (tokenizer, processor, generation
+# settings): copied along by every tool that writes a folder (converters, fine-tune export).
+SIDE_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+    "generation_config.json", "chat_template.json", "chat_template.jinja",
+)
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 

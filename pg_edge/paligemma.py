@@ -41,7 +41,8 @@ class PaliGemmaModel(nn.Module):
     # -- stages --------------------------------------------------------------------------
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         """float[B, S, S, 3] in [-1, 1] -> image features float[B, N, D]."""
-        dtype = self.multi_modal_projector.linear.bias.dtype
+        # The patch conv is never quantized or wrapped (LoRA), so its dtype is the model's.
+        dtype = self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
         return self.multi_modal_projector(self.vision_tower(pixel_values.astype(dtype)))
 
     def embed(self, input_ids: mx.array, image_features: mx.array | None) -> mx.array:

@@ -167,7 +167,7 @@ def test_step_updates_exactly_the_trained_parameters(mode, freeze, converted, tm
 def _quantized_folder(folder, out):
     """The tiny model with o_proj 4-bit (the only width a group size divides), written as a
     quantized converted folder (the `quantization` section + `.scales`/`.biases`)."""
-    from pg_edge.train.export import SIDE_FILES
+    from pg_edge.loader import SIDE_FILES
 
     model = load_model(folder)[0]
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p.endswith("o_proj"))

@@ -25,6 +25,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from .. import __version__
 from ..errors import PgEdgeError
+from ..loader import SIDE_FILES
 from ..paligemma import PaliGemmaModel
 from .checkpoint import atomic_folder
 from .modes import ModeSpec, apply_mode, lora_targets
@@ -33,11 +34,6 @@ ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Files of a model folder other than config.json and the weights (the runtime's list; the
 # converter keeps the same one in convert/writer.py, which the runtime may not import).
-SIDE_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-    "generation_config.json", "chat_template.json", "chat_template.jinja",
-)
 MAX_SHARD_BYTES = 4 << 30
 
 

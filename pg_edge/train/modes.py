@@ -85,24 +85,6 @@ class ModeSpec:
         return cls(d["mode"], bool(d.get("freeze_vision", False)), LoraSettings(**(d.get("lora") or {})))
 
 
-class LoRAConnector(LoRALinear):
-    """LoRALinear for the connector, which must still show a `bias`: PaliGemmaModel.encode_image
-    takes the activation dtype from `multi_modal_projector.linear.bias`."""
-
-    @property
-    def bias(self) -> mx.array:
-        return self.linear.bias
-
-    @classmethod
-    def wrap(cls, base: nn.Module, lora: LoraSettings) -> "LoRAConnector":
-        out_dims, in_dims = base.weight.shape
-        if isinstance(base, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // base.bits  # packed columns, as LoRALinear.from_base does
-        m = cls(in_dims, out_dims, r=lora.rank, dropout=lora.dropout, scale=lora.scale)
-        m.linear = base
-        return m
-
-
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or "scales" in module
 
@@ -151,11 +133,8 @@ def apply_mode(model: PaliGemmaModel, spec: ModeSpec, master_dtype: mx.Dtype = m
             base = modules[path]
             if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
                 raise PgEdgeError(f"cannot put LoRA on {path}: {type(base).__name__} is not a linear layer")
-            if path == CONNECTOR:
-                swaps.append((path, LoRAConnector.wrap(base, spec.lora)))
-            else:
-                swaps.append((path, LoRALinear.from_base(base, r=spec.lora.rank, dropout=spec.lora.dropout,
-                                                         scale=spec.lora.scale)))
+            swaps.append((path, LoRALinear.from_base(base, r=spec.lora.rank, dropout=spec.lora.dropout,
+                                                     scale=spec.lora.scale)))
         model.update_modules(tree_unflatten(swaps))
         model.freeze()
         for _, m in swaps:
