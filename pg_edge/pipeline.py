@@ -187,9 +187,16 @@ class PaliGemma:
         return vision_tasks.segment(self, image, objects, vae=vae, **gen)
 
 
-def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None) -> PaliGemma:
-    """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id)."""
+def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
+         adapters: str | os.PathLike | None = None) -> PaliGemma:
+    """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id);
+    `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top."""
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
+    if adapters is not None:
+        from .train.export import load_adapters
+
+        load_adapters(model, adapters)
+        model.eval()
     return PaliGemma(model, config, tokenizer, folder)

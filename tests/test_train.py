@@ -304,6 +304,8 @@ def test_exports_reproduce_the_trained_model(converted, tmp_path):
     again = load_model(folder)[0]
     assert load_adapters(again, tmp_path / "adapters") == spec
     np.testing.assert_allclose(_logits(again, batch), trained, rtol=0, atol=1e-5)
+    with_adapters = pg_edge.load(folder, adapters=tmp_path / "adapters")  # the public path
+    np.testing.assert_allclose(_logits(with_adapters.model, batch), trained, rtol=0, atol=1e-5)
 
     save_fused(model, folder, tmp_path / "fused")
     pg = pg_edge.load(tmp_path / "fused")
