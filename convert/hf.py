@@ -55,8 +55,7 @@ def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", for
         raise CheckpointError(f"{src} is already quantized; convert from the float checkpoint")
     Tokenizer(folder)  # fail now, not after writing gigabytes, if the tokenizer is missing/bad
     files = weight_files(folder)
-    raw_text = config.raw.get("text_config", {})
-    tie = raw_text.get("tie_word_embeddings", config.raw.get("tie_word_embeddings", True)) is not False
+    tie = config.tie_word_embeddings
     progress = Progress(len(files), "convert", quiet)
     with FolderWriter(out, force=force, source=str(src), converter="hf") as writer:
         for i, (f, tensors, meta) in enumerate(iter_shards(folder), 1):

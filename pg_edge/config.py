@@ -89,6 +89,12 @@ class PaliGemmaConfig:
         return 2 if self.text.sandwich_norms else 1
 
     @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LM head is the embedding (the default in every PaliGemma config)."""
+        t = self.raw.get("text_config") or {}
+        return t.get("tie_word_embeddings", self.raw.get("tie_word_embeddings", True)) is not False
+
+    @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 

@@ -76,18 +76,17 @@ def softcap(x: mx.array, cap: float | None) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, window: int | None):
+    def __init__(self, cfg: TextConfig):
         super().__init__()
         d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
         self.scale = cfg.query_scale
         self.softcap = cfg.attn_logit_softcapping
-        self.window = window
         self.q_proj = nn.Linear(d, h * hd, bias=False)
         self.k_proj = nn.Linear(d, k * hd, bias=False)
         self.v_proj = nn.Linear(d, k * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
-        self.rope = cfg.rope_theta
+        self.rope_base = cfg.rope_theta
 
     def __call__(self, x: mx.array, mask: mx.array | None, offset: Any, cache=None) -> mx.array:
         """x: float[B, T, D]; mask: bool[B, 1, T, T_k] or None (full); offset: position of
@@ -96,8 +95,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope, scale=1.0, offset=offset)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if self.softcap:
@@ -141,7 +140,7 @@ class DecoderLayer(nn.Module):
         self.window = cfg.window_for_layer(index)
         self.sandwich = cfg.sandwich_norms
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, self.window)
+        self.self_attn = Attention(cfg)
         # Gemma 1: post_attention_layernorm is the pre-MLP norm. Gemma2: it normalises the
         # attention output, and pre_feedforward_layernorm is the pre-MLP norm.
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -141,10 +141,10 @@ def build_model(config: PaliGemmaConfig, weights: dict) -> PaliGemmaModel:
 
 
 def load_weights(folder: Path, config: PaliGemmaConfig) -> dict:
-    tie = config.raw.get("text_config", {}).get("tie_word_embeddings", config.raw.get("tie_word_embeddings", True))
+    tie = config.tie_word_embeddings
     weights = {}
     for _, tensors, meta in iter_shards(folder):
-        weights.update(sanitize(tensors, mlx_layout=meta.get("format") == "mlx", tie_word_embeddings=tie is not False))
+        weights.update(sanitize(tensors, mlx_layout=meta.get("format") == "mlx", tie_word_embeddings=tie))
     return weights
 
 

@@ -26,7 +26,7 @@ from pg_edge.reference.safetensors_np import read_header
 from pg_edge.weights import canonical_key, component, sanitize
 
 from pg_edge import probes as probes_mod
-from .plan import QuantPlan, tie_word_embeddings
+from .plan import QuantPlan
 from .recipes import UNSET, QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes
 
@@ -96,7 +96,7 @@ def quantize(
         from pg_edge.processor import Tokenizer
 
         Tokenizer(folder)  # the probes need it: fail now rather than after writing the folder
-    tie = tie_word_embeddings(config.raw)
+    tie = config.tie_word_embeddings
     plan = QuantPlan.build(config.raw, settings, tie=tie, shapes=shapes)
     sizes = SizeCounter()
     files = weight_files(folder)

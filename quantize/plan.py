@@ -60,12 +60,6 @@ def pad_vision_mlp(key: str, value: mx.array, width: int, padded: int) -> mx.arr
     return mx.pad(value, pad)
 
 
-def tie_word_embeddings(raw: dict) -> bool:
-    """Whether the LM head is the embedding (the default in every PaliGemma config)."""
-    tie = (raw.get("text_config") or {}).get("tie_word_embeddings", raw.get("tie_word_embeddings", True))
-    return tie is not False
-
-
 @dataclass
 class QuantPlan:
     """A decision per Linear/Embedding of the model: quantized with a `Quant`, or left float.
@@ -94,7 +88,7 @@ class QuantPlan:
         if shapes is not None:
             config.check_shapes(shapes)
             raw.setdefault("vision_config", {})["intermediate_size"] = config.vision.intermediate_size
-        tie = tie_word_embeddings(raw) if tie is None else tie
+        tie = PaliGemmaConfig.from_dict(raw).tie_word_embeddings if tie is None else tie
         width = config.vision.intermediate_size
         vq = settings.vision
         padded = padded_width(width, vq.group_size) if vq else width
