@@ -5,7 +5,21 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 UNAME := $(shell uname -s)
 
-.PHONY: setup demo test clean
+.PHONY: setup system-deps demo test clean
+
+# Debian packages some tests and examples need (Xvfb for the desktop example, the C++ example's
+# libraries), one per line in .ci/apt-packages.txt; installed when missing (as root), else named.
+APT_PACKAGES := $(shell cat .ci/apt-packages.txt 2>/dev/null)
+system-deps:
+ifeq ($(UNAME),Linux)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing Debian packages:" $$missing "(sudo apt-get install" $$missing")"; exit 1; fi; \
+	fi
+endif
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +32,7 @@ endif
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: system-deps $(VENV)/.installed
 
 demo: setup
 	$(PY) -m apps.demo
