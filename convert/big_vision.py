@@ -31,11 +31,12 @@ import mlx.core as mx
 
 from pg_edge.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
 from pg_edge.errors import CheckpointError
+from pg_edge.folder import FolderWriter, Progress
 
-from .side_files import tokenizer_files
+from . import parse_dtype
 from .hf import check_complete
 from .npz import NpzArchive, check_float
-from .writer import FolderWriter, Progress, parse_dtype
+from .side_files import tokenizer_files
 
 VT = "vision_tower.vision_model."
 ENC = VT + "encoder.layers.{i}."

@@ -79,16 +79,14 @@ def convert_and_quantize(args: argparse.Namespace):
     import shutil
     import tempfile
 
-    from pg_edge.errors import PgEdgeError
+    from pg_edge.folder import check_output
     from quantize import quantize
     from quantize.recipes import resolve_settings
 
     settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
                                 recipe=args.recipe)
-    out = Path(args.output).expanduser().resolve()
-    if out.exists() and not args.force:
-        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    out = check_output(args.output, args.force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
     try:

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import metrics
 from .errors import PgEdgeError
+from .folder import is_quantized
 from .pipeline import PaliGemma, load
 from .probes import Probe, Scored, resolve_probes, score, teacher_forced
 from .reference import ReferenceModel
@@ -116,10 +117,10 @@ def verify(model: str, against: str | None = None, *, probes=None, max_tokens: i
             same.append(ok)
             rows.append({"probe": probe.name, "prompt": probe.prompt, "mlx": m, "greedy_same": ok})
     else:
-        quantized = bool(tested.config.raw.get("quantization"))
+        quantized = is_quantized(tested.config.raw)
         lim = _limits(QUANTIZED_LIMITS if quantized else CONVERSION_LIMITS, limits)
         trusted = load(against, dtype=mx.float32)
-        if trusted.config.raw.get("quantization"):
+        if is_quantized(trusted.config.raw):
             raise PgEdgeError(f"--against {against} is quantized; give the float model")
         ref_q, ref_f = ReferenceModel.from_folder(tested.folder), ReferenceModel.from_folder(trusted.folder)
         for s in teacher_forced(trusted, probe_list, max_tokens):

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
+from pg_edge.folder import is_quantized
 from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.weights import component
 
@@ -81,7 +82,7 @@ class QuantPlan:
         """raw: the float checkpoint's config.json dict; shapes: its tensor shapes (classic
         keys) when known, checked against the config (the SigLIP width is taken from them:
         some configs misstate it)."""
-        if raw.get("quantization") or raw.get("quantization_config"):
+        if is_quantized(raw):
             raise CheckpointError("the checkpoint is already quantized; quantize its float source")
         config = PaliGemmaConfig.from_dict(raw)
         raw = copy.deepcopy(raw)

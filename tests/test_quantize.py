@@ -14,7 +14,8 @@ from quant_fixture import make_quantizable_checkpoint
 from apps.cli import main
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.loader import build_model, load_model, load_weights, read_config
+from pg_edge.folder import read_config
+from pg_edge.loader import build_model, load_model, load_weights
 from pg_edge.metrics import compare_logits
 from pg_edge.pipeline import load
 from pg_edge.weights import component
