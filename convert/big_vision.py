@@ -373,6 +373,7 @@ def convert_big_vision(src: str | Path, out: str | Path, *, dtype: str = "bfloat
                     raise CheckpointError(f"key {ckpt.prefix}{unused[0]} was not converted")
                 shapes = writer.shapes()
                 pg_config = PaliGemmaConfig.from_dict(config)
+                pg_config.adopt_vision_mlp_width(shapes)
                 pg_config.check_shapes(shapes)
                 check_complete(pg_config, shapes, tie=True)
                 return writer.finish(config, extra_files=side)

@@ -67,6 +67,7 @@ def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", for
             progress.update(i, f.name, writer.nbytes)
             del tensors
         shapes = writer.shapes()
+        config.adopt_vision_mlp_width(shapes)
         config.check_shapes(shapes)
         check_complete(config, shapes, tie)
         raw = dict(config.raw)

@@ -38,7 +38,9 @@ def quantization_predicate(qconf: dict, weights: dict):
 def build_model(config: PaliGemmaConfig, weights: dict) -> PaliGemmaModel:
     """Model skeleton for these (sanitized) weights, quantized where the config says so,
     with the weights loaded strictly (every parameter present, no stray tensor)."""
-    config.check_shapes({k: tuple(v.shape) for k, v in weights.items()})
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    config.adopt_vision_mlp_width(shapes)
+    config.check_shapes(shapes)
     tie = "language_model.lm_head.weight" not in weights
     model = PaliGemmaModel(config, tie_word_embeddings=tie)
     qconf = quantization_section(config.raw)

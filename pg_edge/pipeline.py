@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import PaliGemmaConfig
-from . import vision_tasks
+from . import model_tasks
 from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
 from .folder import resolve
 from .loader import load_model
@@ -107,24 +107,24 @@ class PaliGemma:
         return generate_batch(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
                               max_tokens=max_tokens, vision_seconds=vision_s)
 
-    # -- tasks (pg_edge.vision_tasks): prompts in the official forms, outputs parsed ------------
+    # -- tasks (pg_edge.model_tasks): prompts in the official forms, outputs parsed ------------
     def caption(self, image: ImageInput, lang: str = "en", **gen):
-        return vision_tasks.caption(self, image, lang=lang, **gen)
+        return model_tasks.caption(self, image, lang=lang, **gen)
 
     def ocr(self, image: ImageInput, **gen):
-        return vision_tasks.ocr(self, image, **gen)
+        return model_tasks.ocr(self, image, **gen)
 
     def ask(self, image: ImageInput, question: str, lang: str = "en", **gen):
-        return vision_tasks.ask(self, image, question, lang=lang, **gen)
+        return model_tasks.ask(self, image, question, lang=lang, **gen)
 
     def detect(self, image: ImageInput, objects, **gen):
         """Boxes in the original image's pixels: `.objects` (label, box), `.skipped`."""
-        return vision_tasks.detect(self, image, objects, **gen)
+        return model_tasks.detect(self, image, objects, **gen)
 
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
-        return vision_tasks.segment(self, image, objects, vae=vae, **gen)
+        return model_tasks.segment(self, image, objects, vae=vae, **gen)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,

@@ -1,4 +1,4 @@
-"""Image preprocessing, the PaliGemma prompt layout and the SentencePiece tokenizer.
+"""Image preprocessing and the PaliGemma prompt layout (the tokenizer is pg_edge/tokenizer.py).
 
 Preprocessing is the one Hugging Face's SiglipImageProcessor (PIL backend) does, step for step,
 so pixels agree within float rounding: transparency composited onto white, RGB, square resize
@@ -93,7 +93,8 @@ class Inputs:
 
 
 class Processor:
-    """Images + prefixes -> model inputs, and generated ids -> text."""
+    """Images + prefixes -> model inputs (`Inputs`, left-padded); decoding output ids is the
+    tokenizer's (`Tokenizer.decode`)."""
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int):
         self.tokenizer = tokenizer

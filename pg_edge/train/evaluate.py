@@ -19,7 +19,7 @@ import numpy as np
 from ..generate import generate_batch
 from ..paligemma import PaliGemmaModel
 from ..processor import left_pad
-from ..tasks import parse_objects
+from ..task_text import parse_objects
 from .data import Dataset
 from .loss import loss_inputs, weighted_loss
 

@@ -24,11 +24,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import metrics
-from .errors import PgEdgeError
-from .folder import is_quantized
-from .pipeline import PaliGemma, load
+from ..errors import PgEdgeError
+from ..folder import is_quantized
+from ..pipeline import PaliGemma, load
 from .probes import Probe, Scored, resolve_probes, score, teacher_forced
-from .reference import ReferenceModel
+from ..reference import ReferenceModel
 
 # A correct float conversion agrees to ~1e-6 of the logit scale; float32 accumulation over
 # a 27+26-layer model stays far below these. A single transposed weight breaks all three.
