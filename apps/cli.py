@@ -21,7 +21,7 @@ COMMAND_MODULES = {
     "detect": ("apps.commands.tasks", "boxes around the named objects"),
     "segment": ("apps.commands.tasks", "boxes and masks of the named objects"),
     "verify": ("apps.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
-    "convert": ("convert.cli", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
+    "convert": ("apps.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
     "convert-vae": ("convert.vae_cli", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
     "quantize": ("quantize.cli", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
     "finetune": ("pg_edge.train.cli", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),

@@ -71,7 +71,5 @@ def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", for
         config.check_shapes(shapes)
         check_complete(config, shapes, tie)
         raw = dict(config.raw)
-        raw.pop("quantization", None)
-        raw.pop("quantization_config", None)
         raw["torch_dtype"] = dtype  # informational, as HF and mlx-vlm write it
         return writer.finish(raw, source_folder=folder)
