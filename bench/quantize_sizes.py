@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from convert.writer import FolderWriter  # noqa: E402
+from pg_edge.folder import FolderWriter  # noqa: E402
 from pg_edge.config import PaliGemmaConfig  # noqa: E402
 from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
 from pg_edge.weights import component  # noqa: E402

@@ -19,7 +19,7 @@ from fixtures.tokenizer import build_tokenizer  # noqa: E402
 from quant_fixture import make_quantizable_checkpoint  # noqa: E402
 
 from convert.hf import convert_hf  # noqa: E402
-from pg_edge.verify import verify  # noqa: E402
+from pg_edge.eval.verify import verify  # noqa: E402
 from quantize import quantize  # noqa: E402
 
 RECIPES = ("all8", "decoder4-vision8", "all4")

@@ -31,11 +31,12 @@ import mlx.core as mx
 
 from pg_edge.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
 from pg_edge.errors import CheckpointError
+from pg_edge.folder import FolderWriter, Progress
 
-from .side_files import tokenizer_files
+from . import parse_dtype
 from .hf import check_complete
 from .npz import NpzArchive, check_float
-from .writer import FolderWriter, Progress, parse_dtype
+from .side_files import tokenizer_files
 
 VT = "vision_tower.vision_model."
 ENC = VT + "encoder.layers.{i}."
@@ -372,6 +373,7 @@ def convert_big_vision(src: str | Path, out: str | Path, *, dtype: str = "bfloat
                     raise CheckpointError(f"key {ckpt.prefix}{unused[0]} was not converted")
                 shapes = writer.shapes()
                 pg_config = PaliGemmaConfig.from_dict(config)
+                pg_config.adopt_vision_mlp_width(shapes)
                 pg_config.check_shapes(shapes)
                 check_complete(pg_config, shapes, tie=True)
                 return writer.finish(config, extra_files=side)

@@ -16,12 +16,13 @@ from mlx.utils import tree_flatten
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.loader import HUB_PATTERNS, iter_shards, read_config, resolve, weight_files
+from pg_edge.folder import (HUB_PATTERNS, FolderWriter, Progress, is_quantized, iter_shards, read_config,
+                            resolve, weight_files)
 from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.processor import Tokenizer
 from pg_edge.weights import sanitize
 
-from .writer import FolderWriter, Progress, parse_dtype
+from . import parse_dtype
 
 HUB_FILES = HUB_PATTERNS + ["tokenizer*", "special_tokens_map.json", "added_tokens.json"]
 
@@ -51,7 +52,7 @@ def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", for
     target = parse_dtype(dtype)
     folder = resolve(src, allow_patterns=HUB_FILES)
     config = read_config(folder)
-    if config.raw.get("quantization") or config.raw.get("quantization_config"):
+    if is_quantized(config.raw):
         raise CheckpointError(f"{src} is already quantized; convert from the float checkpoint")
     Tokenizer(folder)  # fail now, not after writing gigabytes, if the tokenizer is missing/bad
     files = weight_files(folder)
@@ -66,10 +67,9 @@ def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", for
             progress.update(i, f.name, writer.nbytes)
             del tensors
         shapes = writer.shapes()
+        config.adopt_vision_mlp_width(shapes)
         config.check_shapes(shapes)
         check_complete(config, shapes, tie)
         raw = dict(config.raw)
-        raw.pop("quantization", None)
-        raw.pop("quantization_config", None)
         raw["torch_dtype"] = dtype  # informational, as HF and mlx-vlm write it
         return writer.finish(raw, source_folder=folder)

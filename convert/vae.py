@@ -19,8 +19,6 @@ cannot disagree. The metadata records the format, its version and E.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from pg_edge.errors import CheckpointError, PgEdgeError
+from pg_edge.folder import atomic_file, check_output
 from pg_edge.vae import FORMAT, FORMAT_VERSION, MaskDecoder
 
 CODEBOOK_KEY = "_vq_vae._embedding"
@@ -105,22 +104,10 @@ def convert_vae(npz_path: str | Path, out_path: str | Path, *, force: bool = Fal
     npz_path, out_path = Path(npz_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise PgEdgeError(f"output must end in .safetensors, got {out_path}")
-    if out_path.exists() and not force:
-        raise PgEdgeError(f"output {out_path} exists; pass force=True (--force) to overwrite it")
+    check_output(out_path, force)
     weights, embed_dim = vae_weights(_read_npz(npz_path))
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "embed_dim": str(embed_dim),
                 "source": npz_path.name}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same directory, then rename: a crash never leaves a half-written file
-    # under the real name. mlx appends ".safetensors" to names without it, so keep the suffix.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".safetensors",
-                               dir=out_path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, {k: mx.array(v) for k, v in weights.items()}, metadata=metadata)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as tmp:  # a crash never leaves a half-written file under the real name
+        mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in weights.items()}, metadata=metadata)
     return out_path
-

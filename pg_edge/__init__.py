@@ -3,6 +3,8 @@
     import pg_edge
     pg = pg_edge.load("converted-folder-or-hub-id")
     print(pg.generate("cat.jpg", "caption en").text)
+    hot = pg_edge.Sampling(temperature=0.7, top_p=0.9, seed=0)
+    print(pg.generate("cat.jpg", "caption en", sampling=hot).text)
 
 Attributes are imported lazily so that `pg_edge.reference` and `pg_edge.processor` can be used
 without importing MLX.
@@ -13,6 +15,7 @@ _LAZY = {
     "load": ("pg_edge.pipeline", "load"),
     "PaliGemma": ("pg_edge.pipeline", "PaliGemma"),
     "GenerationResult": ("pg_edge.generate", "GenerationResult"),
+    "Sampling": ("pg_edge.generate", "Sampling"),
     "PgEdgeError": ("pg_edge.errors", "PgEdgeError"),
 }
 

@@ -7,7 +7,9 @@ code never switches on a model-type string.
 
 Configs sometimes lie (the top-level `hidden_size` of every PaliGemma 2 config is a stale 2048;
 an mlx-community 448 config lists the SigLIP MLP as 4352): `check_shapes` compares the config
-with the tensors actually present and says which one disagrees.
+with the tensors actually present and says which one disagrees; it changes nothing. The one
+dimension taken from the tensors is the SigLIP MLP width, by the explicit step
+`adopt_vision_mlp_width` that the load and convert pipelines call first.
 """
 from __future__ import annotations
 
@@ -85,10 +87,6 @@ class PaliGemmaConfig:
     raw: dict = field(default_factory=dict)  # the config.json as read, written back unchanged
 
     @property
-    def version(self) -> int:
-        return 2 if self.text.sandwich_norms else 1
-
-    @property
     def tie_word_embeddings(self) -> bool:
         """Whether the LM head is the embedding (the default in every PaliGemma config)."""
         t = self.raw.get("text_config") or {}
@@ -154,12 +152,17 @@ class PaliGemmaConfig:
             raw=dict(raw),
         )
 
-    def check_shapes(self, shapes: Mapping[str, tuple]) -> None:
-        """Check config dimensions against tensor shapes (classic key names, MLX layouts).
+    def adopt_vision_mlp_width(self, shapes: Mapping[str, tuple]) -> None:
+        """Take the SigLIP MLP width from the fc1 tensor (classic key, float[I, C]) when present:
+        mlx-community configs misstate it (4352 vs 4304), and quantization zero-pads it (the
+        zero rows/columns leave the output unchanged), so the tensor is the truth here."""
+        fc1 = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+        if fc1 in shapes:
+            self.vision.intermediate_size = int(shapes[fc1][0])
 
-        Fixes the config where a checkpoint is unambiguous and the config is known to lie
-        (SigLIP MLP width), raises CheckpointError naming the key on any other mismatch.
-        """
+    def check_shapes(self, shapes: Mapping[str, tuple]) -> None:
+        """Check config dimensions against tensor shapes (classic key names, MLX layouts);
+        raises CheckpointError naming the key on the first mismatch. Changes nothing."""
         vp = "vision_tower.vision_model."
         tp = "language_model.model."
 
@@ -172,9 +175,7 @@ class PaliGemmaConfig:
 
         fc1 = vp + "encoder.layers.0.mlp.fc1.weight"
         if fc1 in shapes:
-            # Known lie in mlx-community configs (4352 vs 4304), and quantization zero-pads
-            # this width: the tensor wins (zero rows/columns leave the output unchanged).
-            self.vision.intermediate_size = int(shapes[fc1][0])
+            expect(fc1, 0, self.vision.intermediate_size, "hidden units (vision intermediate_size)")
         expect(vp + "embeddings.patch_embedding.weight", 0, self.vision.hidden_size, "width")
         expect(vp + "embeddings.position_embedding.weight", 0, self.vision.num_patches,
                "positions (image_size/patch_size squared)")

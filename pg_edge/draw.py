@@ -1,4 +1,4 @@
-"""Draw parsed objects (boxes, labels, translucent masks) on an image; masks as COCO RLE.
+"""Draw parsed objects (boxes, labels, translucent masks) on an image.
 
 `draw_objects` returns a new RGB PIL image; the caller saves it (PNG keeps the exact colours
 that tests/test_draw.py checks, JPEG would smear them). Boxes are the parser's float pixel
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pg_edge.errors import PgEdgeError
-from pg_edge.tasks import DetectedObject
+from pg_edge.task_text import DetectedObject
 
 # Twelve colours far apart from each other and from typical photo content (saturated hues,
 # no greys), cycled when there are more objects.
@@ -102,39 +102,3 @@ def _draw_label(draw, text, box, color, font, pad, image_size) -> None:
     tx = min(x1, max(width - tag_w, 0))  # keep the tag inside the image on the right
     draw.rectangle([tx, ty, tx + tag_w - 1, ty + tag_h - 1], fill=color)
     draw.text((tx + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
-
-
-def mask_to_rle(mask) -> dict:
-    """bool[H, W] -> {"size": [H, W], "counts": [...]}, COCO's uncompressed RLE.
-
-    Runs over the column-major (Fortran order) flattening, alternating 0s and 1s and always
-    starting with a run of 0s (of length 0 when the first pixel is set).
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise PgEdgeError(f"mask must be 2-D [H, W], got shape {mask.shape}")
-    height, width = mask.shape
-    flat = mask.astype(bool).ravel(order="F")
-    if flat.size == 0:
-        return {"size": [int(height), int(width)], "counts": []}
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], starts, [flat.size]])).tolist()
-    if flat[0]:
-        counts.insert(0, 0)
-    return {"size": [int(height), int(width)], "counts": [int(c) for c in counts]}
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Inverse of `mask_to_rle`: {"size": [H, W], "counts": [...]} -> bool[H, W]."""
-    try:
-        height, width = (int(v) for v in rle["size"])
-        counts = np.asarray(rle["counts"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError):
-        raise PgEdgeError("RLE must be {'size': [H, W], 'counts': [ints]} (uncompressed)") from None
-    if counts.ndim != 1 or (counts < 0).any():
-        raise PgEdgeError("RLE counts must be a flat list of non-negative integers")
-    if counts.sum() != height * width:
-        raise PgEdgeError(f"RLE counts sum to {counts.sum()}, size {height}x{width} needs "
-                          f"{height * width}")
-    values = np.arange(counts.size) % 2 == 1  # runs alternate 0, 1, 0, ...
-    return np.repeat(values, counts).reshape((height, width), order="F")

@@ -169,7 +169,7 @@ class GemmaModel(nn.Module):
 
     def __call__(self, h: mx.array, masks: dict, offset: Any, cache=None) -> mx.array:
         """h: float[B, T, D] input embeddings (already scaled); masks: {window: mask} as built
-        by `LanguageModel.masks`. -> float[B, T, D] after the final norm."""
+        by `PaliGemmaModel.masks` / `.decode_masks`. -> float[B, T, D] after the final norm."""
         cache = cache or [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.window], offset, c)

@@ -1,40 +1,84 @@
 """Generation in three layers, as mlx-lm does it.
 
-1. `generate_step`: a generator over a KV cache (mlx-lm's `KVCache`) with a `sampler` callable
-   (mlx-lm's `make_sampler`: greedy, temperature, top-p, top-k). Prefill computes only the last
-   position's logits; ids past the real vocabulary (`<image>` and HF's junk padding rows) are
-   never sampled.
-2. `StreamDecoder`: incremental detokenization whose pieces concatenate to exactly the final
-   decoded text, holding back an unfinished multi-byte character.
-3. The convenience calls (`PaliGemma.generate`, `.stream`) live in pipeline.py.
+1. `generate_step(model, input_ids, image_features, sampler=...)`: a generator of (token,
+   logprobs) over mlx-lm KV caches — `RotatingKVCache` (the last `window` keys) on Gemma2's
+   sliding-window layers when no row is padded, `KVCache` otherwise. Prefill computes only the
+   last position's logits; ids past the real vocabulary (`<image>`, HF's junk padding rows)
+   are never sampled. The caller stops it; it stops only after max_tokens.
+2. `stream_generate(...)`: one prompt, yielding `Chunk`s of text as tokens arrive (through a
+   `Detokenizer`), the last one carrying the `GenerationResult`.
+3. `generate(...)` / `generate_batch(...)`: the convenience calls returning results.
+
+Sampling settings travel as one `Sampling` (temperature, top_p, top_k, seed), turned into an
+mlx-lm sampler (`make_sampler`) in one place. `until_eos` is the one loop that stops rows on
+eos; batch generation, streaming and the trainer's evaluation all use it. pg_edge.pipeline's
+`PaliGemma.stream` / `.generate` / `.generate_batch` are thin calls onto layers 2 and 3.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .errors import PgEdgeError
 from .paligemma import PaliGemmaModel
 
 
-def sampler_for(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Callable:
-    """mlx-lm's sampler for these settings, after checking them (bad values are user errors)."""
-    if not temperature >= 0:
-        raise PgEdgeError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise PgEdgeError(f"top_p must be in (0, 1], got {top_p}")
-    if int(top_k) != top_k or top_k < 0:
-        raise PgEdgeError(f"top_k must be a non-negative integer, got {top_k}")
-    return make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=int(top_k))
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen: temperature 0 = greedy; top_p 1 / top_k 0 = off; seed: reseeds
+    MLX's generator before generating (None: leave it as it is). Checked on creation."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise PgEdgeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PgEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise PgEdgeError(f"top_k must be a non-negative integer, got {self.top_k}")
+
+    @classmethod
+    def of(cls, sampling: "Sampling | None" = None, **settings) -> "Sampling":
+        """`sampling`, or one built from keyword settings (temperature, top_p, top_k, seed)."""
+        if sampling is not None and settings:
+            raise PgEdgeError(f"give either sampling= or {', '.join(settings)}, not both")
+        if sampling is not None:
+            return sampling
+        unknown = set(settings) - {"temperature", "top_p", "top_k", "seed"}
+        if unknown:
+            raise PgEdgeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+        return cls(**settings)
+
+    def sampler(self) -> Callable[[mx.array], mx.array]:
+        """mlx-lm's sampler: logprobs float[B, V] -> token ids int[B]."""
+        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0,
+                            top_k=int(self.top_k))
+
+
+GREEDY = Sampling()
 
 
 def vocab_mask(vocab_size: int, limit: int) -> mx.array:
     """Additive float[V]: 0 for ids < limit, -inf for the rest (never emitted)."""
     return mx.where(mx.arange(vocab_size) < limit, 0.0, -mx.inf)
+
+
+def make_cache(model: PaliGemmaModel, padded: bool) -> list:
+    """One mlx-lm cache per decoder layer. A sliding-window layer keeps only its last `window`
+    keys (RotatingKVCache): a generated token may not look further back, so attention over the
+    rotated keys without a mask is exactly the windowed attention. With padded rows the decode
+    mask must line up with every key's validity, so those runs keep every key (KVCache)."""
+    return [RotatingKVCache(max_size=layer.window) if layer.window and not padded else KVCache()
+            for layer in model.language_model.model.layers]
 
 
 def generate_step(
@@ -53,9 +97,8 @@ def generate_step(
     image_features float[B, N, D] from `PaliGemmaModel.encode_image` (cache them per image).
     The caller stops on eos; this generator only stops after max_tokens.
     """
-    sampler = sampler or sampler_for()
-    n_layers = len(model.language_model.model.layers)
-    cache = [KVCache() for _ in range(n_layers)]
+    sampler = sampler or GREEDY.sampler()
+    cache = make_cache(model, padded=valid is not None)
     limit = vocab_limit or model.config.real_vocab_size
     B, T = input_ids.shape
 
@@ -85,37 +128,54 @@ def generate_step(
             tokens, logprobs = nxt
 
 
-class StreamDecoder:
-    """Token ids in, text pieces out; "".join(pieces) == tokenizer.decode(all ids).
+def until_eos(steps: Iterable[tuple[mx.array, mx.array]], eos_id: int) -> Iterator[list[int | None]]:
+    """The one eos loop: for each generated position, every row's new token, or None for a row
+    that has finished (its eos is never yielded). Ends when every row has emitted eos or the
+    steps run out; a row then ended by eos exactly when it has fewer than max_tokens tokens."""
+    done: list[bool] | None = None
+    for tokens, _ in steps:
+        row = tokens.tolist()
+        done = done or [False] * len(row)
+        out: list[int | None] = []
+        for b, t in enumerate(row):
+            done[b] = done[b] or t == eos_id
+            out.append(None if done[b] else t)
+        yield out
+        if all(done):
+            return
+
+
+class Detokenizer:
+    """Streaming detokenizer: token ids in, text pieces out, with "".join(pieces) ==
+    tokenizer.decode(all ids).
 
     Each step decodes the whole sequence so far (cheap at these lengths, and immune to
-    SentencePiece's context-dependent joins) and emits what is new, except a trailing
-    U+FFFD: byte-fallback tokens of a multi-byte character decode to replacement characters
-    until the character is complete. `finish()` emits whatever is left, even a dangling byte.
+    SentencePiece's context-dependent joins) and emits what is new, except a trailing U+FFFD:
+    byte-fallback tokens of a multi-byte character decode to replacement characters until the
+    character is complete, so they are held back. `finalize()` emits whatever is left, even a
+    dangling byte. (mlx-lm's streaming detokenizers need its transformers-based tokenizer
+    wrapper; this one needs only `decode`.)
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.tokens: list[int] = []
+        self.text = ""  # what has been emitted so far
 
-    def add(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        stable = text.rstrip("\ufffd")
-        if not stable.startswith(self.emitted):
-            return ""  # an earlier piece re-joined differently: wait for finish() to settle
-        piece = stable[len(self.emitted):]
-        self.emitted = stable
+    def add_token(self, token: int) -> str:
+        self.tokens.append(int(token))
+        stable = self.tokenizer.decode(self.tokens).rstrip("\ufffd")
+        if not stable.startswith(self.text):
+            return ""  # an earlier piece re-joined differently: wait for finalize() to settle
+        piece, self.text = stable[len(self.text):], stable
         return piece
 
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.emitted):
-            piece = text[len(self.emitted):]
-            self.emitted = text
-            return piece
-        return ""  # cannot happen with SentencePiece decoding; see test_streaming
+    def finalize(self) -> str:
+        text = self.tokenizer.decode(self.tokens)
+        if not text.startswith(self.text):
+            return ""  # cannot happen with SentencePiece decoding; see tests/test_generate.py
+        piece, self.text = text[len(self.text):], text
+        return piece
 
 
 @dataclass
@@ -130,7 +190,6 @@ class GenerationResult:
     generation_seconds: float = 0.0
     vision_seconds: float = 0.0
     peak_memory_gb: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def generation_tps(self) -> float:
@@ -155,5 +214,95 @@ class GenerationResult:
                 "generation_tps": round(self.generation_tps, 2),
             },
             "peak_memory_gb": round(self.peak_memory_gb, 3),
-            **self.extra,
         }
+
+
+@dataclass
+class Chunk:
+    """One streamed piece: new text (possibly empty), the token that produced it, and on the
+    last chunk (token None) the whole result."""
+
+    text: str
+    token: int | None
+    result: GenerationResult | None = None
+
+
+def _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
+    """Layer 2's shared start: checks, the seed, and the eos-stopped steps."""
+    if max_tokens < 1:
+        raise PgEdgeError(f"max_tokens must be >= 1, got {max_tokens}")
+    sampling = sampling or GREEDY
+    if sampling.seed is not None:
+        mx.random.seed(int(sampling.seed))
+    steps = generate_step(model, input_ids, image_features, valid=valid, sampler=sampling.sampler(),
+                          max_tokens=max_tokens)
+    return until_eos(steps, tokenizer.eos_id)
+
+
+def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array, *,
+                    valid: mx.array | None = None, sampling: Sampling | None = None, max_tokens: int = 256,
+                    vision_seconds: float = 0.0) -> Iterator[Chunk]:
+    """One prompt (input_ids int[1, T], image_features float[1, N, D]): yield text pieces as
+    tokens arrive; the last chunk carries the GenerationResult (timings from the call, plus
+    `vision_seconds` spent before it; peak memory since the caller's mx.reset_peak_memory)."""
+    t1 = time.perf_counter()
+    detok = Detokenizer(tokenizer)
+    tokens: list[int] = []
+    t2 = None
+    for (t,) in _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
+        t2 = t2 or time.perf_counter()
+        if t is None:
+            break
+        tokens.append(t)
+        piece = detok.add_token(t)
+        if piece:
+            yield Chunk(piece, t)
+    t3 = time.perf_counter()
+    tail = detok.finalize()
+    result = GenerationResult(
+        text=detok.text, tokens=tokens, prompt_tokens=int(input_ids.shape[1] if valid is None else valid.sum()),
+        finish_reason="stop" if len(tokens) < max_tokens else "length", vision_seconds=vision_seconds,
+        prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
+    yield Chunk(tail, None, result)
+
+
+def generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array,
+             **kwargs) -> GenerationResult:
+    """`stream_generate` run to the end: the GenerationResult."""
+    for chunk in stream_generate(model, tokenizer, input_ids, image_features, **kwargs):
+        if chunk.result is not None:
+            return chunk.result
+    raise AssertionError("stream_generate ended without a result")
+
+
+def generate_batch(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array, *,
+                   valid: mx.array | None = None, sampling: Sampling | None = None, max_tokens: int = 256,
+                   vision_seconds: float = 0.0) -> list[GenerationResult]:
+    """Several left-padded prompts at once (input_ids int[B, T], valid bool[B, T] or None,
+    image_features float[B, N, D]); greedy results equal running each prompt alone."""
+    t1 = time.perf_counter()
+    B = input_ids.shape[0]
+    rows: list[list[int]] = [[] for _ in range(B)]
+    t2 = None
+    for new in _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
+        t2 = t2 or time.perf_counter()
+        for r, t in zip(rows, new):
+            if t is not None:
+                r.append(t)
+    t3 = time.perf_counter()
+    lengths = [input_ids.shape[1]] * B if valid is None else valid.astype(mx.int32).sum(axis=1).tolist()
+    return [
+        GenerationResult(
+            text=tokenizer.decode(r), tokens=r, prompt_tokens=int(n),
+            finish_reason="stop" if len(r) < max_tokens else "length", vision_seconds=vision_seconds,
+            prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
+        for r, n in zip(rows, lengths)
+    ]
+
+
+__all__ = ["Sampling", "GREEDY", "generate_step", "until_eos", "Detokenizer", "GenerationResult", "Chunk",
+           "stream_generate", "generate", "generate_batch", "make_cache", "vocab_mask"]

@@ -73,12 +73,13 @@ class PaliGemmaModel(nn.Module):
             out[window] = prefix_lm_mask(ar, ok, window)
         return out
 
-    def decode_masks(self, valid: mx.array | None, T_q: int, T_k: int) -> dict:
-        """Masks for T_q new tokens after T_k - T_q cached keys; valid None = no padding."""
+    def decode_masks(self, valid: mx.array | None, T_q: int, T_k: int, bounded: frozenset = frozenset()) -> dict:
+        """Masks for T_q new tokens after T_k - T_q cached keys; valid None = no padding.
+        `bounded`: windows whose caches hold only the last `window` keys (RotatingKVCache)."""
         out = {}
         for w in self.language_model.windows():
-            if valid is None and T_q == 1 and (w is None or T_k <= w):
-                out[w] = None  # one query seeing every key: no mask needed
+            if valid is None and T_q == 1 and (w is None or T_k <= w or w in bounded):
+                out[w] = None  # one query seeing every key it holds: no mask needed
             else:
                 ok = valid if valid is not None else mx.ones((1, T_k), dtype=mx.bool_)
                 out[w] = decode_mask(ok, T_q, w)
@@ -123,5 +124,8 @@ class PaliGemmaModel(nn.Module):
         of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V]."""
         h = self.embed(tokens, None)
         T_k = cache[0].offset + tokens.shape[1]
-        masks = self.decode_masks(valid, tokens.shape[1], T_k)
+        # A cache with a max_size (mlx-lm's RotatingKVCache) keeps exactly the keys its window sees.
+        bounded = frozenset(layer.window for layer, c in zip(self.language_model.model.layers, cache)
+                            if getattr(c, "max_size", None) == layer.window)
+        masks = self.decode_masks(valid, tokens.shape[1], T_k, bounded)
         return self.language_model(h, masks, offset, cache)

@@ -15,7 +15,6 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,22 +22,12 @@ import mlx.core as mx
 import numpy as np
 
 from .config import PaliGemmaConfig
-from .errors import PgEdgeError
-from . import vision_tasks
-from .generate import GenerationResult, StreamDecoder, generate_step, sampler_for
-from .loader import load_model, resolve
+from . import model_tasks
+from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
+from .folder import resolve
+from .loader import load_model
 from .paligemma import PaliGemmaModel
 from .processor import ImageInput, Inputs, Processor, Tokenizer
-
-
-@dataclass
-class Chunk:
-    """One streamed piece: new text (possibly empty), the token that produced it, and on the
-    last chunk the whole result."""
-
-    text: str
-    token: int | None
-    result: GenerationResult | None = None
 
 
 class PaliGemma:
@@ -81,110 +70,61 @@ class PaliGemma:
         out = self.model(mx.array(inp.input_ids), image_features=feats, last_only=True)
         return np.array(out[0, -1].astype(mx.float32))
 
-    # -- generation ----------------------------------------------------------------------
-    def _run(self, images, prompts, max_tokens, temperature, top_p, top_k, seed) -> Iterator:
-        if max_tokens < 1:
-            raise PgEdgeError(f"max_tokens must be >= 1, got {max_tokens}")
-        sampler = sampler_for(temperature, top_p, top_k)
-        if seed is not None:
-            mx.random.seed(int(seed))
+    # -- generation: thin calls onto pg_edge.generate's layers ----------------------------
+    def _start(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """Inputs and image features for a generation, timed; resets the peak-memory count."""
         inp = self.prepare(images, prompts)
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         feats = self.image_features(inp.pixel_values)
-        t1 = time.perf_counter()
         valid = None if inp.valid.all() else mx.array(inp.valid)
-        steps = generate_step(self.model, mx.array(inp.input_ids), feats, valid=valid,
-                              sampler=sampler, max_tokens=max_tokens)
-        return inp, steps, (t0, t1)
+        return mx.array(inp.input_ids), feats, valid, time.perf_counter() - t0
 
-    def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[Chunk]:
-        """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult."""
-        inp, steps, (t0, t1) = self._run([image], [prompt], max_tokens, temperature, top_p, top_k, seed)
-        decoder = StreamDecoder(self.tokenizer)
-        eos = self.tokenizer.eos_id
-        tokens: list[int] = []
-        finish = "length"
-        t2 = None
-        for tok, _ in steps:
-            t = int(tok[0])
-            if t2 is None:
-                t2 = time.perf_counter()
-            if t == eos:
-                finish = "stop"
-                break
-            tokens.append(t)
-            piece = decoder.add(t)
-            if piece:
-                yield Chunk(piece, t)
-        t3 = time.perf_counter()
-        tail = decoder.finish()
-        result = GenerationResult(
-            text=decoder.emitted, tokens=tokens, prompt_tokens=int(inp.valid.sum()),
-            finish_reason=finish, vision_seconds=t1 - t0, prompt_seconds=(t2 or t3) - t1,
-            generation_seconds=t3 - (t2 or t3), peak_memory_gb=mx.get_peak_memory() / 1e9,
-        )
-        yield Chunk(tail, None, result)
+    def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
+               sampling: Sampling | None = None, **settings) -> Iterator[Chunk]:
+        """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
+        `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
+        seed); default greedy."""
+        sampling = Sampling.of(sampling, **settings)
+        ids, feats, valid, vision_s = self._start([image], [prompt])
+        yield from stream_generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
+                                   max_tokens=max_tokens, vision_seconds=vision_s)
 
-    def generate(self, image: ImageInput, prompt: str, **kwargs) -> GenerationResult:
+    def generate(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
+                 sampling: Sampling | None = None, **settings) -> GenerationResult:
         """Run to eos or max_tokens; returns text, token ids, timings and peak memory."""
-        for chunk in self.stream(image, prompt, **kwargs):
-            if chunk.result is not None:
-                return chunk.result
-        raise AssertionError("stream ended without a result")
+        sampling = Sampling.of(sampling, **settings)
+        ids, feats, valid, vision_s = self._start([image], [prompt])
+        return generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
+                        max_tokens=max_tokens, vision_seconds=vision_s)
 
     def generate_batch(self, images: Sequence[ImageInput], prompts: Sequence[str], *, max_tokens: int = 256,
-                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                       seed: int | None = None) -> list[GenerationResult]:
+                       sampling: Sampling | None = None, **settings) -> list[GenerationResult]:
         """Several (image, prompt) pairs at once; prompts of different lengths are left-padded.
         Greedy results equal running each pair alone."""
-        inp, steps, (t0, t1) = self._run(images, prompts, max_tokens, temperature, top_p, top_k, seed)
-        B = len(prompts)
-        eos = self.tokenizer.eos_id
-        rows: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        t2 = None
-        for tok, _ in steps:
-            t2 = t2 or time.perf_counter()
-            for b, t in enumerate(tok.tolist()):
-                if not done[b]:
-                    if t == eos:
-                        done[b] = True
-                    else:
-                        rows[b].append(t)
-            if all(done):
-                break
-        t3 = time.perf_counter()
-        return [
-            GenerationResult(
-                text=self.tokenizer.decode(r), tokens=r, prompt_tokens=int(inp.valid[b].sum()),
-                finish_reason="stop" if done[b] else "length", vision_seconds=t1 - t0,
-                prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
-            for b, r in enumerate(rows)
-        ]
+        sampling = Sampling.of(sampling, **settings)
+        ids, feats, valid, vision_s = self._start(images, prompts)
+        return generate_batch(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
+                              max_tokens=max_tokens, vision_seconds=vision_s)
 
-
-    # -- tasks (pg_edge.vision_tasks): prompts in the official forms, outputs parsed ------------
+    # -- tasks (pg_edge.model_tasks): prompts in the official forms, outputs parsed ------------
     def caption(self, image: ImageInput, lang: str = "en", **gen):
-        return vision_tasks.caption(self, image, lang=lang, **gen)
+        return model_tasks.caption(self, image, lang=lang, **gen)
 
     def ocr(self, image: ImageInput, **gen):
-        return vision_tasks.ocr(self, image, **gen)
+        return model_tasks.ocr(self, image, **gen)
 
     def ask(self, image: ImageInput, question: str, lang: str = "en", **gen):
-        return vision_tasks.ask(self, image, question, lang=lang, **gen)
+        return model_tasks.ask(self, image, question, lang=lang, **gen)
 
     def detect(self, image: ImageInput, objects, **gen):
         """Boxes in the original image's pixels: `.objects` (label, box), `.skipped`."""
-        return vision_tasks.detect(self, image, objects, **gen)
+        return model_tasks.detect(self, image, objects, **gen)
 
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
-        return vision_tasks.segment(self, image, objects, vae=vae, **gen)
+        return model_tasks.segment(self, image, objects, vae=vae, **gen)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
@@ -195,7 +135,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
     if adapters is not None:
-        from .train.export import load_adapters
+        from .adapters import load_adapters
 
         load_adapters(model, adapters)
         model.eval()

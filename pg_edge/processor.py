@@ -1,4 +1,4 @@
-"""Image preprocessing, the PaliGemma prompt layout and the SentencePiece tokenizer.
+"""Image preprocessing and the PaliGemma prompt layout (the tokenizer is pg_edge/tokenizer.py).
 
 Preprocessing is the one Hugging Face's SiglipImageProcessor (PIL backend) does, step for step,
 so pixels agree within float rounding: transparency composited onto white, RGB, square resize
@@ -66,6 +66,18 @@ def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
     return (x - np.float32(0.5)) / np.float32(0.5)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (ids int32[B, T], valid bool[B, T]), left-padded with `pad_id` to the
+    longest row, so every row's next generated token lands at index T."""
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, dtype=np.int32)
+    valid = np.zeros((len(rows), T), dtype=bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        valid[b, T - len(r):] = True
+    return ids, valid
+
+
 @dataclass
 class Inputs:
     """A batch ready for the model; rows are left-padded to a common length.
@@ -81,7 +93,8 @@ class Inputs:
 
 
 class Processor:
-    """Images + prefixes -> model inputs, and generated ids -> text."""
+    """Images + prefixes -> model inputs (`Inputs`, left-padded); decoding output ids is the
+    tokenizer's (`Tokenizer.decode`)."""
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int):
         self.tokenizer = tokenizer
@@ -92,11 +105,6 @@ class Processor:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         rows = [self.tokenizer.prompt_ids(p, self.num_image_tokens) for p in prompts]
-        T = max(len(r) for r in rows)
-        ids = np.full((len(rows), T), self.tokenizer.pad_id, dtype=np.int32)
-        valid = np.zeros((len(rows), T), dtype=bool)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = r  # left padding: every row's next token lands at index T
-            valid[b, T - len(r):] = True
+        ids, valid = left_pad(rows, self.tokenizer.pad_id)
         pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
         return Inputs(ids, valid, np.zeros_like(ids), pixels)

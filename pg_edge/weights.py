@@ -12,8 +12,10 @@ Hugging Face checkpoints come in three layouts:
             model.language_model.{layers,embed_tokens,norm}.*, lm_head.weight
     5.x:    as 4.52 but the SigLIP tower flattened: model.vision_tower.{embeddings,encoder,...}
 
-`sanitize` is pure and idempotent; which transforms apply is decided by the safetensors
-metadata marker `format: mlx` written by MLX tools, never by guessing from shapes.
+`sanitize` is pure, and its output is in the converted layout: sanitizing that again as such
+(`mlx_layout=True`) changes nothing (tests/test_fixtures.py checks it). Which transforms apply
+is decided by the safetensors metadata marker `format: mlx` written by MLX tools, never by
+guessing from shapes, so the caller passes the marker of the file the tensors came from.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ quality report (size, bits per weight, agreement with the float model on fixed p
     report = quantize("pg2-3b-224", "pg2-3b-224-q4")      # default recipe: decoder4-vision8
     print(report.to_text())
 
-For converting and quantizing in one step, `quantize_weights(config_raw, weights, settings)`
-works on an in-memory float checkpoint, and `QuantPlan.apply` on one shard at a time.
+`pg-edge convert -q` converts into a temporary float folder and runs `quantize` on it.
+`quantize_weights(config_raw, weights, settings)` quantizes an in-memory float checkpoint, and
+`QuantPlan.apply` one shard at a time (what `quantize` streams the source through).
 """
 from .folder import build_report, measure, quantize
 from .plan import QuantPlan, padded_width, quantize_weights

@@ -18,14 +18,14 @@ import os
 import time
 from pathlib import Path
 
-from convert.writer import FolderWriter, Progress
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.loader import iter_shards, read_config, resolve, weight_files
-from pg_edge.metrics import combine, compare_logits
+from pg_edge.folder import (FolderWriter, Progress, check_output, is_quantized, iter_shards, read_config,
+                            resolve, weight_files)
+from pg_edge.eval.metrics import combine, compare_logits
 from pg_edge.reference.safetensors_np import read_header
 from pg_edge.weights import canonical_key, component, sanitize
 
-from pg_edge import probes as probes_mod
+from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
 from .recipes import UNSET, QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes
@@ -34,7 +34,7 @@ from .report import QuantizeReport, SizeCounter, folder_bytes
 def source_shapes(folder: Path, raw: dict) -> dict[str, tuple]:
     """Tensor shapes (classic keys) of a float converted folder, read from the safetensors
     headers only; refuses, naming the reason, anything this tool cannot quantize."""
-    if raw.get("quantization") or raw.get("quantization_config"):
+    if is_quantized(raw):
         raise CheckpointError(f"{folder} is already quantized; quantize its float source instead")
     shapes: dict[str, tuple] = {}
     for f in weight_files(folder):
@@ -87,8 +87,7 @@ def quantize(
     out = Path(dst).expanduser().resolve()
     if out == folder.resolve():
         raise PgEdgeError("the output folder must differ from the source folder")
-    if out.exists() and not force:
-        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    check_output(out, force)
     config = read_config(folder)
     shapes = source_shapes(folder, config.raw)
     probe_list = probes_mod.resolve_probes(probes)
@@ -117,9 +116,8 @@ def quantize(
 
 def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_folder: Path, output: Path,
                  probe_list: list, max_new_tokens: int = 8, started: float | None = None) -> QuantizeReport:
-    """The report of a finished run. Also for `convert -q`, which streams shards through
-    `plan.apply` and `sizes.add` itself: there `source_folder` can be the original HF
-    checkpoint (pg_edge loads those too), the float reference the probes are scored against."""
+    """The report of a finished run: sizes per component from `sizes`, and the probes scored on
+    `output` against `source_folder` (the float model: any folder pg_edge loads)."""
     for name, part in sizes.parts.items():
         q = plan.settings.for_component(name)
         part.setting = str(q) if q else "float"

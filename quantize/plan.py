@@ -25,10 +25,11 @@ from mlx.utils import tree_flatten
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
+from pg_edge.folder import is_quantized
 from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.weights import component
 
-from .recipes import COMPONENTS, MODE, Quant, QuantSettings
+from .recipes import MODE, Quant, QuantSettings
 
 VISION_MLP = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)\.(weight|bias)$")
 # Embedding-typed, but read as a raw table (`.weight[None]`), never looked up: stays float.
@@ -81,11 +82,12 @@ class QuantPlan:
         """raw: the float checkpoint's config.json dict; shapes: its tensor shapes (classic
         keys) when known, checked against the config (the SigLIP width is taken from them:
         some configs misstate it)."""
-        if raw.get("quantization") or raw.get("quantization_config"):
+        if is_quantized(raw):
             raise CheckpointError("the checkpoint is already quantized; quantize its float source")
         config = PaliGemmaConfig.from_dict(raw)
         raw = copy.deepcopy(raw)
         if shapes is not None:
+            config.adopt_vision_mlp_width(shapes)
             config.check_shapes(shapes)
             raw.setdefault("vision_config", {})["intermediate_size"] = config.vision.intermediate_size
         tie = PaliGemmaConfig.from_dict(raw).tie_word_embeddings if tie is None else tie
@@ -213,22 +215,12 @@ class QuantPlan:
         raw["pg_edge"] = record
         return raw
 
-    def describe(self) -> dict[str, str]:
-        """One line per component: what the plan does to it."""
-        out = {}
-        for c in COMPONENTS:
-            q = self.settings.for_component(c)
-            n = sum(1 for p in self.targets if component(p + ".weight") == c)
-            skipped = sum(1 for p in self.left_float if component(p + ".weight") == c)
-            out[c] = "float" if q is None else f"{q} ({n} layers" + (f", {skipped} left float)" if skipped else ")")
-        return out
-
 
 def quantize_weights(config_raw: dict, weights: dict[str, mx.array],
                      settings: QuantSettings) -> tuple[dict[str, mx.array], dict]:
     """In-memory float checkpoint (sanitized: classic keys, MLX layouts) -> (quantized weights,
-    the config.json dict to write beside them). For `pg-edge convert -q`: convert, then this;
-    or call `QuantPlan.apply` on each shard as it streams."""
+    the config.json dict to write beside them), checked complete; the in-memory twin of the
+    streamed `quantize()` (tests check the two agree tensor for tensor)."""
     tie = "language_model.lm_head.weight" not in weights
     plan = QuantPlan.build(config_raw, settings, tie=tie, shapes={k: tuple(v.shape) for k, v in weights.items()})
     out = plan.apply(weights)

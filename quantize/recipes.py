@@ -64,10 +64,6 @@ class QuantSettings:
         out["recipe"] = self.recipe
         return out
 
-    def describe(self) -> str:
-        parts = [f"{c} {q or 'float'}" for c in COMPONENTS for q in [self.for_component(c)]]
-        return f"{self.recipe}: " + ", ".join(parts)
-
 
 # bits per component of each recipe: `b` is the run's --bits (4 unless asked otherwise) where a
 # recipe says so; None leaves a component float.

@@ -65,7 +65,7 @@ class QuantizeReport:
     disk_bytes: int
     vision_mlp_width: tuple[int, int]  # (original, padded)
     left_float: dict[str, str] = field(default_factory=dict)
-    quality: dict | None = None  # pg_edge.metrics.combine over all probes
+    quality: dict | None = None  # pg_edge.eval.metrics.combine over all probes
     probes: list[dict] = field(default_factory=list)  # per probe: name, prompt, tokens, metrics
     seconds: float = 0.0
 

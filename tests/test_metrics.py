@@ -1,8 +1,8 @@
-"""pg_edge.metrics: the numbers `pg-edge quantize` reports and `pg-edge verify` checks."""
+"""pg_edge.eval.metrics: the numbers `pg-edge quantize` reports and `pg-edge verify` checks."""
 import numpy as np
 import pytest
 
-from pg_edge.metrics import combine, compare_logits, kl_divergence, log_softmax, max_rel_err, top1_agreement, within
+from pg_edge.eval.metrics import combine, compare_logits, kl_divergence, log_softmax, max_rel_err, top1_agreement, within
 
 
 def test_identical_logits_agree_perfectly():

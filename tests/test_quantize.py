@@ -14,13 +14,14 @@ from quant_fixture import make_quantizable_checkpoint
 from apps.cli import main
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.loader import build_model, load_model, load_weights, read_config
-from pg_edge.metrics import compare_logits
+from pg_edge.folder import read_config
+from pg_edge.loader import build_model, load_model, load_weights
+from pg_edge.eval.metrics import compare_logits
 from pg_edge.pipeline import load
 from pg_edge.weights import component
 from quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
 from quantize.plan import pad_vision_mlp
-from pg_edge.probes import shapes_image, stripes_image
+from pg_edge.eval.probes import shapes_image, stripes_image
 from quantize.recipes import COMPONENTS, settings_from_dict
 
 BITS = {  # recipe -> bits of vision, connector, decoder, embed (None: float)

@@ -22,7 +22,8 @@ from pg_edge.loader import load_model
 from pg_edge.tokenizer import Tokenizer
 from pg_edge.train import LoraSettings, ModeSpec, TrainConfig, Trainer, load_dataset
 from pg_edge.train.data import DataError, batch_indices
-from pg_edge.train.export import load_adapters, save_adapters, save_fused
+from pg_edge.adapters import load_adapters
+from pg_edge.train.export import save_adapters, save_fused
 from pg_edge.train.loss import loss_inputs, suffix_loss, suffix_targets, token_nll
 from train_helpers import write_colour_set, write_jsonl
 
@@ -167,7 +168,7 @@ def test_step_updates_exactly_the_trained_parameters(mode, freeze, converted, tm
 def _quantized_folder(folder, out):
     """The tiny model with o_proj 4-bit (the only width a group size divides), written as a
     quantized converted folder (the `quantization` section + `.scales`/`.biases`)."""
-    from pg_edge.loader import SIDE_FILES
+    from pg_edge.folder import SIDE_FILES
 
     model = load_model(folder)[0]
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p.endswith("o_proj"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from apps.cli import main
-from pg_edge.verify import verify
+from pg_edge.eval.verify import verify
 
 
 def run_cli(capsys, *argv):

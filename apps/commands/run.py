@@ -15,8 +15,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+    """The generation keywords of `PaliGemma.generate` / `.stream`: max_tokens and one Sampling."""
+    from pg_edge.generate import Sampling
+
+    return dict(max_tokens=args.max_tokens,
+                sampling=Sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed))
 
 
 def add_parser(sub) -> None:

@@ -1,4 +1,4 @@
-"""Task subcommands over pg_edge.vision_tasks:
+"""Task subcommands over pg_edge.model_tasks:
 
     pg-edge caption MODEL --image I [--lang en]
     pg-edge ocr     MODEL --image I
@@ -7,7 +7,7 @@
     pg-edge segment MODEL --image I "cat" [--vae vae.safetensors] [-o masks.png] [--json]
 
 Text goes to stdout (one line per object for detect/segment: label and box in pixels);
-`--json` prints pg_edge.vision_tasks.to_json instead; `-o` saves the image with boxes, labels and
+`--json` prints pg_edge.model_tasks.to_json instead; `-o` saves the image with boxes, labels and
 masks drawn. Inputs are checked (image readable, output format known, VAE present) before the
 model is loaded.
 """
@@ -63,7 +63,7 @@ def _check_output(path: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pg_edge import vision_tasks
+    from pg_edge import model_tasks
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load
     from pg_edge.processor import load_image
@@ -76,20 +76,20 @@ def run(args: argparse.Namespace) -> int:
     pg = load(args.model)
     gen = sampling_kwargs(args)
     if args.task == "caption":
-        result = vision_tasks.caption(pg, image, args.lang, **gen)
+        result = model_tasks.caption(pg, image, args.lang, **gen)
     elif args.task == "ocr":
-        result = vision_tasks.ocr(pg, image, **gen)
+        result = model_tasks.ocr(pg, image, **gen)
     elif args.task == "ask":
-        result = vision_tasks.ask(pg, image, args.question, args.lang, **gen)
+        result = model_tasks.ask(pg, image, args.question, args.lang, **gen)
     elif args.task == "detect":
-        result = vision_tasks.detect(pg, image, args.objects, **gen)
+        result = model_tasks.detect(pg, image, args.objects, **gen)
     else:
-        result = vision_tasks.segment(pg, image, args.objects, vae=vae, **gen)
+        result = model_tasks.segment(pg, image, args.objects, vae=vae, **gen)
 
     if getattr(args, "output", None):
-        vision_tasks.draw(result, image).save(args.output)
+        model_tasks.draw(result, image).save(args.output)
     if args.json:
-        print(json.dumps(vision_tasks.to_json(result)))
+        print(json.dumps(model_tasks.to_json(result)))
     elif args.task in ("detect", "segment"):
         for obj in result.objects:
             box = ", ".join(f"{v:.1f}" for v in obj.box)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pg_edge import tasks
+from pg_edge import task_text
 from pg_edge.draw import draw_objects
 
 HERE = Path(__file__).parent

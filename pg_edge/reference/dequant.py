@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from pg_edge.errors import CheckpointError
+from pg_edge.folder import quantization_section
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -57,7 +58,7 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray,
 
 def quantization_of(config: dict, module: str) -> tuple[int, int] | None:
     """(group_size, bits) of a module per config.json's "quantization" section, or None if float."""
-    section = config.get("quantization") or config.get("quantization_config")
+    section = quantization_section(config)
     if not section:
         return None
     override = section.get(module, True)

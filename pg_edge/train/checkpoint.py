@@ -10,18 +10,14 @@ and Trainer.micro_batches), so the step and seed in state.json pin them; nothing
 needs saving. The base weights are not saved: a resume loads the same base model again.
 
 Every folder is written under a temporary name and renamed into place when complete
-(`atomic_folder`), so an interrupted save never leaves a half checkpoint that a resume would
-pick up.
+(pg_edge.folder.atomic_folder), so an interrupted save never leaves a half checkpoint that a
+resume would pick up.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,33 +26,11 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import __version__
 from ..errors import PgEdgeError
+from ..folder import atomic_folder
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 STATE = "state.json"
-
-
-@contextmanager
-def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it becomes `target` (an existing
-    one is replaced when `replace`), on failure it is removed."""
-    target = Path(target)
-    if target.exists() and not replace:
-        raise PgEdgeError(f"{target} exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def step_dir(out: Path, step: int) -> Path:

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from ..errors import PgEdgeError
-    from ..loader import load_model, read_config, resolve
+    from ..folder import check_output, read_config, resolve
+    from ..loader import load_model
     from ..tokenizer import Tokenizer
     from .checkpoint import find_checkpoint, read_state
     from .data import load_dataset
@@ -132,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     size, n_img = config.vision.image_size, config.num_image_tokens
     train = load_dataset(args.data, tokenizer, size, n_img, args.max_len)
     valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len) if args.valid else None
-    if out.exists() and not (args.force or ckpt):
-        raise PgEdgeError(f"output {out} exists; pass --resume {out} to continue it or --force to replace it")
+    check_output(out, bool(args.force or ckpt), hint=f"pass --resume {out} to continue it or --force to replace it")
     if out.exists() and args.force and not ckpt and group.rank() == 0:
         shutil.rmtree(out)
 

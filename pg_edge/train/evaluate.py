@@ -6,8 +6,8 @@ Task metric:
     box_iou      when the references hold boxes (`<locY1><locX1><locY2><locX2> label`): mean IoU
                  of each reference box with the predicted box in the same place of the output
                  (0 where the output has fewer boxes), over all reference boxes
-Generation is the runtime's own greedy path (pg_edge.generate.generate_step) on left-padded
-prompts, so the numbers are what `pg-edge run` will produce with the trained model.
+Generation is the runtime's own greedy batch call (pg_edge.generate.generate_batch) on
+left-padded prompts, so the numbers are what `pg-edge run` will produce with the trained model.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..generate import generate_step
+from ..generate import generate_batch
 from ..paligemma import PaliGemmaModel
-from ..tasks import parse_objects
+from ..processor import left_pad
+from ..task_text import parse_objects
 from .data import Dataset
 from .loss import loss_inputs, weighted_loss
 
@@ -46,27 +47,11 @@ def greedy_predictions(model: PaliGemmaModel, data: Dataset, batch_size: int = 8
     out: list[str] = []
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
-        prompts = [data.prompts[i] for i in idx]
-        T = max(len(p) for p in prompts)
-        ids = np.full((len(idx), T), tok.pad_id, dtype=np.int32)
-        valid = np.zeros((len(idx), T), dtype=bool)
-        for b, p in enumerate(prompts):  # left padding: every row's next token lands at T
-            ids[b, T - len(p):] = p
-            valid[b, T - len(p):] = True
+        ids, valid = left_pad([data.prompts[i] for i in idx], tok.pad_id)
         feats = model.encode_image(mx.array(np.stack([data.pixels(i) for i in idx])))
-        rows: list[list[int]] = [[] for _ in idx]
-        done = [False] * len(idx)
-        steps = generate_step(model, mx.array(ids), feats, valid=None if valid.all() else mx.array(valid),
-                              max_tokens=limit)
-        for tokens, _ in steps:
-            for b, t in enumerate(tokens.tolist()):
-                if not done[b]:
-                    done[b] = t == tok.eos_id
-                    if not done[b]:
-                        rows[b].append(t)
-            if all(done):
-                break
-        out += [tok.decode(r) for r in rows]
+        results = generate_batch(model, tok, mx.array(ids), feats, valid=None if valid.all() else mx.array(valid),
+                                 max_tokens=limit)
+        out += [r.text for r in results]
     return out
 
 

@@ -1,11 +1,12 @@
 """Fixed probe inputs and teacher-forced scoring: how a quantized model's quality is measured.
 
-A probe is an image (drawn here, deterministically, so every run and machine scores the same
-pixels) and a task prompt. Teacher forcing:
+A probe is an image and a task prompt. The images are fixed, so every run and machine scores the
+same pixels: bundled photos (pg_edge/assets), images drawn here deterministically, or the user's
+own files (`pg-edge verify --images`). Teacher forcing:
     1. the float model generates a few tokens greedily from the probe (its own answer);
     2. both models score prompt + those tokens in one full forward pass (prefix-LM mask:
        mask_ar 1 on the generated suffix), and the logits of the last prompt position and of
-       every generated position are compared (pg_edge.metrics).
+       every generated position are compared (pg_edge.eval.metrics).
 Scoring the float model's own continuation keeps both models on the same token sequence, so
 one early disagreement does not make every later position incomparable.
 """
@@ -18,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .processor import load_image
+from ..processor import load_image
 
 SIZE = 224
 
@@ -76,7 +77,7 @@ def noise_image(size: int = SIZE) -> Image.Image:
     return Image.fromarray(small, "RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 
 
 def photo(name: str):

@@ -1,4 +1,5 @@
-"""Task prompts in the official forms, and the parser of detection / segmentation outputs.
+"""The tasks as text, no model: prompts in the official forms, and the parser of detection /
+segmentation outputs. (The tasks as calls on a loaded model: pg_edge/model_tasks.py.)
 
 Prompts (ai.google.dev/gemma/docs/paligemma/prompt-system-instructions; HF blog paligemma.md):
 

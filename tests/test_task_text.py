@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pg_edge import tasks
+from pg_edge import task_text as tasks
 from pg_edge.errors import PgEdgeError
-from pg_edge.tasks import encode_box, parse_objects
+from pg_edge.task_text import encode_box, parse_objects
 
 
 def loc(*bins):

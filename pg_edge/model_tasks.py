@@ -1,4 +1,6 @@
-"""The PaliGemma tasks as calls on a loaded model: prompt -> generate -> parse -> (masks).
+"""The PaliGemma tasks as calls on a loaded model: prompt -> generate -> parse -> (masks), and
+their outputs as JSON (masks as COCO RLE: `mask_to_rle` / `rle_to_mask`). The text side,
+prompts and parsing with no model, is pg_edge/task_text.py.
 
     pg = pg_edge.load("paligemma2-3b-mix-448")
     caption(pg, "cat.jpg").text                      # "a cat sleeping on a red blanket"
@@ -9,10 +11,11 @@
 
 Each function takes the `PaliGemma` object (anything with `.generate(image, prompt, **gen)`
 returning a GenerationResult, and `.folder`), so it can be attached as a method one-to-one.
-`**gen` are the generation settings (max_tokens, temperature, top_p, top_k, seed).
+`**gen` are the generation settings: max_tokens, and `sampling=Sampling(...)` or its fields
+(temperature, top_p, top_k, seed) as keywords.
 
 Boxes are in pixels of the ORIGINAL image (the model sees a square resize; the parser maps the
-1024 bins back through the original width and height), see pg_edge/tasks.py.
+1024 bins back through the original width and height), see pg_edge/task_text.py.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import tasks
-from .draw import mask_to_rle
+import numpy as np
+
+from . import task_text
 from .errors import PgEdgeError
 from .generate import GenerationResult
 from .processor import ImageInput, load_image, to_rgb
-from .tasks import DetectedObject, Skipped
+from .task_text import DetectedObject, Skipped
 
 VAE_FILE = "vae.safetensors"  # the mask decoder's name inside a model folder
 
@@ -58,35 +62,35 @@ def _image(image: ImageInput):
 def _text_task(pg, task: str, image: ImageInput, prompt: str, gen: dict) -> TaskResult:
     img, size = _image(image)
     result = pg.generate(img, prompt, **gen)
-    return TaskResult(task, prompt, tasks.clean_output(result.text, prompt), size, result)
+    return TaskResult(task, prompt, task_text.clean_output(result.text, prompt), size, result)
 
 
 def caption(pg, image: ImageInput, lang: str = "en", **gen) -> TaskResult:
     """`caption {lang}`: a short caption."""
-    return _text_task(pg, "caption", image, tasks.caption(lang), gen)
+    return _text_task(pg, "caption", image, task_text.caption(lang), gen)
 
 
 def ocr(pg, image: ImageInput, **gen) -> TaskResult:
     """`ocr`: the text in the image."""
-    return _text_task(pg, "ocr", image, tasks.ocr(), gen)
+    return _text_task(pg, "ocr", image, task_text.ocr(), gen)
 
 
 def ask(pg, image: ImageInput, question: str, lang: str = "en", **gen) -> TaskResult:
     """`answer {lang} {question}`: visual question answering."""
-    return _text_task(pg, "ask", image, tasks.answer(question, lang), gen)
+    return _text_task(pg, "ask", image, task_text.answer(question, lang), gen)
 
 
 def _object_task(pg, task: str, image: ImageInput, prompt: str, gen: dict) -> TaskResult:
     img, size = _image(image)
     result = pg.generate(img, prompt, **gen)
-    parsed = tasks.parse_objects(result.text, size, prompt)
-    return TaskResult(task, prompt, tasks.clean_output(result.text, prompt), size, result,
+    parsed = task_text.parse_objects(result.text, size, prompt)
+    return TaskResult(task, prompt, task_text.clean_output(result.text, prompt), size, result,
                       parsed.objects, parsed.skipped)
 
 
 def detect(pg, image: ImageInput, objects: str | Sequence[str], **gen) -> TaskResult:
     """`detect a ; b`: one box per found instance (`objects` is "cat ; dog" or a list)."""
-    return _object_task(pg, "detect", image, tasks.detect(objects), gen)
+    return _object_task(pg, "detect", image, task_text.detect(objects), gen)
 
 
 def find_vae(pg, vae=None):
@@ -120,9 +124,45 @@ def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, **gen
     from .vae import add_masks
 
     decoder = find_vae(pg, vae)
-    result = _object_task(pg, "segment", image, tasks.segment(objects), gen)
+    result = _object_task(pg, "segment", image, task_text.segment(objects), gen)
     result.objects = add_masks(result.objects, decoder, result.image_size)
     return result
+
+
+def mask_to_rle(mask) -> dict:
+    """bool[H, W] -> {"size": [H, W], "counts": [...]}, COCO's uncompressed RLE.
+
+    Runs over the column-major (Fortran order) flattening, alternating 0s and 1s and always
+    starting with a run of 0s (of length 0 when the first pixel is set).
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise PgEdgeError(f"mask must be 2-D [H, W], got shape {mask.shape}")
+    height, width = mask.shape
+    flat = mask.astype(bool).ravel(order="F")
+    if flat.size == 0:
+        return {"size": [int(height), int(width)], "counts": []}
+    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], starts, [flat.size]])).tolist()
+    if flat[0]:
+        counts.insert(0, 0)
+    return {"size": [int(height), int(width)], "counts": [int(c) for c in counts]}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Inverse of `mask_to_rle`: {"size": [H, W], "counts": [...]} -> bool[H, W]."""
+    try:
+        height, width = (int(v) for v in rle["size"])
+        counts = np.asarray(rle["counts"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise PgEdgeError("RLE must be {'size': [H, W], 'counts': [ints]} (uncompressed)") from None
+    if counts.ndim != 1 or (counts < 0).any():
+        raise PgEdgeError("RLE counts must be a flat list of non-negative integers")
+    if counts.sum() != height * width:
+        raise PgEdgeError(f"RLE counts sum to {counts.sum()}, size {height}x{width} needs "
+                          f"{height * width}")
+    values = np.arange(counts.size) % 2 == 1  # runs alternate 0, 1, 0, ...
+    return np.repeat(values, counts).reshape((height, width), order="F")
 
 
 def to_json(result: TaskResult) -> dict:

@@ -24,10 +24,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import metrics
-from .errors import PgEdgeError
-from .pipeline import PaliGemma, load
+from ..errors import PgEdgeError
+from ..folder import is_quantized
+from ..pipeline import PaliGemma, load
 from .probes import Probe, Scored, resolve_probes, score, teacher_forced
-from .reference import ReferenceModel
+from ..reference import ReferenceModel
 
 # A correct float conversion agrees to ~1e-6 of the logit scale; float32 accumulation over
 # a 27+26-layer model stays far below these. A single transposed weight breaks all three.
@@ -116,10 +117,10 @@ def verify(model: str, against: str | None = None, *, probes=None, max_tokens: i
             same.append(ok)
             rows.append({"probe": probe.name, "prompt": probe.prompt, "mlx": m, "greedy_same": ok})
     else:
-        quantized = bool(tested.config.raw.get("quantization"))
+        quantized = is_quantized(tested.config.raw)
         lim = _limits(QUANTIZED_LIMITS if quantized else CONVERSION_LIMITS, limits)
         trusted = load(against, dtype=mx.float32)
-        if trusted.config.raw.get("quantization"):
+        if is_quantized(trusted.config.raw):
             raise PgEdgeError(f"--against {against} is quantized; give the float model")
         ref_q, ref_f = ReferenceModel.from_folder(tested.folder), ReferenceModel.from_folder(trusted.folder)
         for s in teacher_forced(trusted, probe_list, max_tokens):

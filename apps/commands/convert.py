@@ -1,4 +1,7 @@
-"""`pg-edge convert SRC -o DIR`: official checkpoints -> a pg_edge converted folder.
+"""`pg-edge convert SRC -o DIR [-q BITS]`: official checkpoints -> a pg_edge converted folder.
+
+The command composes the two packages, which do not import each other: convert/ writes the
+float folder, quantize/ (with -q) quantizes it.
 
 SRC is a Hugging Face folder or hub id, or a big_vision checkpoint: `model.npz`, or the pieces
 of a split one (`model.npz.part0`, any part, or `model.npz` when only the parts exist).
@@ -9,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .npz import PART_RE
+from convert.npz import PART_RE
 
 
 def is_big_vision(src: str) -> bool:
@@ -50,12 +53,12 @@ def convert_any(src: str, out, *, dtype: str, force: bool, tokenizer, quiet: boo
     from pg_edge.errors import PgEdgeError
 
     if is_big_vision(src):
-        from .big_vision import convert_big_vision
+        from convert.big_vision import convert_big_vision
 
         return convert_big_vision(src, out, dtype=dtype, force=force, tokenizer=tokenizer, quiet=quiet)
     if tokenizer is not None:
         raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
-    from .hf import convert_hf
+    from convert.hf import convert_hf
 
     return convert_hf(src, out, dtype=dtype, force=force, quiet=quiet)
 
@@ -79,16 +82,14 @@ def convert_and_quantize(args: argparse.Namespace):
     import shutil
     import tempfile
 
-    from pg_edge.errors import PgEdgeError
+    from pg_edge.folder import check_output
     from quantize import quantize
     from quantize.recipes import resolve_settings
 
     settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
                                 recipe=args.recipe)
-    out = Path(args.output).expanduser().resolve()
-    if out.exists() and not args.force:
-        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    out = check_output(args.output, args.force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
     try:

@@ -1,0 +1,300 @@
+"""The converted model folder: the one owner of its layout, reading it and writing it.
+
+    FOLDER/
+        config.json                     HF PaliGemma config (+ "quantization" when quantized)
+        model.safetensors               or model-0000N-of-0000M.safetensors + the index below
+        model.safetensors.index.json    {"metadata": {"total_size"}, "weight_map": {key: file}}
+        tokenizer.model, ...            SIDE_FILES, copied along by every tool that writes one
+
+This module imports MLX only where it reads or writes tensors, so the NumPy reference can share
+`is_quantized`. Every tensor file a pg_edge tool writes carries the metadata `format: mlx` (MLX layouts,
+classic key names), which the loader reads instead of guessing from shapes.
+
+Reading: `resolve` (folder or hub id), `read_config`, `weight_files`, `iter_shards`,
+`is_quantized` (the one "is this folder quantized?" rule). Writing: `check_output` (the one
+"exists: pass --force" rule), `atomic_folder` / `atomic_file` (built under a temporary name
+beside the target, renamed into place only when complete, removed on failure) and
+`FolderWriter` (shards, the index, config.json and side files, on top of `atomic_folder`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from . import __version__
+from .config import PaliGemmaConfig
+from .errors import CheckpointError, PgEdgeError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+# What a converted or HF folder needs; everything else on the hub is skipped when downloading.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Files of a model folder beside config.json and the weights (tokenizer, processor, generation
+# settings): copied along by every tool that writes a folder (converters, quantizer, fine-tune).
+SIDE_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+    "generation_config.json", "chat_template.json", "chat_template.jinja",
+)
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 << 30  # what HF and mlx-lm use: one shard stays loadable on small machines
+
+
+# -- reading ------------------------------------------------------------------------------
+def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE
+    and the local cache are honoured). Only the files listed in `allow_patterns` are fetched."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is a file; expected a model folder")
+        return p
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder not found: {s}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(s, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(f"{s} is not in the local Hugging Face cache and cannot be downloaded ({err})") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot download {s}: {str(err).splitlines()[0]}") from None
+
+
+def read_config(folder: Path) -> PaliGemmaConfig:
+    """config.json of a folder, checked (model type, dimensions) into a PaliGemmaConfig."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"missing {f}")
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{f} is not valid JSON: {err}") from None
+    return PaliGemmaConfig.from_dict(raw)
+
+
+def quantization_section(raw: dict) -> dict | None:
+    """The config's quantization settings (mlx-lm writes both names), None for a float folder."""
+    return raw.get("quantization") or raw.get("quantization_config") or None
+
+
+def is_quantized(raw: dict) -> bool:
+    """The one rule for "is this folder quantized?": its config.json has a quantization section."""
+    return quantization_section(raw) is not None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder, in index order; pickled weights are refused."""
+    index = folder / INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [f.name for f in folder.iterdir() if f.name.endswith(REFUSED_SUFFIXES)]
+        if pickled:
+            raise CheckpointError(
+                f"{folder} has only pickled weights ({pickled[0]}); pg_edge never unpickles "
+                "(it can run code). Use a safetensors checkpoint."
+            )
+        raise CheckpointError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def read_shard(f: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of one safetensors file, with a one-line error when corrupt."""
+    import mlx.core as mx
+
+    try:
+        tensors, meta = mx.load(str(f), return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as err:
+        msg = str(err).splitlines()[0]
+        raise CheckpointError(f"cannot read {f.name} (truncated or corrupt safetensors?): {msg}") from None
+    return tensors, meta or {}
+
+
+def iter_shards(folder: Path) -> Iterator[tuple[Path, dict, dict]]:
+    """(file, tensors, metadata) per weight file; memory stays near one shard."""
+    for f in weight_files(folder):
+        tensors, meta = read_shard(f)
+        yield f, tensors, meta
+
+
+# -- writing ------------------------------------------------------------------------------
+def check_output(out: str | os.PathLike, force: bool, hint: str = "pass --force to overwrite it") -> Path:
+    """The one "exists: pass --force" rule of every tool that writes a folder or file; returns
+    the resolved path."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not force:
+        raise PgEdgeError(f"output {out} exists; {hint}")
+    return out
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`, replacing an existing one only after it is done."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it becomes `target` (replacing an
+    existing one: callers apply `check_output` first), on failure it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: a model folder is meant to be shared
+        _swap_in(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target` (same suffix: mlx appends ".safetensors" to names
+    without it); on success it replaces `target`, on failure it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def split_shards(weights: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) -> list[dict]:
+    """Sorted keys cut into shards of at most `max_bytes` (a bigger single tensor gets its own)."""
+    shards, cur, size = [], {}, 0
+    for k in sorted(weights):
+        n = weights[k].nbytes
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = weights[k]
+        size += n
+    return shards + [cur] if cur else shards
+
+
+class Progress:
+    """A one-line progress report on stderr: `label [3/8] name  1.2 GB  12 s`."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False):
+        self.total, self.label, self.quiet, self.t0 = total, label, quiet, time.perf_counter()
+
+    def update(self, i: int, what: str, nbytes: int = 0) -> None:
+        if self.quiet:
+            return
+        el = time.perf_counter() - self.t0
+        line = f"{self.label} [{i}/{self.total}] {what:<40.40} {nbytes / 1e9:6.2f} GB {el:6.1f} s"
+        if sys.stderr.isatty():  # redraw one line in a terminal; one line per step in logs
+            print("\r" + line, end="" if i < self.total else "\n", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+class FolderWriter:
+    """Writes a converted folder, shard by shard, atomically (the converters, the quantizer and
+    the fine-tune export all write through it):
+
+        with FolderWriter(out, force=False, source="google/paligemma2-3b-pt-224") as w:
+            for tensors in shards:
+                w.add_shard(tensors)          # saved at once; memory stays near one shard
+            w.finish(config_dict, source_folder)  # index, config.json, side files; rename
+
+    `add_weights(all_tensors)` cuts an in-memory checkpoint into MAX_SHARD_BYTES shards first.
+    Leaving the block without `finish()` (an error, an interrupt) leaves nothing behind."""
+
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, source: str = "", converter: str = "hf"):
+        self.out = check_output(out, force)
+        self.metadata = {"format": "mlx", "pg_edge_version": __version__,
+                         "pg_edge_source": str(source), "pg_edge_converter": converter}
+        self.shards: list[dict[str, tuple]] = []
+        self.nbytes = 0
+        self.tmp: Path | None = None
+        self._ctx = None
+
+    def __enter__(self) -> "FolderWriter":
+        self._ctx = atomic_folder(self.out)
+        self.tmp = self._ctx.__enter__()
+        self._done = False
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._done:  # left without finish(): remove the partial folder
+            exc_type, exc = RuntimeError, RuntimeError("FolderWriter left without finish()")
+        self._ctx.__exit__(exc_type, exc, tb)
+        self.tmp = None
+
+    def add_shard(self, tensors: dict[str, mx.array]) -> None:
+        """Save one shard now (named at finish, when the count is known)."""
+        import mlx.core as mx
+
+        if not tensors:
+            return
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        mx.save_safetensors(str(self.tmp / name), tensors, metadata=self.metadata)
+        self.shards.append({k: tuple(v.shape) for k, v in tensors.items()})
+        self.nbytes += sum(v.nbytes for v in tensors.values())
+
+    def add_weights(self, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        """A whole in-memory checkpoint, cut into shards of at most `max_shard_bytes`."""
+        for shard in split_shards(weights, max_shard_bytes):
+            self.add_shard(shard)
+
+    def shapes(self) -> dict[str, tuple]:
+        out: dict[str, tuple] = {}
+        for s in self.shards:
+            out.update(s)
+        return out
+
+    def finish(self, config: dict, source_folder: Path | None = None, extra_files: dict | None = None) -> Path:
+        """Name the shards, write the index, config.json and the side files found in
+        `source_folder` (plus `extra_files`: name -> path); the folder appears on leaving."""
+        n = len(self.shards)
+        if n == 0:
+            raise PgEdgeError("no tensors were written")
+        weight_map = {}
+        for i, shapes in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.tmp / f"shard-{i:05d}.safetensors").rename(self.tmp / final)
+            weight_map.update({k: final for k in shapes})
+        if n > 1:
+            index = {"metadata": {"total_size": self.nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / INDEX).write_text(json.dumps(index, indent=2))
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if source_folder is not None:
+            for name in SIDE_FILES:
+                if (Path(source_folder) / name).is_file():
+                    shutil.copy2(Path(source_folder) / name, self.tmp / name)
+        for name, path in (extra_files or {}).items():
+            shutil.copy2(path, self.tmp / name)
+        self._done = True
+        return self.out
