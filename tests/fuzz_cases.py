@@ -200,7 +200,8 @@ def mutate_config(folder: Path, r: random.Random) -> str:
         node.pop(path[-1], None)
         what = "deleted"
     elif kind == 2 and path[-1] == "quantization":
-        node["quantization"] = v = r.choice([{"bits": 4, "group_size": 7}, {"bits": 9}, "x", {"group_size": 64, "bits": 4}])
+        node["quantization"] = v = r.choice([{"bits": 4, "group_size": 7}, {"bits": 9}, "x",
+                                             {"group_size": 64, "bits": 4}])
         what = v
     else:
         node[path[-1]] = v = r.choice(ODD_VALUES)

@@ -18,7 +18,8 @@ BATCH_TIMEOUT_S = 120  # a batch normally takes a few seconds; a FIFO that block
 
 
 def run_batch(cases):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     proc = subprocess.run([sys.executable, str(WORKER)], input="\n".join(str(d) for d, _ in cases),
                           capture_output=True, text=True, timeout=BATCH_TIMEOUT_S, env=env)
     started, ended, problems = None, {}, []
