@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 # Subcommand -> (the module whose add_parser defines it, the one-line help `pg-edge --help`
 # shows), in the order `pg-edge --help` lists them. A new command is one added line.
@@ -35,6 +37,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="pg-edge",
         description="PaliGemma 1 and 2 on your own machine with MLX.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of any error (also PG_EDGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = set(m for m, _ in COMMAND_MODULES.values()) if command is None else (
@@ -51,19 +55,46 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv and argv[0] in COMMAND_MODULES else ""
+    # The subcommand is the first word that is not an option (`pg-edge --debug run ...`).
+    command = next((a for a in argv if not a.startswith("-")), "")
+    command = command if command in COMMAND_MODULES else ""
     args = build_parser(command).parse_args(argv)
+    from pg_edge.atomic import Terminated, signals_raise
     from pg_edge.errors import PgEdgeError
 
+    debug = args.debug or os.environ.get("PG_EDGE_DEBUG") not in (None, "", "0")
+    # pg_edge refuses over-large images itself (pg_edge.image_limits), with the numbers.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+
     try:
-        return int(args.func(args) or 0)
+        with signals_raise():  # SIGTERM/SIGHUP unwind like Ctrl-C: writers remove their temporaries
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"pg-edge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:
+        print(f"pg-edge {args.command}: terminated by signal {t.signum}",
+              file=sys.stderr)
+        return 128 + t.signum
     except (PgEdgeError, OSError) as err:
+        if debug:
+            raise
         # Errors we raise on bad input carry a one-line message naming the problem.
-        print(f"pg-edge {args.command}: error: {err}", file=sys.stderr)
+        print(f"pg-edge {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not bad input: still one line, the traceback on --debug
+        if debug:
+            raise
+        print(f"pg-edge {args.command}: error: internal error {type(err).__name__}: {one_line(err)} "
+              "(a bug in pg_edge; rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error message, printable whatever bytes the input held."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from pg_edge.errors import CheckpointError, PgEdgeError
+from pg_edge.atomic import save_safetensors
 from pg_edge.folder import atomic_file, check_output
 from pg_edge.vae import FORMAT, FORMAT_VERSION, MaskDecoder
 
@@ -109,5 +110,5 @@ def convert_vae(npz_path: str | Path, out_path: str | Path, *, force: bool = Fal
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "embed_dim": str(embed_dim),
                 "source": npz_path.name}
     with atomic_file(out_path) as tmp:  # a crash never leaves a half-written file under the real name
-        mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in weights.items()}, metadata=metadata)
+        save_safetensors(tmp, {k: mx.array(v) for k, v in weights.items()}, metadata=metadata)
     return out_path

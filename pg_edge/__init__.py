@@ -17,6 +17,7 @@ _LAZY = {
     "GenerationResult": ("pg_edge.generate", "GenerationResult"),
     "Sampling": ("pg_edge.generate", "Sampling"),
     "PgEdgeError": ("pg_edge.errors", "PgEdgeError"),
+    "set_max_image_pixels": ("pg_edge.image_limits", "set_max_image_pixels"),
 }
 
 

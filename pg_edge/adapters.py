@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlx.core as mx
-
 from .errors import PgEdgeError
+from .safetensors_check import load_safetensors
 from .paligemma import PaliGemmaModel
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ def load_adapters(model: PaliGemmaModel, folder: str | Path) -> "ModeSpec":
     folder = Path(folder)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        weights = mx.load(str(folder / ADAPTER_FILE))
+        weights, _ = load_safetensors(folder / ADAPTER_FILE)  # header checked in Python first
     except (OSError, ValueError, RuntimeError) as err:
         raise PgEdgeError(f"cannot read adapters in {folder}: {str(err).splitlines()[0]}") from None
     lora = {k: v for k, v in (config.get("lora") or {}).items() if k != "scale"}

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .config_schema import check_config
 from .errors import CheckpointError
 
 IMAGE_TOKEN_INDEX = 257152  # `<image>`; also the size of the real (unpadded) vocabulary
@@ -103,10 +104,13 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "PaliGemmaConfig":
+        if not isinstance(raw, Mapping):
+            raise CheckpointError("config.json must hold a JSON object")
         if raw.get("model_type") != "paligemma":
             raise CheckpointError(
                 f"config.json has model_type {raw.get('model_type')!r}, expected 'paligemma'"
             )
+        check_config(dict(raw))  # types and ranges, naming the field (pg_edge.config_schema)
         v = dict(raw.get("vision_config") or {})
         t = dict(raw.get("text_config") or {})
         vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
@@ -157,7 +161,7 @@ class PaliGemmaConfig:
         mlx-community configs misstate it (4352 vs 4304), and quantization zero-pads it (the
         zero rows/columns leave the output unchanged), so the tensor is the truth here."""
         fc1 = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
-        if fc1 in shapes:
+        if fc1 in shapes and len(shapes[fc1]) == 2:
             self.vision.intermediate_size = int(shapes[fc1][0])
 
     def check_shapes(self, shapes: Mapping[str, tuple]) -> None:
@@ -169,6 +173,8 @@ class PaliGemmaConfig:
         def expect(key: str, axis: int, value: int, what: str) -> None:
             if key not in shapes:
                 raise CheckpointError(f"missing tensor {key}")
+            if len(shapes[key]) <= axis:
+                raise CheckpointError(f"{key} has shape {tuple(shapes[key])}; expected more dimensions")
             got = shapes[key][axis]
             if got != value:
                 raise CheckpointError(f"{key} has {what} {got} but config.json says {value}")
@@ -177,12 +183,13 @@ class PaliGemmaConfig:
         if fc1 in shapes:
             expect(fc1, 0, self.vision.intermediate_size, "hidden units (vision intermediate_size)")
         expect(vp + "embeddings.patch_embedding.weight", 0, self.vision.hidden_size, "width")
+        expect(vp + "embeddings.patch_embedding.weight", 1, self.vision.patch_size, "kernel size (patch_size)")
         expect(vp + "embeddings.position_embedding.weight", 0, self.vision.num_patches,
                "positions (image_size/patch_size squared)")
         emb = shapes.get(tp + "embed_tokens.weight")
         if emb is None:
             raise CheckpointError(f"missing tensor {tp}embed_tokens.weight")
-        if emb[0] != self.text.vocab_size:
+        if len(emb) != 2 or emb[0] != self.text.vocab_size:
             raise CheckpointError(
                 f"{tp}embed_tokens.weight has {emb[0]} rows but config.json says vocab_size "
                 f"{self.text.vocab_size}"

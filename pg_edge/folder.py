@@ -12,8 +12,9 @@ classic key names), which the loader reads instead of guessing from shapes.
 
 Reading: `resolve` (folder or hub id), `read_config`, `weight_files`, `iter_shards`,
 `is_quantized` (the one "is this folder quantized?" rule). Writing: `check_output` (the one
-"exists: pass --force" rule), `atomic_folder` / `atomic_file` (built under a temporary name
-beside the target, renamed into place only when complete, removed on failure) and
+"exists: pass --force" rule), `atomic_folder` / `atomic_file` (from pg_edge.atomic: built
+under a temporary name beside the target, renamed into place only when complete and only over
+what was there at the start, removed on failure or signal) and
 `FolderWriter` (shards, the index, config.json and side files, on top of `atomic_folder`).
 """
 from __future__ import annotations
@@ -22,15 +23,17 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import __version__
 from .config import PaliGemmaConfig
+from .atomic import atomic_file, atomic_folder, save_safetensors
+from .config_schema import read_json
 from .errors import CheckpointError, PgEdgeError
+from .hub import download, looks_local
+from .safetensors_check import load_safetensors, read_index
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -59,29 +62,20 @@ def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
             raise CheckpointError(f"{p} is a file; expected a model folder")
         return p
     s = str(path_or_id)
-    if s.count("/") != 1 or s.startswith((".", "/", "~")):
-        raise CheckpointError(f"model folder not found: {s}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(s, allow_patterns=allow_patterns))
-    except LocalEntryNotFoundError as err:
-        raise CheckpointError(f"{s} is not in the local Hugging Face cache and cannot be downloaded ({err})") from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot download {s}: {str(err).splitlines()[0]}") from None
+    if looks_local(s):  # not owner/name, or its first part is a folder here (pg_edge.hub)
+        first = s.split("/", 1)[0]
+        why = (f" ({first} is a local folder, so this is a path, not a hub id)"
+               if "/" in s and Path(first).expanduser().is_dir() else "")
+        raise CheckpointError(f"model folder not found: {s}{why}")
+    return download(s, allow_patterns)  # each hub failure is one sentence (pg_edge.hub)
 
 
 def read_config(folder: Path) -> PaliGemmaConfig:
     """config.json of a folder, checked (model type, dimensions) into a PaliGemmaConfig."""
     f = Path(folder) / "config.json"
-    if not f.is_file():
+    if not f.exists():
         raise CheckpointError(f"missing {f}")
-    try:
-        raw = json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{f} is not valid JSON: {err}") from None
-    return PaliGemmaConfig.from_dict(raw)
+    return PaliGemmaConfig.from_dict(read_json(f))  # from_dict checks it (pg_edge.config_schema)
 
 
 def quantization_section(raw: dict) -> dict | None:
@@ -98,9 +92,8 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder, in index order; pickled weights are refused."""
     index = folder / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
+        files = [folder / n for n in read_index(index)]  # names confined to the folder
+        missing = [f.name for f in files if not f.exists()]  # a FIFO etc. is refused on open
         if missing:
             raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
         return files
@@ -117,21 +110,19 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_shard(f: Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of one safetensors file, with a one-line error when corrupt."""
-    import mlx.core as mx
-
-    try:
-        tensors, meta = mx.load(str(f), return_metadata=True)
-    except (RuntimeError, ValueError, OSError) as err:
-        msg = str(err).splitlines()[0]
-        raise CheckpointError(f"cannot read {f.name} (truncated or corrupt safetensors?): {msg}") from None
-    return tensors, meta or {}
+    """(tensors, metadata) of one safetensors file, its header checked in Python first
+    (pg_edge.safetensors_check), with a one-line error when corrupt."""
+    return load_safetensors(f)
 
 
 def iter_shards(folder: Path) -> Iterator[tuple[Path, dict, dict]]:
     """(file, tensors, metadata) per weight file; memory stays near one shard."""
+    seen: dict[str, str] = {}
     for f in weight_files(folder):
         tensors, meta = read_shard(f)
+        for k in tensors:  # a tensor in two shards would silently replace the first copy
+            if seen.setdefault(k, f.name) != f.name:
+                raise CheckpointError(f"tensor {k} is in both {seen[k]} and {f.name}")
         yield f, tensors, meta
 
 
@@ -145,49 +136,9 @@ def check_output(out: str | os.PathLike, force: bool, hint: str = "pass --force 
     return out
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` to `target`, replacing an existing one only after it is done."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it becomes `target` (replacing an
-    existing one: callers apply `check_output` first), on failure it is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it 0700: a model folder is meant to be shared
-        _swap_in(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `target` (same suffix: mlx appends ".safetensors" to names
-    without it); on success it replaces `target`, on failure it is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+# atomic_folder / atomic_file live in pg_edge.atomic (imported above): temporary name beside the
+# target, swapped in only when complete and only over what was there at the start (a concurrent
+# writer's result is never replaced), removed on any failure or signal.
 
 
 def split_shards(weights: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) -> list[dict]:
@@ -255,12 +206,10 @@ class FolderWriter:
 
     def add_shard(self, tensors: dict[str, mx.array]) -> None:
         """Save one shard now (named at finish, when the count is known)."""
-        import mlx.core as mx
-
         if not tensors:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        mx.save_safetensors(str(self.tmp / name), tensors, metadata=self.metadata)
+        save_safetensors(self.tmp / name, tensors, metadata=self.metadata)  # full disk -> PgEdgeError
         self.shards.append({k: tuple(v.shape) for k, v in tensors.items()})
         self.nbytes += sum(v.nbytes for v in tensors.values())
 

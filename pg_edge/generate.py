@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .errors import PgEdgeError
+from .prompt_check import check_max_tokens, check_sampling
 from .paligemma import PaliGemmaModel
 
 
@@ -39,12 +40,7 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise PgEdgeError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PgEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise PgEdgeError(f"top_k must be a non-negative integer, got {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.seed)  # kinds and ranges
 
     @classmethod
     def of(cls, sampling: "Sampling | None" = None, **settings) -> "Sampling":
@@ -58,10 +54,11 @@ class Sampling:
             raise PgEdgeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
         return cls(**settings)
 
-    def sampler(self) -> Callable[[mx.array], mx.array]:
-        """mlx-lm's sampler: logprobs float[B, V] -> token ids int[B]."""
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0,
-                            top_k=int(self.top_k))
+    def sampler(self, vocab_size: int | None = None) -> Callable[[mx.array], mx.array]:
+        """mlx-lm's sampler: logprobs float[B, V] -> token ids int[B]. A top_k of at least
+        `vocab_size` (the ids the model may emit) keeps them all: no filtering."""
+        top_k = 0 if vocab_size is not None and self.top_k >= vocab_size else int(self.top_k)
+        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0, top_k=top_k)
 
 
 GREEDY = Sampling()
@@ -110,7 +107,10 @@ def generate_step(
     def sample(lg):
         lg = lg.astype(mx.float32) + bias
         logprobs = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
+        tok = sampler(logprobs)
+        # Extreme temperatures (1/T overflowing) can make a sampler pick a masked id; never emit one.
+        tok = mx.where(tok < limit, tok, mx.argmax(lg[..., :limit], axis=-1))
+        return tok, logprobs
 
     tokens, logprobs = sample(logits)
     mx.async_eval(tokens, logprobs)
@@ -229,13 +229,12 @@ class Chunk:
 
 def _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
     """Layer 2's shared start: checks, the seed, and the eos-stopped steps."""
-    if max_tokens < 1:
-        raise PgEdgeError(f"max_tokens must be >= 1, got {max_tokens}")
+    max_tokens = check_max_tokens(max_tokens)
     sampling = sampling or GREEDY
     if sampling.seed is not None:
         mx.random.seed(int(sampling.seed))
-    steps = generate_step(model, input_ids, image_features, valid=valid, sampler=sampling.sampler(),
-                          max_tokens=max_tokens)
+    steps = generate_step(model, input_ids, image_features, valid=valid,
+                          sampler=sampling.sampler(model.config.real_vocab_size), max_tokens=max_tokens)
     return until_eos(steps, tokenizer.eos_id)
 
 

@@ -22,12 +22,14 @@ import mlx.core as mx
 import numpy as np
 
 from .config import PaliGemmaConfig
+from .config_schema import check_tokenizer_fits
 from . import model_tasks
 from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
 from .folder import resolve
 from .loader import load_model
 from .paligemma import PaliGemmaModel
 from .processor import ImageInput, Inputs, Processor, Tokenizer
+from .prompt_check import check_context, check_max_tokens, context_length
 
 
 class PaliGemma:
@@ -66,14 +68,20 @@ class PaliGemma:
     def logits(self, image: ImageInput, prompt: str) -> np.ndarray:
         """float32[V] next-token logits after the prompt (for parity checks)."""
         inp = self.prepare([image], [prompt])
+        check_context(int(inp.valid.sum()), 0, context_length(self.config), self.config.num_image_tokens)
         feats = self.image_features(inp.pixel_values)
         out = self.model(mx.array(inp.input_ids), image_features=feats, last_only=True)
         return np.array(out[0, -1].astype(mx.float32))
 
     # -- generation: thin calls onto pg_edge.generate's layers ----------------------------
-    def _start(self, images: Sequence[ImageInput], prompts: Sequence[str]):
-        """Inputs and image features for a generation, timed; resets the peak-memory count."""
+    def _start(self, images: Sequence[ImageInput], prompts: Sequence[str], max_tokens: int):
+        """Inputs and image features for a generation, timed; resets the peak-memory count.
+        What does not fit the context is refused here, before any compute."""
+        max_tokens = check_max_tokens(max_tokens)
         inp = self.prepare(images, prompts)
+        context = context_length(self.config)
+        for n in inp.valid.sum(axis=1):
+            check_context(int(n), max_tokens, context, self.config.num_image_tokens)
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         feats = self.image_features(inp.pixel_values)
@@ -86,7 +94,7 @@ class PaliGemma:
         `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
         seed); default greedy."""
         sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start([image], [prompt])
+        ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
         yield from stream_generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
                                    max_tokens=max_tokens, vision_seconds=vision_s)
 
@@ -94,7 +102,7 @@ class PaliGemma:
                  sampling: Sampling | None = None, **settings) -> GenerationResult:
         """Run to eos or max_tokens; returns text, token ids, timings and peak memory."""
         sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start([image], [prompt])
+        ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
         return generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
                         max_tokens=max_tokens, vision_seconds=vision_s)
 
@@ -103,7 +111,7 @@ class PaliGemma:
         """Several (image, prompt) pairs at once; prompts of different lengths are left-padded.
         Greedy results equal running each pair alone."""
         sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start(images, prompts)
+        ids, feats, valid, vision_s = self._start(images, prompts, max_tokens)
         return generate_batch(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
                               max_tokens=max_tokens, vision_seconds=vision_s)
 
@@ -134,6 +142,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
+    check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     if adapters is not None:
         from .adapters import load_adapters
 

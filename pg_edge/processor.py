@@ -2,8 +2,9 @@
 
 Preprocessing is the one Hugging Face's SiglipImageProcessor (PIL backend) does, step for step,
 so pixels agree within float rounding: transparency composited onto white, RGB, square resize
-with PIL bicubic (no aspect ratio kept, no EXIF rotation), x/255 in float64 then float32,
-(x - 0.5) / 0.5 -> [-1, 1]. Output is NHWC (MLX convolution layout), not HF's NCHW.
+with PIL bicubic (no aspect ratio kept; files and bytes are first turned upright by their EXIF
+orientation, see image_limits), x/255 in float64 then float32, (x - 0.5) / 0.5 -> [-1, 1].
+Output is NHWC (MLX convolution layout), not HF's NCHW.
 
 Prompt: `<image>` x N, `<bos>`, prefix, "\\n" (tokenized separately, as big_vision does), then
 for training the suffix and `<eos>`. Special ids come from the tokenizer files, never constants.
@@ -12,41 +13,35 @@ This module imports no MLX: the NumPy reference path and the tools share it.
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ImageError
+from . import image_limits
+from .errors import ImageError, PgEdgeError
 from .tokenizer import Tokenizer
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
-MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear error
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """A path, raw bytes, a PIL image or an HWC uint8 array -> PIL image (not yet RGB)."""
+    """A path, raw bytes, a PIL image or an HWC uint8 array -> PIL image (not yet RGB).
+
+    Files and bytes go through pg_edge.image_limits: pixel limit checked before decoding, known
+    formats only, first frame, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
     if isinstance(image, Image.Image):
-        return image
+        image_limits.check_size(image, "<PIL image>")
+        return image_limits.normalise_mode(image, "<PIL image>")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ImageError(f"image array must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
-    try:
-        src = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
-        name = "<bytes>" if isinstance(image, bytes) else str(image)
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-        img = Image.open(src)
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {image}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ImageError(f"cannot read image {name}: {err}") from None
+        return image_limits.from_array(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return image_limits.open_image(image, "<bytes>")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageError(f"an image must be a path, bytes, a PIL image or a uint8 array, got {type(image).__name__}")
+    return image_limits.open_image(image, str(image))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -102,8 +97,9 @@ class Processor:
         self.num_image_tokens = num_image_tokens
 
     def __call__(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> Inputs:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if len(images) != len(prompts) or not prompts:
+            raise PgEdgeError(f"need one image per prompt (at least one), got {len(images)} images "
+                             f"and {len(prompts)} prompts")
         rows = [self.tokenizer.prompt_ids(p, self.num_image_tokens) for p in prompts]
         ids, valid = left_pad(rows, self.tokenizer.pad_id)
         pixels = np.stack([preprocess_image(im, self.image_size) for im in images])

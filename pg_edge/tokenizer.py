@@ -11,12 +11,13 @@ with mlx-lm, which depends on transformers.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PgEdgeError
+from .config_schema import read_json
+from .prompt_check import check_text
 
 
 class _SentencePiece:
@@ -52,6 +53,9 @@ class _TokenizerJson:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as err:  # the Rust library raises plain Exception on bad files
             raise CheckpointError(f"cannot read tokenizer {path}: {str(err)[:200]}") from None
+        # User text never becomes a special added token (<image>, <bos>, <eos>, <pad>...): with
+        # this flag they are encoded as plain text, as SentencePiece does for its control pieces.
+        self.tok.encode_special_tokens = True
         # Like SentencePiece's size: the base vocabulary plus loc/seg, without `<image>`.
         image = self.tok.token_to_id("<image>")
         self.size = image if image is not None else self.tok.get_vocab_size(with_added_tokens=True)
@@ -84,12 +88,17 @@ class Tokenizer:
         self.bos_id = self._required("<bos>")
         self.eos_id = self._required("<eos>")
         self.pad_id = self._required("<pad>")
-        self.image_id = _image_token_id(folder, fallback=self.backend.size)
+        try:
+            self.image_id = _image_token_id(folder, fallback=self.backend.size)
+        except (ValueError, TypeError, AttributeError, KeyError) as err:  # non-JSON or odd side files
+            raise CheckpointError(f"cannot read the <image> token from the tokenizer files in {folder}: "
+                                  f"{str(err)[:160]}") from None
         self.loc0 = self.backend.token_id("<loc0000>")
         self.seg0 = self.backend.token_id("<seg000>")
         self.newline_ids = self.backend.encode("\n")
         self.vocab_size = self.backend.size  # ids the model may emit (257152 for real ones)
         self._controls = {self.bos_id, self.eos_id, self.pad_id}
+        self._forbidden = self._controls | {self.image_id}
 
     def _required(self, piece: str) -> int:
         i = self.backend.token_id(piece)
@@ -98,7 +107,14 @@ class Tokenizer:
         return i
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text)
+        """User text -> ids. It can never produce `<bos>`/`<eos>`/`<pad>`/`<image>` (typed,
+        they are encoded as their characters); `<locNNNN>`/`<segNNN>` typed in the text are the
+        location/segmentation tokens, as in big_vision and transformers."""
+        ids = self.backend.encode(check_text(text))
+        if any(i in self._forbidden for i in ids):  # a tokenizer file whose specials are not marked special
+            raise PgEdgeError("this tokenizer turns text such as <image> or <eos> in the prompt into "
+                              "control tokens; remove them from the prompt")
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; `<bos>`/`<eos>`/`<pad>`/`<image>` dropped, `<locNNNN>` kept."""
@@ -121,17 +137,17 @@ def _image_token_id(folder: Path, fallback: int) -> int:
     """`<image>` is an added token (added_tokens.json / tokenizer_config.json / tokenizer.json)."""
     added = folder / "added_tokens.json"
     if added.is_file():
-        table = json.loads(added.read_text())
+        table = read_json(added)
         if "<image>" in table:
             return int(table["<image>"])
     conf = folder / "tokenizer_config.json"
     if conf.is_file():
-        for k, v in (json.loads(conf.read_text()).get("added_tokens_decoder") or {}).items():
+        for k, v in (read_json(conf).get("added_tokens_decoder") or {}).items():
             if v.get("content") == "<image>":
                 return int(k)
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        for tok in json.loads(tj.read_text()).get("added_tokens", []):
+        for tok in read_json(tj).get("added_tokens", []):
             if tok.get("content") == "<image>":
                 return int(tok["id"])
     return fallback

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from pg_edge.errors import CheckpointError, PgEdgeError
+from pg_edge.safetensors_check import load_safetensors
 from pg_edge.task_text import SEG_CODES, SEG_PER_OBJECT, DetectedObject
 
 FORMAT = "pg_edge.mask_decoder"  # safetensors metadata "format" of a converted file
@@ -108,7 +109,9 @@ class MaskDecoder(nn.Module):
 def load_mask_decoder(path: str | Path) -> MaskDecoder:
     """A MaskDecoder from a file written by `convert.vae.convert_vae`."""
     try:
-        weights, meta = mx.load(str(path), return_metadata=True)
+        weights, meta = load_safetensors(path)  # header checked in Python first
+    except CheckpointError:
+        raise
     except Exception as e:  # mlx raises RuntimeError/ValueError/OSError depending on the damage
         raise CheckpointError(f"cannot read mask decoder {path}: {e}") from None
     if meta.get("format") != FORMAT:

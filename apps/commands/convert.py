@@ -80,8 +80,8 @@ def convert_and_quantize(args: argparse.Namespace):
     """Convert to a float folder beside the output, quantize it into the output, delete it.
     Settings are checked before anything is converted; the output appears only when complete."""
     import shutil
-    import tempfile
 
+    from pg_edge.atomic import clean_stale, temp_path
     from pg_edge.folder import check_output
     from quantize import quantize
     from quantize.recipes import resolve_settings
@@ -91,7 +91,9 @@ def convert_and_quantize(args: argparse.Namespace):
                                 recipe=args.recipe)
     out = check_output(args.output, args.force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=out.parent))
+    clean_stale(out)  # e.g. the float copy of a killed run
+    work = temp_path(out, "float")  # removed on any failure or signal (pg_edge.atomic)
+    work.mkdir()
     try:
         float_dir = convert_any(args.src, work / "float", dtype=args.dtype, force=False,
                                 tokenizer=args.tokenizer, quiet=args.quiet)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pg_edge.errors import CheckpointError
+from pg_edge.safetensors_check import check_safetensors, read_index
 
 # safetensors dtype name -> NumPy dtype of the stored bytes ("BF16" is converted on read).
 DTYPES = {
@@ -48,8 +49,11 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file and the byte offset where the tensor data starts."""
+    """The JSON header of a .safetensors file and the byte offset where the tensor data starts.
+    The file is first checked by pg_edge.safetensors_check (the format's rules, regular files
+    only), the same check the MLX loader applies."""
     path = Path(path)
+    check_safetensors(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -153,10 +157,7 @@ def shard_paths(folder: Path) -> list[Path]:
     """The .safetensors files of a folder: those named by model.safetensors.index.json, or all."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        names = read_index(index)  # shard names confined to the folder
         paths = [folder / name for name in names]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:

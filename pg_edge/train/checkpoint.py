@@ -26,7 +26,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import __version__
 from ..errors import PgEdgeError
+from ..atomic import save_safetensors
 from ..folder import atomic_folder
+from ..safetensors_check import load_safetensors
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -42,8 +44,8 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, ste
     """Write OUT/checkpoints/step-N atomically; keep only the newest `keep` checkpoints."""
     target = step_dir(out, step)
     with atomic_folder(target) as tmp:
-        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        save_safetensors(tmp / "trainable.safetensors", dict(tree_flatten(model.trainable_parameters())))
+        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
         meta = {"step": step, "pg_edge_version": __version__, **state}
         (tmp / STATE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if keep > 0:
@@ -81,7 +83,7 @@ def read_state(ckpt: Path) -> dict:
 
 def _load(f: Path) -> dict:
     try:
-        return mx.load(str(f))
+        return load_safetensors(f)[0]  # header checked in Python first
     except (RuntimeError, ValueError, OSError) as err:
         raise PgEdgeError(f"cannot read {f} (truncated or corrupt?): {str(err).splitlines()[0]}") from None
 

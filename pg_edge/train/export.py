@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from .. import __version__
+from ..atomic import save_safetensors
 from ..folder import FolderWriter, atomic_folder, check_output, is_quantized, read_config
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from ..paligemma import PaliGemmaModel
@@ -55,7 +56,7 @@ def save_adapters(model: PaliGemmaModel, spec: ModeSpec, out: str | Path, *, bas
         config["lora"]["scale"] = spec.lora.scale
         config["targets"] = lora_targets(model, spec.freeze_vision)
     with atomic_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / ADAPTER_FILE), params, metadata={"format": "mlx"})
+        save_safetensors(tmp / ADAPTER_FILE, params, metadata={"format": "mlx"})  # full disk -> PgEdgeError
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
