@@ -1,0 +1,108 @@
+"""The `PaliGemma` object shared by threads: results equal sequential calls, one vision cache,
+every image input form, and cancelling a running generation (pg_edge/worker.py)."""
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pg_edge
+from pg_edge.errors import PgEdgeError
+
+GEN = dict(max_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def pg(converted):
+    return pg_edge.load(converted(version=1))
+
+
+@pytest.fixture(scope="module")
+def images(_sample_images_cache):
+    names = ["astronaut", "chelsea", "coffee_portrait", "camera_l"]
+    return [_sample_images_cache[n].copy() for n in names]
+
+
+def test_four_threads_equal_sequential(pg, images):
+    prompts = ["caption en", "answer en what is it?", "detect cat", "ocr"]
+    jobs = [(img, p) for img in images for p in prompts[:2]] + [(images[0], p) for p in prompts[2:]]
+    sequential = [pg.generate(img, p, **GEN) for img, p in jobs]
+    calls_before = pg.vision_calls
+    results: dict = {}
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(k, len(jobs), 4):
+                img, p = jobs[i]
+                if i % 2:  # streams and plain calls interleave on the one model
+                    pieces = list(pg.stream(img, p, **GEN))
+                    results[i] = pieces[-1].result
+                    assert "".join(c.text for c in pieces) == results[i].text
+                else:
+                    results[i] = pg.generate(img, p, **GEN)
+        except Exception as err:  # reported below: an assert in a thread would be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert [results[i].tokens for i in range(len(jobs))] == [r.tokens for r in sequential]
+    # The cache is shared: the threads' calls found every image's features already there.
+    assert pg.vision_calls == calls_before
+
+
+def test_image_inputs_path_pil_array_bytes(pg, images, tmp_path):
+    img = images[1]
+    path = tmp_path / "cat.png"
+    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    forms = [str(path), path, img, np.asarray(img), buf.getvalue(), bytearray(buf.getvalue()),
+             memoryview(buf.getvalue())]
+    tokens = [pg.generate(f, "caption en", **GEN).tokens for f in forms]
+    assert all(t == tokens[0] for t in tokens)
+
+
+def test_cancel_stops_a_running_generation(pg, images):
+    got = []
+
+    def long_run():
+        got.append(pg.generate(images[0], "caption en", max_tokens=5000))
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not pg._worker.busy and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    assert pg.cancel()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    (result,) = got
+    assert result.finish_reason == "cancelled" and 0 < len(result.tokens) < 1000
+    assert not pg.cancel()  # nothing running any more
+    assert pg.generate(images[0], "caption en", **GEN).finish_reason == "length"
+
+
+def test_leaving_a_stream_frees_the_model(pg, images):
+    """A consumer that stops reading (closes the iterator) cancels its generation at once: the
+    next call does not wait for the 5000 tokens it asked for."""
+    stream = pg.stream(images[0], "caption en", max_tokens=5000)
+    next(stream)
+    stream.close()
+    t0 = time.monotonic()
+    pg.generate(images[0], "caption en", max_tokens=2)
+    assert time.monotonic() - t0 < 5  # 5000 tokens take over a minute on this fixture
+
+
+def test_errors_reach_the_caller_and_the_worker_survives(pg, images):
+    with pytest.raises(PgEdgeError, match="max_tokens"):
+        pg.generate(images[0], "caption en", max_tokens=0)
+    with pytest.raises(PgEdgeError, match="cannot read image"):
+        pg.generate(b"not an image", "caption en", **GEN)
+    assert len(pg.generate(images[0], "caption en", **GEN).tokens) == GEN["max_tokens"]
