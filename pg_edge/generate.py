@@ -243,7 +243,8 @@ def _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_toke
 
 def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array, *,
                     valid: mx.array | None = None, sampling: Sampling | None = None, max_tokens: int = 256,
-                    vision_seconds: float = 0.0, should_stop: Callable[[], bool] | None = None) -> Iterator[Chunk]:
+                    vision_seconds: float = 0.0, should_stop: Callable[[], bool] | None = None
+                    ) -> Iterator[Chunk]:
     """One prompt (input_ids int[1, T], image_features float[1, N, D]): yield text pieces as
     tokens arrive; the last chunk carries the GenerationResult (timings from the call, plus
     `vision_seconds` spent before it; peak memory since the caller's mx.reset_peak_memory)."""

@@ -110,7 +110,9 @@ class PaliGemma:
                sampling: Sampling | None = None, **settings) -> Iterator[Chunk]:
         """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
         `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
-        seed); default greedy."""
+        seed); default greedy. From another thread than the worker the iterator is a
+        pg_edge.worker.WorkerStream: `.cancel()` ends the generation early (the last chunk still
+        comes), `.close()` drops it."""
         sampling = Sampling.of(sampling, **settings)
         ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
         yield from stream_generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
@@ -155,7 +157,8 @@ class PaliGemma:
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
-        return model_tasks.segment(self, image, objects, vae=vae, **gen)
+        # On the worker as a whole: the mask decoder's MLX work is serialised with the rest.
+        return self._worker.call(model_tasks.segment, self, image, objects, vae=vae, **gen)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,

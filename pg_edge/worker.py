@@ -13,8 +13,9 @@ iterator (a `break` in a for loop, a dropped generator, a client that hung up) c
 
     worker = ModelWorker()
     value = worker.call(fn, *args)             # fn runs on the worker; its exception re-raised here
-    for item in worker.stream(make_gen):       # make_gen() runs on the worker, items come here
-        ...
+    stream = worker.stream(make_gen)           # make_gen() runs on the worker, items come here
+    for item in stream:
+        ...                                    # stream.cancel(): stop it, still read the rest
 """
 from __future__ import annotations
 
@@ -37,6 +38,44 @@ class _Job:
         self.streaming = streaming
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # items, then _DONE or ("error", exc)
         self.cancel = threading.Event()
+
+
+class WorkerStream:
+    """The caller's end of a streaming job: an iterator over the items the worker produces.
+
+    `cancel()` asks the generation to stop and keeps the stream readable, so its last item (the
+    result, finish_reason "cancelled") still arrives; `close()` (also on garbage collection)
+    cancels and stops reading.
+    """
+
+    def __init__(self, job: _Job):
+        self._job = job
+        self._ended = False
+
+    def __iter__(self) -> "WorkerStream":
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        item = self._job.out.get()
+        if item is _DONE:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
+            self._ended = True
+            raise item[1]
+        return item
+
+    def cancel(self) -> None:
+        self._job.cancel.set()
+
+    def close(self) -> None:
+        self._job.cancel.set()  # no-op when it already finished
+        self._ended = True
+
+    def __del__(self):
+        self._job.cancel.set()
 
 
 class ModelWorker:
@@ -66,23 +105,12 @@ class ModelWorker:
             raise value
         return value
 
-    def stream(self, make_gen: Callable[[], Iterator]) -> Iterator:
-        """Iterate make_gen() on the worker, yielding its items here as they come. Closing this
-        iterator early cancels the job (the worker stops at its next cancellation check)."""
+    def stream(self, make_gen: Callable[[], Iterator]) -> "WorkerStream | Iterator":
+        """Iterate make_gen() on the worker, yielding its items here as they come (see
+        WorkerStream). Called from the worker itself it iterates inline."""
         if self.on_worker():
-            yield from make_gen()
-            return
-        job = self._submit(make_gen, streaming=True)
-        try:
-            while True:
-                item = job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                    raise item[1]
-                yield item
-        finally:
-            job.cancel.set()  # no-op when it already finished
+            return make_gen()
+        return WorkerStream(self._submit(make_gen, streaming=True))
 
     def cancel(self) -> bool:
         """Ask the running job to stop; True if there was one. Queued jobs still run."""

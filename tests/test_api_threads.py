@@ -106,3 +106,13 @@ def test_errors_reach_the_caller_and_the_worker_survives(pg, images):
     with pytest.raises(PgEdgeError, match="cannot read image"):
         pg.generate(b"not an image", "caption en", **GEN)
     assert len(pg.generate(images[0], "caption en", **GEN).tokens) == GEN["max_tokens"]
+
+
+def test_stream_cancel_still_delivers_the_result(pg, images):
+    stream = pg.stream(images[0], "caption en", max_tokens=5000)
+    first = next(stream)
+    stream.cancel()
+    rest = list(stream)
+    result = rest[-1].result
+    assert result.finish_reason == "cancelled" and len(result.tokens) < 1000
+    assert first.text + "".join(c.text for c in rest) == result.text
