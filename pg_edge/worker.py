@@ -19,12 +19,24 @@ iterator (a `break` in a for loop, a dropped generator, a client that hung up) c
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
+import weakref
 from typing import Callable, Iterator
 
 _DONE = object()  # end-of-stream marker on a job's queue
+_STOP = object()  # on the job queue: the worker thread ends
+EXIT_WAIT_S = 5.0  # at interpreter exit, how long to wait for a running job to stop
+
+
+def _stop_at_exit(ref) -> None:
+    """Cancel the running job and let the thread end before the interpreter goes away: a daemon
+    thread killed inside MLX's C++ code aborts the process."""
+    worker = ref()
+    if worker is not None:
+        worker.shutdown(EXIT_WAIT_S)
 
 
 class _Job:
@@ -88,6 +100,7 @@ class ModelWorker:
         self._start_lock = threading.Lock()
         self._current: _Job | None = None
         self._local = threading.local()  # .job on the worker thread while a job runs
+        self._exit_hook = False
 
     # -- caller side ---------------------------------------------------------------------
     def call(self, fn: Callable, *args, **kwargs):
@@ -139,12 +152,28 @@ class ModelWorker:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
+                if not self._exit_hook:
+                    atexit.register(_stop_at_exit, weakref.ref(self))
+                    self._exit_hook = True
         self._jobs.put(job)
         return job
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Cancel the running job, end the thread after the queued ones and wait up to timeout.
+        A later call starts a new thread."""
+        with self._start_lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self.cancel()
+            self._jobs.put(_STOP)
+        thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
+            if job is _STOP:
+                return
             if job.cancel.is_set():  # its caller went away while it waited
                 job.out.put(_DONE if job.streaming else ("error", RuntimeError("cancelled")))
                 continue
