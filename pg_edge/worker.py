@@ -23,20 +23,22 @@ import atexit
 import itertools
 import queue
 import threading
+import time
 import weakref
 from typing import Callable, Iterator
 
 _DONE = object()  # end-of-stream marker on a job's queue
-_STOP = object()  # on the job queue: the worker thread ends
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long to wait for a running job to stop
 
 
-def _stop_at_exit(ref) -> None:
-    """Cancel the running job and let the thread end before the interpreter goes away: a daemon
-    thread killed inside MLX's C++ code aborts the process."""
+def _settle_at_exit(ref) -> None:
+    """Before the interpreter goes away: cancel the running job and wait until the worker idles.
+    A daemon thread stopped inside MLX's C++ code aborts the process. (The thread is left
+    blocked on its queue, not ended: a finished thread that ran an mx.compile'd function, such
+    as mlx.nn's gelu, makes MLX abort at exit.)"""
     worker = ref()
     if worker is not None:
-        worker.shutdown(EXIT_WAIT_S)
+        worker.settle(EXIT_WAIT_S)
 
 
 class _Job:
@@ -153,27 +155,21 @@ class ModelWorker:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
                 if not self._exit_hook:
-                    atexit.register(_stop_at_exit, weakref.ref(self))
+                    atexit.register(_settle_at_exit, weakref.ref(self))
                     self._exit_hook = True
         self._jobs.put(job)
         return job
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Cancel the running job, end the thread after the queued ones and wait up to timeout.
-        A later call starts a new thread."""
-        with self._start_lock:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                return
-            self.cancel()
-            self._jobs.put(_STOP)
-        thread.join(timeout)
+    def settle(self, timeout: float) -> None:
+        """Cancel the running job and wait up to timeout for the worker to be idle."""
+        self.cancel()
+        deadline = time.monotonic() + timeout
+        while self._current is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is _STOP:
-                return
             if job.cancel.is_set():  # its caller went away while it waited
                 job.out.put(_DONE if job.streaming else ("error", RuntimeError("cancelled")))
                 continue
@@ -195,6 +191,7 @@ class ModelWorker:
                 job.out.put((_DONE, err) if job.streaming else ("error", err))
             finally:
                 self._current, self._local.job = None, None
+                job = gen = None  # drop the job's references (the model) while idle
 
 
 def serialized(method: Callable) -> Callable:
