@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("PG_EDGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PG_EDGE_API_KEY, else none)")
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--model-name", default=None,
+                   help="model id clients use (default: the folder's name, or the hub id)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MB (default 20)")
     p.add_argument("--queue-size", type=int, default=8,
@@ -47,6 +48,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def model_id(model: str) -> str:
+    """The id clients use: a folder's name as typed (pg2-3b-224), or the hub id itself."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
 def run(args: argparse.Namespace) -> int:
     from pg_edge.errors import PgEdgeError
 
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     pg = load(args.model)
     try:
-        server = make_server(pg, args.host, args.port, model_id=args.model_name,
+        server = make_server(pg, args.host, args.port, model_id=args.model_name or model_id(args.model),
                              allow_remote_images=args.allow_remote_images, files_root=args.allow_files,
                              api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                              max_tokens=args.max_tokens, queue_size=args.queue_size,
