@@ -197,3 +197,39 @@ def test_detect_and_segment_endpoints_match_the_cli_json(server, converted, cat,
         assert got == cli
     status, _, err = raw(server, "POST", "/v1/detect", json.dumps({"image": data_url(cat)}).encode())
     assert status == 400 and err["error"]["param"] == "objects"
+
+
+def test_files_and_remote_urls_when_the_server_allows_them(pg, cat, tmp_path):
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "pics").mkdir()
+    cat.save(tmp_path / "pics" / "cat.png")
+    cat.save(tmp_path / "outside.png")
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler,
+                                                                    directory=str(tmp_path / "pics")))
+    srv = make_server(pg, "127.0.0.1", 0, model_id="tiny", allow_remote_images=True,
+                      files_root=tmp_path / "pics", max_connections=2)
+    for s in (files, srv):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        direct = pg.generate(cat, "caption en", max_tokens=2).text
+        for url in [str(tmp_path / "pics" / "cat.png"), "cat.png", (tmp_path / "pics" / "cat.png").as_uri(),
+                    f"http://127.0.0.1:{files.server_address[1]}/cat.png"]:
+            status, _, reply = raw(srv, "POST", "/v1/chat/completions", _chat(messages=user("caption en", url)))
+            assert status == 200 and reply["choices"][0]["message"]["content"] == direct, (url, reply)
+        for url in [str(tmp_path / "outside.png"), "../outside.png"]:
+            status, _, reply = raw(srv, "POST", "/v1/chat/completions", _chat(messages=user("caption en", url)))
+            assert status == 400 and reply["error"]["code"] == "file_path_refused", url
+        # Past max_connections a new connection gets a 503 at once, not a wait.
+        idle = [http.client.HTTPConnection(*srv.server_address[:2], timeout=5) for _ in range(2)]
+        for c in idle:
+            c.connect()
+        status, headers, reply = raw(srv, "GET", "/health")
+        assert status == 503 and headers["Retry-After"] == "1" and reply["error"]["code"] == "server_busy"
+        for c in idle:
+            c.close()
+    finally:
+        for s in (files, srv):
+            s.shutdown()
+            s.server_close()

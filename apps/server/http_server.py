@@ -7,7 +7,7 @@ Routes:
     POST /v1/detect, /v1/segment  {"image": data URL, "objects": "cat ; dog", ...} -> the JSON of
                                   `pg-edge detect/segment --json` (pg_edge.model_tasks.to_json)
 
-Each connection gets a thread; the model runs one generation at a time behind a Gate (a
+Each connection gets a thread (up to max_connections, then 503); the model runs one generation at a time behind a Gate (a
 bounded line; a full line answers 503 + Retry-After). Between tokens the handler checks whether
 its client hung up and, if so, cancels the generation, so the next request starts within a token
 or two. Every failure is answered in OpenAI's error shape and the server keeps serving.
@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from pg_edge.errors import PgEdgeError
 
-from .gate import ClientGone, Gate
+from .gate import ClientGone, Gate, busy
 from .images import ImagePolicy, fetch_image
 from .openai_format import (ApiError, StopMatcher, bad, chunk, completion, finish_reason,
                             generation_settings, models_list, new_id, parse_chat, usage)
@@ -45,12 +45,13 @@ class PgEdgeServer(ThreadingHTTPServer):
     start and end on time.monotonic()) for /health and the tests."""
 
     daemon_threads = True
+    block_on_close = False  # closing does not wait for idle keep-alive connections
     allow_reuse_address = True
 
     def __init__(self, pg, address: tuple[str, int], *, model_id: str, api_key: str | None = None,
                  max_body_bytes: int = 20 * 2**20, max_tokens: int = 512, queue_size: int = 8,
                  queue_timeout: float = 120.0, image_policy: ImagePolicy | None = None,
-                 vae=None, verbose: bool = False):
+                 vae=None, verbose: bool = False, max_connections: int = 64):
         self.pg, self.model_id, self.api_key, self.vae = pg, model_id, api_key, vae
         self.max_body_bytes, self.max_tokens, self.verbose = max_body_bytes, max_tokens, verbose
         self.image_policy = image_policy or ImagePolicy(max_bytes=max_body_bytes)
@@ -58,7 +59,29 @@ class PgEdgeServer(ThreadingHTTPServer):
         self.history: collections.deque = collections.deque(maxlen=64)
         self.created = int(time.time())
         self._decoder, self._vae_lock = None, threading.Lock()
+        self._connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to max_connections; past that a 503 at once."""
+        if self._connections.acquire(blocking=False):
+            super().process_request(request, client_address)
+            return
+        body = json.dumps(busy("too many open connections; retry later").body()).encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                            b"Content-Type: application/json\r\nConnection: close\r\n"
+                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def mask_decoder(self):
         """The VAE for /v1/segment, loaded on first use (PgEdgeError when there is none)."""
