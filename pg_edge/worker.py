@@ -27,6 +27,8 @@ import time
 import weakref
 from typing import Callable, Iterator
 
+import mlx.core as mx
+
 _DONE = object()  # end-of-stream marker on a job's queue
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long to wait for a running job to stop
 
@@ -186,12 +188,15 @@ class ModelWorker:
                             close()
                     job.out.put(_DONE)
                 else:
-                    job.out.put(("ok", job.fn()))
+                    value = job.fn()
+                    if isinstance(value, mx.array):  # lazy graphs only evaluate on this thread
+                        mx.eval(value)
+                    job.out.put(("ok", value))
             except BaseException as err:  # handed to the caller, never kills the worker
                 job.out.put((_DONE, err) if job.streaming else ("error", err))
             finally:
                 self._current, self._local.job = None, None
-                job = gen = None  # drop the job's references (the model) while idle
+                job = gen = value = None  # drop the job's references (the model) while idle
 
 
 def serialized(method: Callable) -> Callable:

@@ -125,6 +125,7 @@ def test_invalid_requests_get_4xx_openai_errors_and_the_server_keeps_serving(ser
     cat.save(tmp_path / "cat.png")
     cases = {
         "bad JSON": (b'{"model": "tiny", "messages": [', 400),
+        "JSON nested too deeply": (b"[" * 50_000 + b"]" * 50_000, 400),
         "missing messages": (_chat(), 400),
         "empty messages": (_chat(messages=[]), 400),
         "non-image data URL": (_chat(messages=user("caption en", "data:text/plain;base64,aGVsbG8=")), 400),

@@ -177,6 +177,8 @@ class Handler(BaseHTTPRequestHandler):
                            code="unsupported_media_type")
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise bad("the request body's JSON is nested too deeply", code="invalid_json") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise bad(f"the request body is not valid JSON: {err}", code="invalid_json") from None
 
@@ -246,24 +248,31 @@ class Handler(BaseHTTPRequestHandler):
         req = parse_chat(self._body(), srv.model_id, srv.max_tokens)
         image = fetch_image(req.image_url, srv.image_policy, "image_url")
         cid = new_id()
-        with self._generation() as entry:
-            if req.stream:
+        pieces: list[str] = []
+
+        def start_stream():  # at the first piece: an error before it still gets a status code
+            if not self._streaming:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                self.close_connection = True
-                self._streaming = True
+                self.close_connection = self._streaming = True
                 self._event(chunk(cid, srv.model_id, {"role": "assistant", "content": ""}))
-                emit = lambda text: self._event(chunk(cid, srv.model_id, {"content": text}))
+
+        def emit(text: str) -> None:
+            if req.stream:
+                start_stream()
+                self._event(chunk(cid, srv.model_id, {"content": text}))
             else:
-                pieces: list[str] = []
-                emit = pieces.append
+                pieces.append(text)
+
+        with self._generation() as entry:
             result, stopped = self._run(req, image, emit, entry)
             finish = finish_reason(result.finish_reason, stopped)
             use = usage(result.prompt_tokens, len(result.tokens))
             if req.stream:
+                start_stream()
                 self._event(chunk(cid, srv.model_id, {}, finish))
                 if req.include_usage:
                     self._event(chunk(cid, srv.model_id, None, use=use))
