@@ -73,7 +73,6 @@ class PaliGemma:
         for k in keys:
             self._vision_cache.move_to_end(k)
         out = mx.stack([self._vision_cache[k] for k in keys])
-        mx.eval(out)  # the caller may be another thread, where this lazy graph could not run
         while len(self._vision_cache) > self._vision_cache_size:
             self._vision_cache.popitem(last=False)
         return out

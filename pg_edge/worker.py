@@ -207,6 +207,7 @@ def serialized(method: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
         return self._worker.call(method, self, *args, **kwargs)
 
+    wrapper.__kwdefaults__ = method.__kwdefaults__  # the same dict: defaults stay one place
     return wrapper
 
 
@@ -218,4 +219,5 @@ def serialized_stream(method: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
         return self._worker.stream(lambda: method(self, *args, **kwargs))
 
+    wrapper.__kwdefaults__ = method.__kwdefaults__
     return wrapper

@@ -16,7 +16,7 @@ import mlx.core as mx
 import pytest
 
 import pg_edge
-from pg_edge import vision_tasks
+from pg_edge import model_tasks
 from pg_edge.draw import color_for, line_width
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Xvfb is the Linux way to get a screen")
@@ -69,12 +69,12 @@ def test_desktop_window(converted, _sample_images_cache, monkeypatch):
             # 1. caption, clicked in the window: the tiny model's text, as the API gives it.
             click_widget(display, app.run_button)
             pump(root, lambda: app.result is not None and not app.busy)
-            assert app.result == vision_tasks.caption(pg, cat, max_tokens=6).text
+            assert app.result == model_tasks.caption(pg, cat, max_tokens=6).text
             assert app.status.cget("text").startswith("done")
 
             # 2. detect: pick the task and run it with clicks; the box is drawn on the screen.
             prompt_ids = pg.tokenizer.encode("<loc0100><loc0200><loc0700><loc0800> cat")
-            monkeypatch.setattr("pg_edge.pipeline.generate_step",
+            monkeypatch.setattr("pg_edge.generate.generate_step",
                                 scripted(prompt_ids + [pg.tokenizer.eos_id]))
             click_widget(display, app.task_buttons["detect"])
             pump(root, lambda: app.text_var.get() == "cat")
@@ -101,7 +101,7 @@ def test_desktop_window(converted, _sample_images_cache, monkeypatch):
 
             # 3. Stop: a generation of 100000 slow tokens ends when Stop is clicked.
             endless = pg.tokenizer.encode(" cat") * 100_000
-            monkeypatch.setattr("pg_edge.pipeline.generate_step", scripted(endless, delay=0.005))
+            monkeypatch.setattr("pg_edge.generate.generate_step", scripted(endless, delay=0.005))
             app.gen = {"max_tokens": 100_000}
             click_widget(display, app.task_buttons["caption"])
             pump(root, lambda: app.task.get() == "caption")
@@ -124,8 +124,8 @@ def test_rendered_scales_boxes_and_masks_to_the_canvas():
     from PIL import Image
 
     from apps.desktop.app import CANVAS, rendered
-    from pg_edge.tasks import DetectedObject
-    from pg_edge.vision_tasks import TaskResult
+    from pg_edge.task_text import DetectedObject
+    from pg_edge.model_tasks import TaskResult
 
     image = Image.new("RGB", (1024, 768), (255, 255, 255))  # twice the canvas: shown at 0.5
     mask = np.zeros((768, 1024), bool)
