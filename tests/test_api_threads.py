@@ -1,6 +1,7 @@
 """The `PaliGemma` object shared by threads: results equal sequential calls, one vision cache,
 every image input form, and cancelling a running generation (pg_edge/worker.py)."""
 import io
+import re
 import threading
 import time
 
@@ -124,3 +125,23 @@ def test_arrays_from_the_worker_work_in_the_calling_thread(pg, images):
     pixels = pg.prepare([images[2]], ["caption en"]).pixel_values
     feats = pg.image_features(pixels)
     assert np.isfinite(np.array(feats * 2)).all() and feats.shape[0] == 1
+
+
+def test_readme_threads_snippet_runs(pg, images, tmp_path, monkeypatch, capsys):
+    """The README's "In your app" Python runs as written (cat.jpg a sample photo, 4 tokens)."""
+    from tests.test_readme import readme_blocks
+
+    from pg_edge.pipeline import PaliGemma
+
+    (code,) = [c for lang, c in readme_blocks("In your app") if lang == "python"]
+    images[1].save(tmp_path / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    for method in (PaliGemma.generate, PaliGemma.stream):
+        monkeypatch.setitem(method.__kwdefaults__, "max_tokens", 4)
+    exec(compile(code, "README.md", "exec"), {"pg": pg})
+    for t in threading.enumerate():  # the snippet's background thread
+        if t is not threading.current_thread() and t.name.startswith("Thread"):
+            t.join(timeout=30)
+    out = capsys.readouterr().out
+    assert re.search(r"(cancelled|stop|length) \[", out), out  # the background detect's line
+    assert pg.generate(tmp_path / "cat.jpg", "caption en").text in out  # the streamed caption
