@@ -20,9 +20,7 @@ skipped with a reason; detections whose label is not one of the requested names 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from PIL import Image
 
 from pg_edge import model_tasks, task_text
 from pg_edge.errors import PgEdgeError
+from pg_edge.folder import atomic_file
 from pg_edge.model_tasks import mask_to_rle
 from pg_edge.processor import load_image
 
@@ -69,16 +68,9 @@ def _resume(out: Path, objects: list[str], task: str, model: str, force: bool) -
 
 
 def save_atomic(coco: dict, out: Path) -> None:
-    """Write JSON to a temp file beside `out`, then rename: readers see the old or the new file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(coco, f)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the JSON so that readers see the old or the new file, never half of one."""
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(coco))
 
 
 def _progress(i: int, total: int, name: str, note: str, t0: float, quiet: bool) -> None:
