@@ -27,8 +27,8 @@ from pathlib import Path
 from PIL import Image
 
 from pg_edge import model_tasks, task_text
+from pg_edge.atomic import atomic_file
 from pg_edge.errors import PgEdgeError
-from pg_edge.folder import atomic_file
 from pg_edge.model_tasks import mask_to_rle
 from pg_edge.processor import load_image
 
