@@ -22,6 +22,8 @@ COMMAND_MODULES = {
     "ask": ("apps.commands.tasks", "answer a question about the image"),
     "detect": ("apps.commands.tasks", "boxes around the named objects"),
     "segment": ("apps.commands.tasks", "boxes and masks of the named objects"),
+    "serve": ("apps.server.cli", "serve a model over HTTP (OpenAI chat format)"),
+    "label": ("apps.commands.label", "auto-label a folder of images into COCO JSON"),
     "verify": ("apps.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
     "convert": ("apps.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
     "convert-vae": ("convert.vae_cli", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),

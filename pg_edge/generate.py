@@ -9,6 +9,9 @@
    `Detokenizer`), the last one carrying the `GenerationResult`.
 3. `generate(...)` / `generate_batch(...)`: the convenience calls returning results.
 
+Layers 2 and 3 take `should_stop`, a callable checked once per token: when it returns True the
+generation ends with finish_reason "cancelled" (how `PaliGemma.cancel()` stops one).
+
 Sampling settings travel as one `Sampling` (temperature, top_p, top_k, seed), turned into an
 mlx-lm sampler (`make_sampler`) in one place. `until_eos` is the one loop that stops rows on
 eos; batch generation, streaming and the trainer's evaluation all use it. pg_edge.pipeline's
@@ -185,7 +188,7 @@ class GenerationResult:
     text: str
     tokens: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (eos) or "length"
+    finish_reason: str  # "stop" (eos), "length" (max_tokens) or "cancelled" (pg.cancel())
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     vision_seconds: float = 0.0
@@ -240,16 +243,20 @@ def _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_toke
 
 def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array, *,
                     valid: mx.array | None = None, sampling: Sampling | None = None, max_tokens: int = 256,
-                    vision_seconds: float = 0.0) -> Iterator[Chunk]:
+                    vision_seconds: float = 0.0, should_stop: Callable[[], bool] | None = None
+                    ) -> Iterator[Chunk]:
     """One prompt (input_ids int[1, T], image_features float[1, N, D]): yield text pieces as
     tokens arrive; the last chunk carries the GenerationResult (timings from the call, plus
     `vision_seconds` spent before it; peak memory since the caller's mx.reset_peak_memory)."""
     t1 = time.perf_counter()
     detok = Detokenizer(tokenizer)
     tokens: list[int] = []
-    t2 = None
+    t2, cancelled = None, False
     for (t,) in _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
         t2 = t2 or time.perf_counter()
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
         if t is None:
             break
         tokens.append(t)
@@ -260,11 +267,15 @@ def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image
     tail = detok.finalize()
     result = GenerationResult(
         text=detok.text, tokens=tokens, prompt_tokens=int(input_ids.shape[1] if valid is None else valid.sum()),
-        finish_reason="stop" if len(tokens) < max_tokens else "length", vision_seconds=vision_seconds,
+        finish_reason=_finish(cancelled, len(tokens), max_tokens), vision_seconds=vision_seconds,
         prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
     yield Chunk(tail, None, result)
+
+
+def _finish(cancelled: bool, n_tokens: int, max_tokens: int) -> str:
+    return "cancelled" if cancelled else "stop" if n_tokens < max_tokens else "length"
 
 
 def generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array,
@@ -278,28 +289,36 @@ def generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_featur
 
 def generate_batch(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array, *,
                    valid: mx.array | None = None, sampling: Sampling | None = None, max_tokens: int = 256,
-                   vision_seconds: float = 0.0) -> list[GenerationResult]:
+                   vision_seconds: float = 0.0, should_stop: Callable[[], bool] | None = None
+                   ) -> list[GenerationResult]:
     """Several left-padded prompts at once (input_ids int[B, T], valid bool[B, T] or None,
     image_features float[B, N, D]); greedy results equal running each prompt alone."""
     t1 = time.perf_counter()
     B = input_ids.shape[0]
     rows: list[list[int]] = [[] for _ in range(B)]
-    t2 = None
+    ended = [False] * B  # the row emitted eos
+    t2, cancelled = None, False
     for new in _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
         t2 = t2 or time.perf_counter()
-        for r, t in zip(rows, new):
-            if t is not None:
-                r.append(t)
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        for b, t in enumerate(new):
+            if t is None:
+                ended[b] = True
+            else:
+                rows[b].append(t)
     t3 = time.perf_counter()
     lengths = [input_ids.shape[1]] * B if valid is None else valid.astype(mx.int32).sum(axis=1).tolist()
     return [
         GenerationResult(
             text=tokenizer.decode(r), tokens=r, prompt_tokens=int(n),
-            finish_reason="stop" if len(r) < max_tokens else "length", vision_seconds=vision_seconds,
+            finish_reason="stop" if end else "cancelled" if cancelled else "length",
+            vision_seconds=vision_seconds,
             prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
             peak_memory_gb=mx.get_peak_memory() / 1e9,
         )
-        for r, n in zip(rows, lengths)
+        for r, n, end in zip(rows, lengths, ended)
     ]
 
 

@@ -8,6 +8,11 @@
 
 Vision features are cached by the content of the preprocessed pixels, so several prompts on one
 image run SigLIP once (`vision_calls` counts the encoder runs).
+
+Threads may share one object: the model calls run on its worker thread one at a time
+(pg_edge/worker.py), and the vision-feature cache is shared by all callers. `pg.cancel()` stops
+the generation that is running (its result says finish_reason "cancelled"); breaking out of a
+`stream` loop stops that stream's generation.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .loader import load_model
 from .paligemma import PaliGemmaModel
 from .processor import ImageInput, Inputs, Processor, Tokenizer
 from .prompt_check import check_context, check_max_tokens, context_length
+from .worker import ModelWorker, serialized, serialized_stream
 
 
 class PaliGemma:
@@ -43,8 +49,17 @@ class PaliGemma:
         self.vision_calls = 0
         self._vision_cache: OrderedDict[str, mx.array] = OrderedDict()
         self._vision_cache_size = vision_cache_size
+        self._worker = ModelWorker()  # owns every model call (see pg_edge/worker.py)
+        # MLX evaluates a lazy graph only on the thread that built it: make the weights concrete
+        # here, so the worker thread can use them.
+        mx.eval(model.parameters())
+
+    def cancel(self) -> bool:
+        """Stop the generation running now (any thread may call this); True if one was."""
+        return self._worker.cancel()
 
     # -- stages --------------------------------------------------------------------------
+    @serialized
     def image_features(self, pixel_values: np.ndarray) -> mx.array:
         """float32[B, S, S, 3] -> float[B, N, D]; rows seen before come from the cache."""
         keys = [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixel_values]
@@ -65,6 +80,7 @@ class PaliGemma:
     def prepare(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> Inputs:
         return self.processor(images, prompts)
 
+    @serialized
     def logits(self, image: ImageInput, prompt: str) -> np.ndarray:
         """float32[V] next-token logits after the prompt (for parity checks)."""
         inp = self.prepare([image], [prompt])
@@ -88,24 +104,31 @@ class PaliGemma:
         valid = None if inp.valid.all() else mx.array(inp.valid)
         return mx.array(inp.input_ids), feats, valid, time.perf_counter() - t0
 
+    @serialized_stream
     def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
                sampling: Sampling | None = None, **settings) -> Iterator[Chunk]:
         """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
         `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
-        seed); default greedy."""
+        seed); default greedy. From another thread than the worker the iterator is a
+        pg_edge.worker.WorkerStream: `.cancel()` ends the generation early (the last chunk still
+        comes), `.close()` drops it."""
         sampling = Sampling.of(sampling, **settings)
         ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
         yield from stream_generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                                   max_tokens=max_tokens, vision_seconds=vision_s)
+                                   max_tokens=max_tokens, vision_seconds=vision_s,
+                                   should_stop=self._worker.cancelled)
 
+    @serialized
     def generate(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
                  sampling: Sampling | None = None, **settings) -> GenerationResult:
         """Run to eos or max_tokens; returns text, token ids, timings and peak memory."""
         sampling = Sampling.of(sampling, **settings)
         ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
         return generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                        max_tokens=max_tokens, vision_seconds=vision_s)
+                        max_tokens=max_tokens, vision_seconds=vision_s,
+                        should_stop=self._worker.cancelled)
 
+    @serialized
     def generate_batch(self, images: Sequence[ImageInput], prompts: Sequence[str], *, max_tokens: int = 256,
                        sampling: Sampling | None = None, **settings) -> list[GenerationResult]:
         """Several (image, prompt) pairs at once; prompts of different lengths are left-padded.
@@ -113,7 +136,8 @@ class PaliGemma:
         sampling = Sampling.of(sampling, **settings)
         ids, feats, valid, vision_s = self._start(images, prompts, max_tokens)
         return generate_batch(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                              max_tokens=max_tokens, vision_seconds=vision_s)
+                              max_tokens=max_tokens, vision_seconds=vision_s,
+                              should_stop=self._worker.cancelled)
 
     # -- tasks (pg_edge.model_tasks): prompts in the official forms, outputs parsed ------------
     def caption(self, image: ImageInput, lang: str = "en", **gen):
@@ -132,7 +156,8 @@ class PaliGemma:
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
-        return model_tasks.segment(self, image, objects, vae=vae, **gen)
+        # On the worker as a whole: the mask decoder's MLX work is serialised with the rest.
+        return self._worker.call(model_tasks.segment, self, image, objects, vae=vae, **gen)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,

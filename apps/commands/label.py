@@ -1,0 +1,48 @@
+"""`pg-edge label FOLDER --model MODEL --detect "cat ; dog" -o labels.json [--segment]`:
+auto-label a folder of images into COCO JSON (apps/labeling.py), resumable."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from apps.commands.run import add_sampling_args, sampling_kwargs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("label", help="auto-label a folder of images into COCO JSON",
+                       description="Detect (or segment) the named objects in every image of a "
+                       "folder and write COCO JSON; a rerun with the same -o resumes.")
+    p.add_argument("folder", help="folder of images (searched recursively)")
+    p.add_argument("--model", required=True, help="converted folder, mlx-community folder, or hub id")
+    p.add_argument("--detect", required=True, metavar="OBJECTS",
+                   help='object names separated by ";", e.g. "cat ; dog" (the COCO categories)')
+    p.add_argument("-o", "--output", required=True, help="COCO JSON file to write (or resume)")
+    p.add_argument("--segment", action="store_true", help="masks too (COCO RLE in 'segmentation')")
+    p.add_argument("--vae", default=None, help="mask decoder for --segment (default: "
+                   "vae.safetensors in the model folder)")
+    p.add_argument("--force", action="store_true", help="start over instead of resuming the output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sampling_args(p)
+    p.set_defaults(func=run, max_tokens=128)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apps.labeling import label_folder
+    from pg_edge import task_text
+    from pg_edge.errors import PgEdgeError
+    from pg_edge.pipeline import load
+
+    if not Path(args.folder).is_dir():  # inputs checked before the model loads
+        raise PgEdgeError(f"not a folder: {args.folder}")
+    task_text.detect(args.detect)
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise PgEdgeError(f"mask decoder not found: {args.vae}")
+    pg = load(args.model)
+    counts = label_folder(pg, args.folder, args.detect, args.output, segment=args.segment,
+                          vae=args.vae, gen=sampling_kwargs(args), force=args.force,
+                          quiet=args.quiet, model_name=Path(args.model).name)
+    resumed = f", {counts['resumed']} done before" if counts["resumed"] else ""
+    print(f"wrote {args.output}: {counts['images']} images, {counts['annotations']} annotations, "
+          f"{counts['skipped']} skipped{resumed}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""The desktop example (Tk): `python -m apps.desktop MODEL [--image I]`; see app.py."""

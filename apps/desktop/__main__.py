@@ -1,0 +1,35 @@
+"""`python -m apps.desktop MODEL [--image cat.jpg] [--max-tokens 64] [--vae vae.safetensors]`"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apps.desktop",
+                                description="Open an image, pick a task, see the answer and boxes.")
+    p.add_argument("model", help="converted folder, mlx-community folder, or hub id")
+    p.add_argument("--image", default=None, help="image to open at start")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default 64)")
+    p.add_argument("--vae", default=None, help="mask decoder for segment (default: in the model folder)")
+    args = p.parse_args(argv)
+    try:
+        import tkinter as tk
+    except ImportError:
+        print("the desktop example needs Tk (python3-tk on Debian/Ubuntu, python-tk on Homebrew)",
+              file=sys.stderr)
+        return 2
+    from .app import App
+
+    try:
+        root = tk.Tk()
+    except tk.TclError as err:
+        print(f"cannot open a window: {err}", file=sys.stderr)
+        return 2
+    App(root, model=args.model, image=args.image, gen={"max_tokens": args.max_tokens}, vae=args.vae)
+    root.mainloop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

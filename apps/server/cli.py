@@ -1,0 +1,93 @@
+"""`pg-edge serve MODEL [--host 127.0.0.1] [--port 8080]`: the model behind a local HTTP server
+in the OpenAI chat format (apps/server/http_server.py)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI chat format)",
+                       description="Serve a model on a local HTTP port: POST /v1/chat/completions "
+                       "(OpenAI format, streaming), /v1/detect, /v1/segment; GET /v1/models, /health.")
+    p.add_argument("model", help="converted folder, mlx-community folder, or hub id")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; any other needs --api-key)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("PG_EDGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PG_EDGE_API_KEY, else none)")
+    p.add_argument("--model-name", default=None,
+                   help="model id clients use (default: the folder's name, or the hub id)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MB (default 20)")
+    p.add_argument("--queue-size", type=int, default=8,
+                   help="requests that may wait for the model; more get 503 + Retry-After (default 8)")
+    p.add_argument("--queue-timeout", type=float, default=120,
+                   help="seconds a request may wait for the model before a 503 (default 120)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let requests name http(s) image URLs for the server to fetch (default: refused)")
+    p.add_argument("--allow-files", metavar="DIR", default=None,
+                   help="let requests name image files inside DIR on this machine (default: refused)")
+    p.add_argument("--vae", default=None, help="mask decoder for /v1/segment (default: "
+                   "vae.safetensors in the model folder)")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_id(model: str) -> str:
+    """The id clients use: a folder's name as typed (pg2-3b-224), or the hub id itself."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def run(args: argparse.Namespace) -> int:
+    from pg_edge.errors import PgEdgeError
+
+    if not is_loopback(args.host) and not args.api_key:
+        raise PgEdgeError(f"--host {args.host} exposes the model beyond this machine: pass "
+                          "--api-key KEY (clients send 'Authorization: Bearer KEY')")
+    for name in ("max_tokens", "queue_size"):
+        if getattr(args, name) < (1 if name == "max_tokens" else 0):
+            raise PgEdgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_body_mb <= 0 or args.queue_timeout <= 0:
+        raise PgEdgeError("--max-body-mb and --queue-timeout must be positive")
+    if args.allow_files is not None and not Path(args.allow_files).is_dir():
+        raise PgEdgeError(f"--allow-files: no such folder {args.allow_files}")
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise PgEdgeError(f"mask decoder not found: {args.vae}")
+
+    from pg_edge.pipeline import load
+
+    from . import make_server
+
+    pg = load(args.model)
+    try:
+        server = make_server(pg, args.host, args.port, model_id=args.model_name or model_id(args.model),
+                             allow_remote_images=args.allow_remote_images, files_root=args.allow_files,
+                             api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                             max_tokens=args.max_tokens, queue_size=args.queue_size,
+                             queue_timeout=args.queue_timeout, vae=args.vae, verbose=args.verbose)
+    except OSError as err:
+        raise PgEdgeError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    print(f"pg-edge serve: {server.model_id} on {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("pg-edge serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
