@@ -123,17 +123,18 @@ std::string parse_chunk(const std::vector<Atom>& chunk, int width, int height, D
     label += (label.empty() ? "" : " ") + chunk[i].text;
   }
   if (n_loc != 4) return "expected 4 <loc> tokens, got " + std::to_string(n_loc);
-  for (int i = 0; i < 4; ++i) {
-    obj.loc[i] = chunk[i].value;
-    if (obj.loc[i] >= 1024) return "<loc> value out of range 0..1023";
-  }
+  for (int i = 0; i < 4; ++i) obj.loc[i] = chunk[i].value;
+  std::string loc = "(" + std::to_string(obj.loc[0]) + ", " + std::to_string(obj.loc[1]) + ", " +
+                    std::to_string(obj.loc[2]) + ", " + std::to_string(obj.loc[3]) + ")";
+  for (int v : obj.loc)
+    if (v >= 1024) return "<loc> value out of range 0..1023: " + loc;
   if (n_seg && n_seg != 16) return "truncated or overlong mask: " + std::to_string(n_seg) + " of 16 <seg> tokens";
   obj.seg.clear();
   for (size_t i = 0; i < n_seg; ++i) {
     if (chunk[4 + i].value >= 128) return "<seg> value out of range 0..127";
     obj.seg.push_back(chunk[4 + i].value);
   }
-  if (obj.loc[2] <= obj.loc[0] || obj.loc[3] <= obj.loc[1]) return "empty box: need y2 > y1 and x2 > x1";
+  if (obj.loc[2] <= obj.loc[0] || obj.loc[3] <= obj.loc[1]) return "empty box: need y2 > y1 and x2 > x1, got (y1, x1, y2, x2) = " + loc;
   obj.label = collapse(label);
   obj.box[0] = obj.loc[1] / 1023.0 * width;
   obj.box[1] = obj.loc[0] / 1023.0 * height;
