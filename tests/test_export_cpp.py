@@ -238,12 +238,16 @@ def test_bad_bundles_give_one_line_errors(runner, model, images, tmp_path):
                                                          long_prompt, check=False))
 
 
-def test_export_refuses_an_existing_output_and_writes_nothing_on_error(model, tmp_path):
+def test_export_refuses_an_existing_output_and_writes_nothing_on_error(model, tmp_path, capsys):
+    from apps.cli import main
     from pg_edge.errors import PgEdgeError
 
     folder, bundle = model("pg1")
-    with pytest.raises(PgEdgeError, match="exists"):
-        export_bundle(folder, bundle)
+    assert main(["export", str(folder), "-o", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists; pass --force" in err[0]
+    with pytest.raises(PgEdgeError, match="--prompt-tokens"):
+        export_bundle(folder, tmp_path / "x", prompt_tokens=2)
     no_sp = tmp_path / "no_sp"
     shutil.copytree(folder, no_sp)
     (no_sp / "tokenizer.model").unlink()

@@ -87,8 +87,9 @@ def _weights_from_inputs(model: PaliGemmaModel, weights: dict):
 def _logprobs(model: PaliGemmaModel, h_last: mx.array, vocab: int) -> mx.array:
     """float[1, 1, D] final hidden state -> float32[1, vocab] log-probabilities (see module doc)."""
     logits = model.language_model.logits(h_last)[:, -1].astype(mx.float32)
-    bias = mx.where(mx.arange(logits.shape[-1]) < vocab, 0.0, -mx.inf)
-    lg = logits + bias
+    V = logits.shape[-1]
+    # = logits + pg_edge.generate.vocab_mask(V, vocab), bit for bit, without a V-sized mask.
+    lg = mx.concatenate([logits[:, :vocab], mx.full((1, V - vocab), -mx.inf)], axis=-1) if V > vocab else logits
     return (lg - mx.logsumexp(lg, axis=-1, keepdims=True))[:, :vocab]
 
 
