@@ -70,7 +70,7 @@ def _random_folder(raw: dict, tokenizer_from: Path, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from convert.writer import FolderWriter
+    from pg_edge.folder import FolderWriter
     from pg_edge.config import PaliGemmaConfig
     from pg_edge.paligemma import PaliGemmaModel
 

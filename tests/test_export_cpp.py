@@ -165,7 +165,7 @@ def test_bundle_stores_the_weights_once(model, name):
 
 
 def test_detect_prints_the_boxes_pg_edge_parses(runner, model, images):
-    from pg_edge.tasks import parse_objects
+    from pg_edge.task_text import parse_objects
 
     _, bundle = model("pg1")
     text = ("<loc0100><loc0200><loc0512><loc1023> cat ; <loc0001><loc0002><loc0003> half ; "

@@ -12,8 +12,8 @@ The graphs take the weights as inputs (pg_edge.export.graphs), so the bundle is 
 folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle's random id in
 its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
-The bundle is written into a temporary folder renamed into place: an interrupted export
-leaves nothing, and an existing output is replaced only with `force`.
+The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
+place: an interrupted export leaves nothing) and its --force rule (check_output).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
+from ..folder import atomic_folder, check_output, quantization_section
 from .. import load
 from . import graphs
 
@@ -68,9 +69,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
         raise PgEdgeError(f"--prompt-tokens must be >= 3 (<bos>, a token, \"\\n\"), got {prompt_tokens}")
     if max_tokens < 1:
         raise PgEdgeError(f"--max-tokens must be >= 1, got {max_tokens}")
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not force:
-        raise PgEdgeError(f"output {out} exists; pass --force to overwrite it")
+    out = check_output(out, force)
     pg = load(src)
     if pg.folder is not None and out == pg.folder.resolve():
         raise PgEdgeError("the bundle folder must differ from the model folder")
@@ -78,27 +77,10 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
     if not sp_model.is_file():
         raise CheckpointError(f"{pg.folder} has no tokenizer.model: a bundle needs the SentencePiece "
                               "model (the C++ runner tokenizes with SentencePiece, not tokenizer.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         _write(pg, tmp, sp_model, prompt_tokens, max_tokens, quiet)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _say(quiet, f"bundle written: {out}")
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out (force) goes only once the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
@@ -165,10 +147,10 @@ def _manifest(pg, bundle_id: str, weights: dict, functions: dict, P: int, L: int
         "mlx_version": mx.__version__,
         "model": {
             "source": str(pg.folder),
-            "paligemma_version": config.version,
+            "paligemma_version": 2 if config.text.sandwich_norms else 1,  # Gemma2 decoder = PaliGemma 2
             "decoder_layers": text.num_hidden_layers,
             "sliding_windows": windows,
-            "quantization": config.raw.get("quantization"),
+            "quantization": quantization_section(config.raw),
         },
         "weights": {
             "file": "weights.safetensors",
