@@ -2,8 +2,8 @@
 
 The C++ program is compiled once per session (`make -C apps/cpp`, objects cached in
 apps/cpp/build/), against the MLX of the Python running the tests. Models are listed in MODELS:
-name -> function(request) returning a model folder; add one there (e.g. the built-in demo
-model) and every parametrized test below covers it.
+name -> function(request) returning a model folder; add one there and every parametrized
+test below covers it (the built-in demo model: `"demo": lambda request: <its folder>`).
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ MODELS = {
     "pg2": _converted(version=2),
     # window 8 < every prompt here (16 image tokens + <bos> + prefix + "\n"): sliding layers active
     "pg2_window8": _converted(version=2, sliding_window=8),
+    "pg2_window8_bf16": _converted(version=2, dtype="bfloat16", sliding_window=8),  # what convert writes
     "pg1_q4": _quantized(1),
     "pg2_q4": _quantized(2),
 }
@@ -110,7 +111,9 @@ def cpp_json(runner, bundle, image, prompt, *extra) -> dict:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cpp_greedy_ids_equal_pg_edge(runner, model, images, name):
     folder, bundle = model(name)
+    lengths = json.loads((bundle / "manifest.json").read_text())["functions"]["prefill"]["prompt_lengths"]
     pg = pg_edge.load(folder)
+    used = set()
     for image, prompt in CASES:
         want = pg.generate(str(images / image), prompt, max_tokens=MAX_TOKENS)
         got = cpp_json(runner, bundle, images / image, prompt)
@@ -118,6 +121,8 @@ def test_cpp_greedy_ids_equal_pg_edge(runner, model, images, name):
         assert got["text"] == want.text
         assert got["finish_reason"] == want.finish_reason
         assert got["prompt_tokens"] == want.prompt_tokens
+        used.add(min(p for p in lengths if p >= got["prompt_tokens"]))
+    assert len(used) >= 2, "the cases should exercise more than one prefill trace"
 
 
 def test_sliding_window_is_active_and_matches(runner, model, images):

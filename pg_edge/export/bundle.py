@@ -45,6 +45,16 @@ def fnv1a64(path: Path) -> str:
     return f"{h:016x}"
 
 
+def prompt_buckets(num_image_tokens: int, prompt_tokens: int) -> list[int]:
+    """Padded prompt lengths prefill is traced for: N + 8, N + 16, ... doubling, up to
+    N + prompt_tokens (always included)."""
+    text, out = 8, []
+    while text < prompt_tokens:
+        out.append(num_image_tokens + text)
+        text *= 2
+    return out + [num_image_tokens + prompt_tokens]
+
+
 def _dtype(a: mx.array) -> str:
     return str(a.dtype).removeprefix("mlx.core.")
 
@@ -102,7 +112,7 @@ def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, q
     length = mx.array([N + 2], mx.int32)
     token, position = mx.zeros((1, 1), mx.int32), mx.array([N + 2], mx.int32)
     encode = graphs.make_encode(model)
-    prefill = graphs.make_prefill(model, P, L, vocab)
+    prefill = graphs.make_prefill(model, L, vocab)
     decode = graphs.make_decode(model, L, vocab)
     # Example outputs (computed with the real weights) give the manifest its shapes and dtypes.
     features = encode(pixels, **vis)[0]
@@ -118,17 +128,25 @@ def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, q
                    [("logprobs", dec_out[0])] + list(zip(cache_names, dec_out[1:]))),
     }
     functions = {}
+    buckets = prompt_buckets(N, prompt_tokens)
     for name, (fun, args, w, outs) in calls.items():
         _say(quiet, f"export {name}.mlxfn")
         f = dst / f"{name}.mlxfn"
         meta = json.dumps({"format": FORMAT, "bundle_id": bundle_id, "function": name})
-        mx.export_function(str(f), fun, *[a for _, a in args], metadata=meta, **w)
+        with mx.exporter(str(f), fun, metadata=meta) as export:
+            # prefill: one trace per prompt bucket (the example arrays are the longest's).
+            for p in (buckets if name == "prefill" else [None]):
+                inputs = [a for _, a in args]
+                if p is not None:
+                    inputs[0] = mx.full((1, p), tok.pad_id, mx.int32)
+                export(*inputs, **w)
         functions[name] = {
             "file": f.name, "fnv1a64": fnv1a64(f), "bytes": f.stat().st_size,
             "inputs": [_spec(n, a) for n, a in args],
             "weight_prefixes": list(graphs.VISION_PREFIXES if w is vis else graphs.DECODER_PREFIXES),
             "outputs": [_spec(n, a) for n, a in outs],
         }
+    functions["prefill"]["prompt_lengths"] = buckets
     shutil.copyfile(sp_model, dst / "tokenizer.model")
     manifest = _manifest(pg, bundle_id, weights, functions, P, L, vocab, cache[0])
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -172,7 +190,8 @@ def _manifest(pg, bundle_id: str, weights: dict, functions: dict, P: int, L: int
             "layout": ["<image> x num_image_tokens", "<bos>", "SentencePiece(prefix)", "newline_ids"],
             "num_image_tokens": N,
             "max_prompt_tokens": P,
-            "padding": "right-padded to max_prompt_tokens with pad_id; `length` = real tokens",
+            "padding": "right-padded with pad_id to the smallest of functions.prefill.prompt_lengths "
+                       "that holds it (max_prompt_tokens is the largest); `length` = real tokens",
         },
         "cache": {
             "kind": "fixed",
@@ -181,8 +200,9 @@ def _manifest(pg, bundle_id: str, weights: dict, functions: dict, P: int, L: int
             "shape": list(cache0.shape),
             "dtype": _dtype(cache0),
             "order": "keys_0, values_0, keys_1, values_1, ...",
-            "rule": "prefill fills positions 0..max_prompt_tokens-1; decode writes `position` and "
-                    "attends to positions <= position (and within the window on sliding layers)",
+            "rule": "prefill fills positions 0..P-1 (P: the padded prompt length); decode writes "
+                    "`position` and attends to positions <= position (and within the window on "
+                    "sliding layers)",
         },
         "mask": "prefix-LM: the whole prompt is the bidirectional prefix (every query sees every "
                 "real key, window or not); generated tokens are causal and see the whole prefix "

@@ -6,7 +6,8 @@ in the bundle's weights.safetensors, however many graphs use them.
 
 Shapes are fixed (MLX's shapeless export cannot replay `reshape`): batch 1, a prompt of at
 most P tokens (image tokens included) right-padded to P, and a KV cache of L positions per
-layer. With N image tokens, D the decoder width, V the real vocabulary (257152 for the
+layer. prefill.mlxfn holds one trace per prompt bucket P (MLX picks the trace whose input
+shapes match the call), so a short prompt is not padded to the longest. With N image tokens, D the decoder width, V the real vocabulary (257152 for the
 official checkpoints), K kv heads of hd dims:
 
     encode(pixels float32[1, S, S, 3], **vision weights)      -> [features float[1, N, D]]
@@ -16,7 +17,7 @@ official checkpoints), K kv heads of hd dims:
         -> [logprobs float32[1, V], keys_0, values_0, ...]
 
 Cache entries are float[1, K, L, hd]. Prefill writes positions 0..P-1 (entries past `length`
-hold the padding's keys); decode writes its token's keys at `position` and attends to
+hold the padding's keys, entries from P on are zeros); decode writes its token's keys at `position` and attends to
 positions <= `position`, so padding left in the cache is never seen: a position is either
 masked or overwritten before it becomes visible.
 
@@ -101,7 +102,8 @@ def make_encode(model: PaliGemmaModel) -> Callable:
     return encode
 
 
-def make_prefill(model: PaliGemmaModel, max_prompt: int, max_context: int, vocab: int) -> Callable:
+def make_prefill(model: PaliGemmaModel, max_context: int, vocab: int) -> Callable:
+    """Prefill for prompts padded to P = ids.shape[1] (one trace per P; see bundle.py)."""
     lm = model.language_model
     n_layers = len(lm.model.layers)
 
@@ -110,13 +112,14 @@ def make_prefill(model: PaliGemmaModel, max_prompt: int, max_context: int, vocab
             return run(ids, length, features)
 
     def run(ids, length, features):
+        P = ids.shape[1]
         caches = [_CaptureCache() for _ in range(n_layers)]
         h = model.embed(ids, features)
-        real = mx.arange(max_prompt)[None, :] < length[:, None]  # bool[1, P]: real keys
-        mask = mx.broadcast_to(real[:, None, None, :], (1, 1, max_prompt, max_prompt))
+        real = mx.arange(P)[None, :] < length[:, None]  # bool[1, P]: real keys
+        mask = mx.broadcast_to(real[:, None, None, :], (1, 1, P, P))
         h = lm.model(h, {w: mask for w in lm.windows()}, 0, caches)
         last = mx.take(h, (length - 1).astype(mx.int32), axis=1)  # float[1, 1, D]
-        pad = [(0, 0), (0, 0), (0, max_context - max_prompt), (0, 0)]
+        pad = [(0, 0), (0, 0), (0, max_context - P), (0, 0)]
         out = [_logprobs(model, last, vocab)]
         for c in caches:
             out += [mx.pad(c.keys, pad), mx.pad(c.values, pad)]

@@ -1,6 +1,7 @@
 // Loading, checking and running a bundle with MLX (see bundle.h and docs/embedding.md).
 #include "bundle.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -85,6 +86,10 @@ Runner::Impl::Impl(const std::string& dir, json manifest) : m(std::move(manifest
   man.num_image_tokens = p.at("num_image_tokens").get<int>();
   man.max_prompt_tokens = p.at("max_prompt_tokens").get<int>();
   man.max_context = m.at("cache").at("max_context").get<int>();
+  man.prompt_lengths = m.at("functions").at("prefill").at("prompt_lengths").get<std::vector<int>>();
+  std::sort(man.prompt_lengths.begin(), man.prompt_lengths.end());
+  if (man.prompt_lengths.empty() || man.prompt_lengths.back() != man.max_prompt_tokens)
+    fail("manifest.json: prefill.prompt_lengths must end at max_prompt_tokens");
   const json& t = m.at("tokenizer");
   man.vocab_size = t.at("vocab_size").get<int>();
   man.ids.bos = t.at("bos_id").get<int>();
@@ -170,11 +175,11 @@ std::string Runner::generate(const std::vector<float>& pixels, const std::vector
                              const std::function<bool(int)>& on_token, Timings& timings) {
   Impl& I = *impl_;
   const Manifest& M = I.man;
-  int S = M.image_size, P = M.max_prompt_tokens, L = M.max_context;
+  int S = M.image_size, L = M.max_context;
   int T = static_cast<int>(ids.size());
-  if (T > P)
+  if (T > M.max_prompt_tokens)
     fail("prompt has " + std::to_string(T - M.num_image_tokens) + " text tokens; this bundle takes at most " +
-         std::to_string(P - M.num_image_tokens) + " (re-export with a larger --prompt-tokens)");
+         std::to_string(M.max_prompt_tokens - M.num_image_tokens) + " (re-export with a larger --prompt-tokens)");
   if (pixels.size() != static_cast<size_t>(S) * S * 3) fail("pixels do not match the bundle's image size");
   auto t0 = std::chrono::steady_clock::now();
   mx::array px(pixels.begin(), mx::Shape{1, S, S, 3}, mx::float32);
@@ -183,6 +188,8 @@ std::string Runner::generate(const std::vector<float>& pixels, const std::vector
   timings.vision_s = seconds_since(t0);
 
   auto t1 = std::chrono::steady_clock::now();
+  // The shortest traced prompt length that holds the prompt: less padding to prefill.
+  int P = *std::lower_bound(M.prompt_lengths.begin(), M.prompt_lengths.end(), T);
   std::vector<int32_t> padded(P, M.ids.pad);
   std::copy(ids.begin(), ids.end(), padded.begin());
   mx::array id_arr(padded.begin(), mx::Shape{1, P}, mx::int32);

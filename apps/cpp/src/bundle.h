@@ -15,6 +15,7 @@ struct Manifest {
   std::string dir, bundle_id, mlx_version, tokenizer_file;
   int image_size = 0, num_image_tokens = 0, max_prompt_tokens = 0, max_context = 0;
   int vocab_size = 0;
+  std::vector<int> prompt_lengths;  // padded lengths prefill has a trace for, ascending
   SpecialIds ids;
 };
 
