@@ -8,6 +8,7 @@ test below covers it (the built-in demo model: `"demo": lambda request: <its fol
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import pg_edge
 from pg_edge.export import export_bundle
@@ -51,11 +53,14 @@ MODELS = {
     "pg1_q4": _quantized(1),
     "pg2_q4": _quantized(2),
 }
-# (image file, prompt): a JPEG, an RGBA PNG (composited onto white) and a grayscale PNG.
+# (image file, prompt): a JPEG, an RGBA PNG (composited onto white), a grayscale PNG, an
+# EXIF-rotated JPEG.
 CASES = [
     ("cat.jpg", "caption en"),
     ("astronaut_rgba.png", "detect person ; flag"),
     ("camera_l.png", "answer en what is the man holding in his hands?"),
+    # typed control-token text stays text, a typed <loc> is the location token (both sides)
+    ("chelsea_orientation6.jpg", "answer en is <eos> or <image> at <loc0512>?"),
 ]
 
 
@@ -78,6 +83,15 @@ def images(tmp_path_factory, _sample_images_cache) -> Path:
     _sample_images_cache["camera_l"].save(d / "camera_l.png")
     _sample_images_cache["chelsea_p"].save(d / "chelsea_p.png")
     _sample_images_cache["tiny_37x13"].save(d / "tiny_37x13.jpg")
+    # EXIF orientations pg_edge turns upright (a rotation, a mirror, a transpose), JPEG and PNG,
+    # on a non-square photo; and 16-bit grey, which pg_edge scales to 8 bits.
+    chelsea = _sample_images_cache["chelsea"]
+    for k, ext in ((3, "jpg"), (6, "jpg"), (8, "png"), (5, "png"), (2, "jpg")):
+        exif = Image.Exif()
+        exif[0x0112] = k
+        chelsea.save(d / f"chelsea_orientation{k}.{ext}", exif=exif.tobytes())
+    grey16 = (np.linspace(0, 65535, 120 * 90).reshape(90, 120)).astype(np.uint16)
+    Image.fromarray(grey16).save(d / "grey16.png")
     return d
 
 
@@ -96,8 +110,9 @@ def model(request):
     return factory
 
 
-def run_cpp(runner: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
+def run_cpp(runner: Path, *args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -238,6 +253,9 @@ def test_bad_bundles_give_one_line_errors(runner, model, images, tmp_path):
     bad_image.write_bytes(b"hello")
     assert "not_an_image.png" in _one_line_error(run_cpp(runner, good, "--image", bad_image, "--prompt", "x",
                                                           check=False))
+    over = _one_line_error(run_cpp(runner, good, "--image", images / "cat.jpg", "--prompt", "x", check=False,
+                                   env={"PG_EDGE_MAX_IMAGE_PIXELS": "1000"}))
+    assert "past the limit of 1000" in over  # pg_edge's pixel limit, from the header
     long_prompt = "answer en " + " ".join(["word"] * 80)
     assert "--prompt-tokens" in _one_line_error(run_cpp(runner, good, "--image", images / "cat.jpg", "--prompt",
                                                          long_prompt, check=False))

@@ -182,6 +182,7 @@ def _manifest(pg, bundle_id: str, weights: dict, functions: dict, P: int, L: int
         "image": {
             "size": config.vision.image_size,
             "resize": "PIL Image.resize BICUBIC to size x size (antialiased, a = -0.5), aspect ratio not kept",
+            "orientation": "files are first turned upright by their EXIF orientation",
             "alpha": "composited onto white before the resize",
             "normalize": "x / 255 then (x - 0.5) / 0.5, float32, NHWC",
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],

@@ -4,6 +4,8 @@
 #include <csetjmp>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -37,12 +39,38 @@ uint8_t over_white(uint32_t c, uint32_t a) {
   return static_cast<uint8_t>(div255(t + (0x80u << PB)) >> PB);
 }
 
+// pg_edge.image_limits' pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
+// from the header before any pixel is decoded.
+void check_pixels(long long w, long long h, const std::string& path) {
+  const char* env = std::getenv("PG_EDGE_MAX_IMAGE_PIXELS");
+  long long limit = env && *env ? std::atoll(env) : 100000000LL;
+  if (w < 1 || h < 1) throw std::runtime_error("image " + path + " is empty");
+  if (w * h > limit)
+    throw std::runtime_error("image " + path + " is " + std::to_string(w) + "x" + std::to_string(h) +
+                             " pixels, past the limit of " + std::to_string(limit));
+}
+
 RgbImage decode_png(const std::vector<uint8_t>& data, const std::string& path) {
   int w = 0, h = 0, n = 0;
-  uint8_t* px = stbi_load_from_memory(data.data(), static_cast<int>(data.size()), &w, &h, &n, 4);
-  if (!px) throw std::runtime_error("cannot read image " + path + ": " + stbi_failure_reason());
+  int len = static_cast<int>(data.size());
+  if (!stbi_info_from_memory(data.data(), len, &w, &h, &n))
+    throw std::runtime_error("cannot read image " + path + ": " + stbi_failure_reason());
+  check_pixels(w, h, path);
   RgbImage img{w, h, std::vector<uint8_t>(static_cast<size_t>(w) * h * 3)};
-  for (size_t i = 0; i < static_cast<size_t>(w) * h; ++i) {
+  size_t count = static_cast<size_t>(w) * h;
+  if (stbi_is_16_bit_from_memory(data.data(), len) && n == 1) {
+    // 16-bit grey: Pillow's I;16, which pg_edge scales to 8 bits as round(v / 257).
+    uint16_t* px = stbi_load_16_from_memory(data.data(), len, &w, &h, &n, 1);
+    if (!px) throw std::runtime_error("cannot read image " + path + ": " + stbi_failure_reason());
+    for (size_t i = 0; i < count; ++i)
+      img.rgb[3 * i] = img.rgb[3 * i + 1] = img.rgb[3 * i + 2] = static_cast<uint8_t>((2u * px[i] + 257u) / 514u);
+    stbi_image_free(px);
+    return img;
+  }
+  // Other 16-bit PNGs: the high byte, as Pillow's RGB;16B / LA;16B unpacking (and stb) keep.
+  uint8_t* px = stbi_load_from_memory(data.data(), len, &w, &h, &n, 4);
+  if (!px) throw std::runtime_error("cannot read image " + path + ": " + stbi_failure_reason());
+  for (size_t i = 0; i < count; ++i) {
     uint8_t a = px[4 * i + 3];
     for (int c = 0; c < 3; ++c) {
       uint8_t v = px[4 * i + c];
@@ -51,6 +79,77 @@ RgbImage decode_png(const std::vector<uint8_t>& data, const std::string& path) {
   }
   stbi_image_free(px);
   return img;
+}
+
+// ---- EXIF orientation (what PIL's ImageOps.exif_transpose applies) ---------------------
+// The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 when absent.
+int exif_orientation(const uint8_t* p, size_t n) {
+  if (n < 8) return 1;
+  bool le = p[0] == 'I' && p[1] == 'I';
+  if (!le && !(p[0] == 'M' && p[1] == 'M')) return 1;
+  auto u16 = [&](size_t o) -> uint32_t { return o + 2 > n ? 0 : le ? p[o] | p[o + 1] << 8 : p[o] << 8 | p[o + 1]; };
+  auto u32 = [&](size_t o) -> uint32_t {
+    return o + 4 > n ? 0 : le ? p[o] | p[o + 1] << 8 | p[o + 2] << 16 | static_cast<uint32_t>(p[o + 3]) << 24
+                              : static_cast<uint32_t>(p[o]) << 24 | p[o + 1] << 16 | p[o + 2] << 8 | p[o + 3];
+  };
+  size_t ifd = u32(4);
+  uint32_t entries = u16(ifd);
+  for (uint32_t i = 0; i < entries && ifd + 2 + 12 * (i + 1) <= n; ++i) {
+    size_t e = ifd + 2 + 12 * i;
+    if (u16(e) == 0x0112) {
+      uint32_t v = u16(e + 8);
+      return v >= 1 && v <= 8 ? static_cast<int>(v) : 1;
+    }
+  }
+  return 1;
+}
+
+int jpeg_orientation(const std::vector<uint8_t>& d) {
+  size_t i = 2;
+  while (i + 4 <= d.size() && d[i] == 0xFF) {
+    uint8_t marker = d[i + 1];
+    size_t len = static_cast<size_t>(d[i + 2]) << 8 | d[i + 3];
+    if (marker == 0xDA || len < 2) break;  // start of scan: no more metadata
+    if (marker == 0xE1 && len >= 8 && i + 2 + len <= d.size() && std::memcmp(&d[i + 4], "Exif\0\0", 6) == 0)
+      return exif_orientation(&d[i + 10], len - 8);
+    i += 2 + len;
+  }
+  return 1;
+}
+
+int png_orientation(const std::vector<uint8_t>& d) {
+  size_t i = 8;
+  while (i + 12 <= d.size()) {
+    size_t len = static_cast<size_t>(d[i]) << 24 | d[i + 1] << 16 | d[i + 2] << 8 | d[i + 3];
+    if (i + 12 + len > d.size()) break;
+    if (std::memcmp(&d[i + 4], "eXIf", 4) == 0) return exif_orientation(&d[i + 8], len);
+    if (std::memcmp(&d[i + 4], "IDAT", 4) == 0) break;  // Pillow reads eXIf before the pixels
+    i += 12 + len;
+  }
+  return 1;
+}
+
+// Source pixel of output (x, y) for each orientation, as PIL's transposes map them.
+RgbImage upright(const RgbImage& in, int orientation) {
+  if (orientation == 1) return in;
+  bool swap = orientation >= 5;
+  int W = swap ? in.height : in.width, H = swap ? in.width : in.height;
+  RgbImage out{W, H, std::vector<uint8_t>(in.rgb.size())};
+  for (int y = 0; y < H; ++y)
+    for (int x = 0; x < W; ++x) {
+      int sx = x, sy = y;
+      switch (orientation) {
+        case 2: sx = in.width - 1 - x; break;                               // FLIP_LEFT_RIGHT
+        case 3: sx = in.width - 1 - x; sy = in.height - 1 - y; break;       // ROTATE_180
+        case 4: sy = in.height - 1 - y; break;                              // FLIP_TOP_BOTTOM
+        case 5: sx = y; sy = x; break;                                      // TRANSPOSE
+        case 6: sx = y; sy = in.height - 1 - x; break;                      // ROTATE_270
+        case 7: sx = in.width - 1 - y; sy = in.height - 1 - x; break;       // TRANSVERSE
+        case 8: sx = in.width - 1 - y; sy = x; break;                       // ROTATE_90
+      }
+      std::memcpy(&out.rgb[(static_cast<size_t>(y) * W + x) * 3], &in.rgb[(static_cast<size_t>(sy) * in.width + sx) * 3], 3);
+    }
+  return out;
 }
 
 struct JpegError {
@@ -79,6 +178,12 @@ RgbImage decode_jpeg(const std::vector<uint8_t>& data, const std::string& path) 
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, data.data(), static_cast<unsigned long>(data.size()));
   jpeg_read_header(&cinfo, TRUE);
+  try {
+    check_pixels(cinfo.image_width, cinfo.image_height, path);
+  } catch (...) {
+    jpeg_destroy_decompress(&cinfo);
+    throw;
+  }
   bool gray = cinfo.jpeg_color_space == JCS_GRAYSCALE;
   if (!gray && cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_RGB) {
     jpeg_destroy_decompress(&cinfo);
@@ -162,9 +267,11 @@ uint8_t clip8(int32_t v) {
 
 RgbImage read_image(const std::string& path) {
   std::vector<uint8_t> data = read_file(path);
+  // Decoded, then turned upright by its EXIF orientation (as pg_edge.image_limits does).
   if (data.size() >= 8 && data[0] == 0x89 && data[1] == 'P' && data[2] == 'N' && data[3] == 'G')
-    return decode_png(data, path);
-  if (data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return decode_jpeg(data, path);
+    return upright(decode_png(data, path), png_orientation(data));
+  if (data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF)
+    return upright(decode_jpeg(data, path), jpeg_orientation(data));
   throw std::runtime_error("cannot read image " + path + ": not a PNG or JPEG file");
 }
 

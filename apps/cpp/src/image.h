@@ -14,7 +14,8 @@ struct RgbImage {
   std::vector<uint8_t> rgb;
 };
 
-// Reads a PNG (stb_image) or a JPEG (libjpeg, as Pillow decodes it); transparency is
+// Reads a PNG (stb_image) or a JPEG (libjpeg, as Pillow decodes it), upright by its EXIF
+// orientation, within pg_edge's pixel limit, 16-bit grey scaled to 8 bits; transparency is
 // composited onto white with Pillow's alpha_composite arithmetic. Throws std::runtime_error
 // with a one-line message on a missing, unreadable or unsupported file.
 RgbImage read_image(const std::string& path);

@@ -23,6 +23,11 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
   std::vector<int> out;
   auto status = sp_->Encode(text, &out);
   if (!status.ok()) throw std::runtime_error("cannot tokenize the prompt: " + status.ToString());
+  // As pg_edge's Tokenizer.encode: typed text never becomes a control token.
+  for (int i : out)
+    if (i == ids_.bos || i == ids_.eos || i == ids_.pad || i == ids_.image)
+      throw std::runtime_error("this tokenizer turns text such as <image> or <eos> in the prompt into control tokens; "
+                               "remove them from the prompt");
   return out;
 }
 
