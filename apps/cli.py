@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "serve": ("apps.server.cli", "serve a model over HTTP (OpenAI chat format)"),
     "label": ("apps.commands.label", "auto-label a folder of images into COCO JSON"),
     "verify": ("apps.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
+    "export": ("apps.commands.export", "export encode/prefill/decode graphs for C++ or Swift (MLX, no Python)"),
     "convert": ("apps.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
     "convert-vae": ("convert.vae_cli", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
     "quantize": ("quantize.cli", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
