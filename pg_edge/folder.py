@@ -51,14 +51,19 @@ MAX_SHARD_BYTES = 4 << 30  # what HF and mlx-lm use: one shard stays loadable on
 
 # -- reading ------------------------------------------------------------------------------
 def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
-    """A local folder, or a hub id downloaded with huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE
-    and the local cache are honoured). Only the files listed in `allow_patterns` are fetched."""
+    """A local folder, "demo" (the built-in model, unless a folder of that name exists), or a
+    hub id downloaded with huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE and the local cache are
+    honoured). Only the files listed in `allow_patterns` are fetched."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{p} is a file; expected a model folder")
         return p
     s = str(path_or_id)
+    if s == "demo":  # the built-in demo model shipped inside the package (pg_edge/demo)
+        from .demo import MODEL_DIR
+
+        return MODEL_DIR
     if s.count("/") != 1 or s.startswith((".", "/", "~")):
         raise CheckpointError(f"model folder not found: {s}")
     from huggingface_hub import snapshot_download

@@ -1,0 +1,105 @@
+"""`make demo-model`: every stage of the demo model, each a command printed with its time.
+
+    python -m demo_model.build [--work DIR] [--from STAGE] [--only STAGE]
+
+Stages (outputs under --work, default build/demo_model; the last stages write the repository):
+    tokenizer   SentencePiece model with the task words, <locNNNN>, <segNNN>  (demo_model/tokenizer.py)
+    vqvae       the mask VQ-VAE on the shapes' masks -> vae-oid.npz             (demo_model/vqvae.py)
+    pretrain    caption / detect / segment from random init, torch, HF layout  (demo_model/pretrain.py)
+    convert     pg-edge convert (float32)                                      (as for Google's weights)
+    data        JSONL for task transfer: counting + replay                     (demo_model/finetune_data.py)
+    finetune    pg-edge finetune: counting is learned here                     (pg_edge's own trainer)
+    export      the fine-tuned float model -> demo_model/hf (official HF layout, kept in the repo)
+    ship        pg-edge convert demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
+                pg-edge convert-vae -> pg_edge/demo/model/vae.safetensors, sample images
+Settings for convert / finetune / quantize: demo_model/recipe.json (the reproduction test reads
+the same file). Dev tool: needs torch and transformers (the test extras).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "demo_model"
+HF_SOURCE = HERE / "hf"  # the float model in the official HF layout, kept in the repository
+VAE_SOURCE = HERE / "vae-oid.npz"  # the VQ-VAE decoder + codebook in big_vision's layout
+SHIPPED = ROOT / "pg_edge" / "demo" / "model"
+STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "ship")
+
+
+def recipe() -> dict:
+    return json.loads((HERE / "recipe.json").read_text())
+
+
+def pg_edge(*args) -> list[str]:
+    return [sys.executable, "-m", "apps.cli", *map(str, args)]
+
+
+def py(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def commands(stage: str, w: Path) -> list[list[str]]:
+    r = recipe()
+    if stage == "tokenizer":
+        return [py("demo_model.tokenizer", w / "tokenizer")]
+    if stage == "vqvae":
+        return [py("demo_model.vqvae", w / "vae-oid-full.npz"),
+                py("demo_model.vqvae_decoder", w / "vae-oid-full.npz", VAE_SOURCE)]
+    if stage == "pretrain":
+        return [py("demo_model.pretrain", "--tokenizer", w / "tokenizer", "--vae", w / "vae-oid-full.npz",
+                   "-o", w / "hf_pretrained")]
+    if stage == "convert":
+        return [pg_edge("convert", w / "hf_pretrained", "-o", w / "pretrained", "--dtype", r["convert"]["dtype"],
+                        "--force", "--quiet")]
+    if stage == "data":
+        return [py("demo_model.finetune_data", "--vae", w / "vae-oid-full.npz", "-o", w / "ft_data")]
+    if stage == "finetune":
+        f = r["finetune"]
+        return [pg_edge("finetune", w / "pretrained", "--data", w / "ft_data/train.jsonl", "--valid",
+                        w / "ft_data/valid.jsonl", "--train", f["train"], "--steps", f["steps"], "--batch-size",
+                        f["batch_size"], "--lr", f["lr"], "--warmup", f["warmup"], "--export", "fused",
+                        "-o", w / "finetuned", "--force")]
+    if stage == "export":
+        return [py("demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o", HF_SOURCE)]
+    if stage == "ship":
+        q = r["quantize"]
+        return [pg_edge("convert", HF_SOURCE, "-o", w / "float", "--dtype", r["convert"]["dtype"], "--force", "--quiet"),
+                pg_edge("quantize", w / "float", "-o", SHIPPED, "--recipe", q["recipe"], "--group-size",
+                        q["group_size"], "--force"),
+                pg_edge("convert-vae", VAE_SOURCE, "-o", SHIPPED / "vae.safetensors", "--force"),
+                py("demo_model.samples")]
+    raise ValueError(stage)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "demo_model")
+    p.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0])
+    p.add_argument("--only", choices=STAGES, default=None)
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    stages = [a.only] if a.only else list(STAGES[STAGES.index(a.start):])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    times = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        for cmd in commands(stage, a.work):
+            print(f"\n== {stage}: {shlex.join(str(c) for c in cmd)}", flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        times[stage] = time.perf_counter() - t0
+        print(f"== {stage} took {times[stage]:.0f} s", flush=True)
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
