@@ -32,6 +32,19 @@ HERE = ROOT / "demo_model"
 HF_SOURCE = HERE / "hf"  # the float model in the official HF layout, kept in the repository
 VAE_SOURCE = HERE / "vae-oid.npz"  # the VQ-VAE decoder + codebook in big_vision's layout
 SHIPPED = ROOT / "pg_edge" / "demo" / "model"
+# The shipped model's pretraining, as it was run: three phases, each continuing the previous.
+# Phase 1 (per-token loss, hard <loc> targets) learned where shapes are but lost their colours
+# (the long segment rows outweighed the captions); phase 2 switched to the per-example mean
+# with one-shape images mixed in (stopped at step 500 of its schedule); phase 3 added soft
+# <loc> targets and blurred <loc> embeddings.
+PRETRAIN = (
+    ["--steps", 1100, "--batch-size", 32, "--lr", 2e-3, "--warmup", 80, "--loss-norm", "token", "--hard-loc",
+     "--smooth-loc", 0, "--single", 0, "--mix", "caption=0.3,detect=0.4,segment=0.3"],
+    ["--steps", 2500, "--stop-at", 500, "--batch-size", 24, "--lr", 1e-3, "--warmup", 100, "--hard-loc",
+     "--smooth-loc", 0, "--single", 0.5, "--start-index", 100_000],
+    ["--steps", 2200, "--batch-size", 24, "--lr", 1e-3, "--warmup", 50, "--smooth-loc", 8, "--single", 0.3,
+     "--start-index", 200_000],
+)
 STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "ship")
 
 
@@ -55,8 +68,12 @@ def commands(stage: str, w: Path) -> list[list[str]]:
         return [py("demo_model.vqvae", w / "vae-oid-full.npz"),
                 py("demo_model.vqvae_decoder", w / "vae-oid-full.npz", VAE_SOURCE)]
     if stage == "pretrain":
-        return [py("demo_model.pretrain", "--tokenizer", w / "tokenizer", "--vae", w / "vae-oid-full.npz",
-                   "-o", w / "hf_pretrained")]
+        common = ["--tokenizer", w / "tokenizer", "--vae", w / "vae-oid-full.npz"]
+        return [py("demo_model.pretrain", *common, "-o", w / "hf_phase1", *phase)
+                if i == 0 else
+                py("demo_model.pretrain", *common, "--init", w / f"hf_phase{i}", "-o",
+                   w / ("hf_pretrained" if i == len(PRETRAIN) - 1 else f"hf_phase{i + 1}"), *phase)
+                for i, phase in enumerate(PRETRAIN)]
     if stage == "convert":
         return [pg_edge("convert", w / "hf_pretrained", "-o", w / "pretrained", "--dtype", r["convert"]["dtype"],
                         "--force", "--quiet")]
@@ -64,10 +81,11 @@ def commands(stage: str, w: Path) -> list[list[str]]:
         return [py("demo_model.finetune_data", "--vae", w / "vae-oid-full.npz", "-o", w / "ft_data")]
     if stage == "finetune":
         f = r["finetune"]
+        freeze = ["--freeze-vision"] if f.get("freeze_vision") else []
         return [pg_edge("finetune", w / "pretrained", "--data", w / "ft_data/train.jsonl", "--valid",
-                        w / "ft_data/valid.jsonl", "--train", f["train"], "--steps", f["steps"], "--batch-size",
-                        f["batch_size"], "--lr", f["lr"], "--warmup", f["warmup"], "--export", "fused",
-                        "-o", w / "finetuned", "--force")]
+                        w / "ft_data/valid.jsonl", "--train", f["train"], *freeze, "--steps", f["steps"],
+                        "--batch-size", f["batch_size"], "--lr", f["lr"], "--warmup", f["warmup"],
+                        "--export", "fused", "-o", w / "finetuned", "--force")]
     if stage == "export":
         return [py("demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o", HF_SOURCE)]
     if stage == "ship":

@@ -109,7 +109,9 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    # vae.safetensors (the segmentation mask decoder, see model_tasks.VAE_FILE) may sit beside
+    # the weights; it is no part of the model.
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "vae.safetensors")
     if not files:
         pickled = [f.name for f in folder.iterdir() if f.name.endswith(REFUSED_SUFFIXES)]
         if pickled:
