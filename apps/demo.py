@@ -31,7 +31,7 @@ def annotate(image, text: str, lines: list[str], decoder=None):
     with `decoder` when given), and `lines` written in a strip below it."""
     from PIL import Image, ImageDraw
 
-    from pg_edge import tasks
+    from pg_edge import task_text as tasks
     from pg_edge.draw import draw_objects
     from pg_edge.vae import add_masks
 
@@ -52,7 +52,7 @@ def run(images: list[Path], out: Path) -> int:
     import pg_edge
     from pg_edge import demo
     from pg_edge.processor import load_image
-    from pg_edge.vision_tasks import find_vae
+    from pg_edge.model_tasks import find_vae
 
     t0 = time.perf_counter()
     pg = pg_edge.load(demo.NAME)

@@ -32,18 +32,22 @@ HERE = ROOT / "demo_model"
 HF_SOURCE = HERE / "hf"  # the float model in the official HF layout, kept in the repository
 VAE_SOURCE = HERE / "vae-oid.npz"  # the VQ-VAE decoder + codebook in big_vision's layout
 SHIPPED = ROOT / "pg_edge" / "demo" / "model"
-# The shipped model's pretraining, as it was run: three phases, each continuing the previous.
-# Phase 1 (per-token loss, hard <loc> targets) learned where shapes are but lost their colours
-# (the long segment rows outweighed the captions); phase 2 switched to the per-example mean
-# with one-shape images mixed in (stopped at step 500 of its schedule); phase 3 added soft
-# <loc> targets and blurred <loc> embeddings.
+# The shipped model's pretraining, as it was run: four phases, each continuing the previous
+# (the later ones fix what the earlier measured wrong; stopped phases keep their schedule).
+# Phase 1 (per-token loss, hard <loc> targets) lost the colours (the long segment rows
+# outweighed the captions); phase 2: per-example mean, one-shape images mixed in (stopped at
+# 500); phase 3: soft <loc> targets, blurred <loc> embeddings (stopped at 1200: boxes still
+# ~20 px off); phase 4: sinusoidal position codes added to SigLIP's positions and the <loc>
+# embeddings, a higher learning rate, more detection.
 PRETRAIN = (
     ["--steps", 1100, "--batch-size", 32, "--lr", 2e-3, "--warmup", 80, "--loss-norm", "token", "--hard-loc",
      "--smooth-loc", 0, "--single", 0, "--mix", "caption=0.3,detect=0.4,segment=0.3"],
     ["--steps", 2500, "--stop-at", 500, "--batch-size", 24, "--lr", 1e-3, "--warmup", 100, "--hard-loc",
      "--smooth-loc", 0, "--single", 0.5, "--start-index", 100_000],
-    ["--steps", 2200, "--batch-size", 24, "--lr", 1e-3, "--warmup", 50, "--smooth-loc", 8, "--single", 0.3,
-     "--start-index", 200_000],
+    ["--steps", 2200, "--stop-at", 1200, "--batch-size", 24, "--lr", 1e-3, "--warmup", 50, "--smooth-loc", 8,
+     "--single", 0.3, "--start-index", 200_000],
+    ["--steps", 1400, "--batch-size", 24, "--lr", 2e-3, "--warmup", 50, "--smooth-loc", 0, "--position-priors", 0.5,
+     "--single", 0.2, "--mix", "caption=0.3,detect=0.4,segment=0.3", "--start-index", 300_000],
 )
 STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "ship")
 

@@ -145,6 +145,32 @@ def smooth_loc_embeddings(model, loc0: int, sigma: float) -> None:
         emb[loc0:loc0 + 1024] = blurred * (rows.norm() / blurred.norm())
 
 
+def sinusoids(coords: torch.Tensor, dim: int, max_period: float = 448.0, min_period: float = 4.0) -> torch.Tensor:
+    """float[N] pixel coordinates -> float[N, dim]: sin/cos at dim/2 geometric periods."""
+    periods = max_period * (min_period / max_period) ** torch.linspace(0, 1, dim // 2)
+    angle = 2 * math.pi * coords[:, None] / periods[None]
+    return torch.cat([angle.sin(), angle.cos()], 1)
+
+
+def add_position_priors(model, loc0: int, scale: float) -> None:
+    """Add a 2D sinusoidal code of each patch's centre to SigLIP's position embeddings, and the
+    1D code of each bin's coordinate to the `<loc>` embeddings (tied to the head): both sides
+    of "where" then start in one coordinate system. `scale`: relative to each table's norm."""
+    with torch.no_grad():
+        pos = model.model.vision_tower.embeddings.position_embedding.weight
+        n, width = pos.shape
+        side = int(round(n ** 0.5))
+        patch = arch.IMAGE_SIZE / side
+        centre = (torch.arange(side).float() + 0.5) * patch
+        yy, xx = torch.meshgrid(centre, centre, indexing="ij")
+        code = torch.cat([sinusoids(yy.reshape(-1), width // 2), sinusoids(xx.reshape(-1), width // 2)], 1)
+        pos += scale * code * (pos.norm() / code.norm())
+        emb = model.get_input_embeddings().weight
+        rows = emb[loc0:loc0 + 1024]
+        code = sinusoids(torch.arange(1024).float() / 1023 * arch.IMAGE_SIZE, rows.shape[1])
+        emb[loc0:loc0 + 1024] = rows + scale * code * (rows.norm() / code.norm())
+
+
 def save_hf(model, tokenizer_dir: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,6 +208,8 @@ def main() -> None:
     p.add_argument("--stop-at", type=int, default=None, help="end at this step (the schedule keeps --steps)")
     p.add_argument("--smooth-loc", type=float, default=8.0,
                    help="blur the <loc> embeddings along the bin axis with this sigma (bins) at the start")
+    p.add_argument("--position-priors", type=float, default=0.0,
+                   help="add sinusoidal position codes (this fraction of the tables' norm) at the start")
     p.add_argument("--start-index", type=int, default=0, help="first train-split image to draw")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -197,6 +225,8 @@ def main() -> None:
     model.config._attn_implementation = "eager"
     if a.smooth_loc:
         smooth_loc_embeddings(model, tok.loc0, a.smooth_loc)
+    if a.position_priors:
+        add_position_priors(model, tok.loc0, a.position_priors)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     batcher = Batcher(tok, load_npz(Path(a.vae)), a.seed)
     batcher.next_index = a.start_index

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge import demo, tasks
+from pg_edge import demo
+from pg_edge import task_text as tasks
 from pg_edge.demo import score, shapes as S
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pg_edge import tasks
+from pg_edge import task_text as tasks
 from pg_edge.demo import shapes as S
 
 ALL = S.KINDS
@@ -86,7 +86,7 @@ def object_scores(sample: S.Sample, objects, use_masks: bool) -> tuple[list[floa
 def evaluate(pg, samples: Sequence[S.Sample], batch: int = 128, vae=None) -> Scores:
     """Run the four tasks on `samples` with `pg` (a pg_edge.PaliGemma) and score them."""
     from pg_edge.vae import add_masks
-    from pg_edge.vision_tasks import find_vae
+    from pg_edge.model_tasks import find_vae
 
     decoder = find_vae(pg, vae)
     images = [s.image for s in samples]
