@@ -57,7 +57,7 @@ def run(images: list[Path], out: Path) -> int:
     t0 = time.perf_counter()
     pg = pg_edge.load(demo.NAME)
     decoder = find_vae(pg)
-    params = sum(v.size for k, v in _tensors(pg) if not k.endswith((".scales", ".biases")))
+    params = _parameters(pg)
     print(f"pg_edge demo: the built-in `demo` model, a {params / 1e6:.1f}M-parameter PaliGemma 2 "
           f"trained by this project on synthetic shapes,\n8-bit quantized, loaded from "
           f"{pg.folder} in {time.perf_counter() - t0:.1f} s. Offline: nothing is downloaded.\n")
@@ -90,10 +90,20 @@ def run(images: list[Path], out: Path) -> int:
     return 0
 
 
-def _tensors(pg):
+def _parameters(pg) -> int:
+    """Parameters of the model before quantization: a quantized matrix counts group_size per
+    scale (its packed uint32 words hold several weights each)."""
     from mlx.utils import tree_flatten
 
-    return tree_flatten(pg.model.parameters())
+    tensors = dict(tree_flatten(pg.model.parameters()))
+    group = (pg.config.raw.get("quantization") or {}).get("group_size", 64)
+    n = 0
+    for k, v in tensors.items():
+        if k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] + ".scales" in tensors:
+            n += v.size * group if k.endswith(".scales") else 0
+        elif not (k.endswith(".weight") and k[:-len("weight")] + "scales" in tensors):
+            n += v.size
+    return n
 
 
 def main(argv=None) -> int:

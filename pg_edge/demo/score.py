@@ -32,9 +32,18 @@ class Scores:
     segment: float
     extra: int  # predicted objects matched to no ground truth (detect + segment)
     n_images: int
+    n_objects: int  # ground-truth objects: what detect and segment average over
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def merge(self, other: "Scores") -> "Scores":
+        """The scores of both sample sets together (weighted by images or by objects)."""
+        n, m = self.n_images + other.n_images, self.n_objects + other.n_objects
+        by_image = lambda k: (getattr(self, k) * self.n_images + getattr(other, k) * other.n_images) / n
+        by_object = lambda k: (getattr(self, k) * self.n_objects + getattr(other, k) * other.n_objects) / m
+        return Scores(by_image("caption"), by_image("count"), by_object("detect"), by_object("segment"),
+                      self.extra + other.extra, n, m)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -109,4 +118,4 @@ def evaluate(pg, samples: Sequence[S.Sample], batch: int = 128, vae=None) -> Sco
         det += d
         seg += m
         extra += e1 + e2
-    return Scores(float(cap), float(cnt), float(np.mean(det)), float(np.mean(seg)), extra, len(samples))
+    return Scores(float(cap), float(cnt), float(np.mean(det)), float(np.mean(seg)), extra, len(samples), len(det))
