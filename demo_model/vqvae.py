@@ -147,7 +147,7 @@ def load_npz(path: Path) -> VQVAE:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)  # what the shipped decoder had
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
