@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 UNAME := $(shell uname -s)
 
-.PHONY: setup system-deps demo test clean
+.PHONY: setup system-deps demo demo-model test clean
 
 # Debian packages some tests and examples need (Xvfb for the desktop example, the C++ example's
 # libraries), one per line in .ci/apt-packages.txt; installed when missing (as root), else named.
@@ -36,6 +36,11 @@ setup: system-deps $(VENV)/.installed
 
 demo: setup
 	$(PY) -m apps.demo
+
+# Rebuild the built-in demo model from scratch (tokenizer, VQ-VAE, pretraining, convert,
+# fine-tune, export, quantize): demo_model/README.md. Not part of `make test`.
+demo-model: setup
+	$(PY) -m demo_model.build
 
 test: setup
 	$(PY) -m pytest

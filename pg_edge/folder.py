@@ -54,14 +54,19 @@ MAX_SHARD_BYTES = 4 << 30  # what HF and mlx-lm use: one shard stays loadable on
 
 # -- reading ------------------------------------------------------------------------------
 def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
-    """A local folder, or a hub id downloaded with huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE
-    and the local cache are honoured). Only the files listed in `allow_patterns` are fetched."""
+    """A local folder, "demo" (the built-in model, unless a folder of that name exists), or a
+    hub id downloaded with huggingface_hub (HF_TOKEN, HF_HUB_OFFLINE and the local cache are
+    honoured). Only the files listed in `allow_patterns` are fetched."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{p} is a file; expected a model folder")
         return p
     s = str(path_or_id)
+    if s == "demo":  # the built-in demo model shipped inside the package (pg_edge/demo)
+        from .demo import MODEL_DIR
+
+        return MODEL_DIR
     if looks_local(s):  # not owner/name, or its first part is a folder here (pg_edge.hub)
         first = s.split("/", 1)[0]
         why = (f" ({first} is a local folder, so this is a path, not a hub id)"
@@ -97,7 +102,9 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    # vae.safetensors (the segmentation mask decoder, see model_tasks.VAE_FILE) may sit beside
+    # the weights; it is no part of the model.
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "vae.safetensors")
     if not files:
         pickled = [f.name for f in folder.iterdir() if f.name.endswith(REFUSED_SUFFIXES)]
         if pickled:
