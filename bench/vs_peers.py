@@ -16,7 +16,8 @@ quantized kernels as they are, to show what pg_edge/backend.py buys.
 --cut A B projects every time and memory figure to the preset's full depth, linearly from the
 two depths (cost = fixed + per-layer x layers; vision figures by vision layers, the rest by
 decoder layers); projected figures are marked "proj". --convert also times `pg-edge convert -q`
-against mlx-vlm's convert on the same HF folder (time and peak RSS), at bf16 and 4-bit.
+against mlx-vlm's convert on the same HF folder (time and peak RSS), at bf16 and 4-bit (at the
+first --cut depth only).
 Prints the figures and the ratio table (pg_edge / peer) and writes JSON (--json).
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def worker(args: list[str], env: dict | None = None, log=None) -> dict:
     return r
 
 
-def run_depth(a, work: Path, vision_layers, text_layers) -> dict:
+def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -> dict:
     """All tools x precisions at one depth -> {precision: {tool: figures}} (+ conversion)."""
     tag = "narrow" if a.narrow else f"v{vision_layers}t{text_layers}"
     hf = work / f"{a.preset}-{tag}-hf"
@@ -65,7 +66,7 @@ def run_depth(a, work: Path, vision_layers, text_layers) -> dict:
         print(f"building {hf.name}", file=sys.stderr, flush=True)
         make_hf_folder(hf, a.preset, vision_layers, text_layers, narrow=a.narrow)
     out: dict = {"runs": {}}
-    if a.convert:
+    if a.convert and convert:
         out["convert"] = {}
         for bits in (None, 4):
             key = "bf16" if bits is None else f"{bits}"
@@ -226,7 +227,7 @@ def main() -> None:
             print(convert_table(d["convert"]))
     else:
         for n in a.cut:
-            d = run_depth(a, work, n, n)
+            d = run_depth(a, work, n, n, convert=n == a.cut[0])  # conversion: at the first depth
             result["depths"][f"cut{n}"] = d
             label = f"{a.preset} real widths, {n} vision + {n} decoder layer(s)"
             print(figures_table(d["runs"], label))
