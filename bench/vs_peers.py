@@ -229,6 +229,8 @@ def main() -> None:
         for n in a.cut:
             d = run_depth(a, work, n, n, convert=n == a.cut[0])  # conversion: at the first depth
             result["depths"][f"cut{n}"] = d
+            if a.json:  # after each depth: a long run stopped later keeps what it measured
+                Path(a.json).write_text(json.dumps(result, indent=2))
             label = f"{a.preset} real widths, {n} vision + {n} decoder layer(s)"
             print(figures_table(d["runs"], label))
             print(ratio_table(d["runs"], label))
