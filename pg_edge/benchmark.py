@@ -27,7 +27,15 @@ from .errors import PgEdgeError
 
 
 def max_rss_gb() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process. Linux: VmHWM of /proc/self/status, the high-water
+    mark of this program's own memory (ru_maxrss also counts the parent's RSS at fork, so a
+    child of a big process would report at least that); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1e9 if sys.platform == "darwin" else r * 1024 / 1e9
 
