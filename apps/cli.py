@@ -30,6 +30,7 @@ COMMAND_MODULES = {
     "convert-vae": ("convert.vae_cli", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
     "quantize": ("quantize.cli", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
     "finetune": ("pg_edge.train.cli", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),
+    "bench": ("apps.commands.bench", "time load, vision encode, first token and decode on this machine"),
 }
 
 

@@ -18,7 +18,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
+from .errors import PgEdgeError
 from .siglip import activation
+
+# Queries per attention chunk in a long prefill: bounds the float32 scores of Gemma2's
+# softcapped attention to [heads, 1024, T_k] (~135 MB at 8 heads and 4100 keys, not ~540 MB).
+PREFILL_CHUNK = 1024
+# How Gemma2's sliding-window layers attend (`pg_edge.load(..., attention=...)`):
+#   "window"  the 4096-token window, as transformers runs these checkpoints (the default: it
+#             is what the HF models are evaluated with, and pg_edge's parity tests check it);
+#   "global"  every layer attends globally, as big_vision (which trained PaliGemma 2) does: its
+#             gemma.py does not implement the local sliding attention of Gemma2.
+# The two differ only once a sequence exceeds 4096 tokens: at 896 px (4096 image tokens plus
+# the prompt); there transformers' logits move by up to ~4% of their scale between them.
+ATTENTION_MODES = ("window", "global")
 
 
 def prefix_lm_mask(mask_ar: mx.array, valid: mx.array, window: int | None = None) -> mx.array:
@@ -99,11 +112,23 @@ class Attention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.softcap:
-            o = self._softcapped_attention(q, k, v, mask)
+        if T <= PREFILL_CHUNK:
+            o = self._attend(q, k, v, mask)
         else:
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            # Long prefill (896 px: 4096 image tokens + prompt): queries in chunks against all
+            # keys, so the [T, T] scores never exist at once. Exact: every chunk sees every key
+            # its mask rows allow, the bidirectional prefix included.
+            o = mx.concatenate([
+                self._attend(q[:, :, i:i + PREFILL_CHUNK], k, v,
+                             None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
+                for i in range(0, T, PREFILL_CHUNK)
+            ], axis=2)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask):
+        if self.softcap:
+            return self._softcapped_attention(q, k, v, mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
     def _softcapped_attention(self, q, k, v, mask):
         """Gemma2: tanh softcap on the logits, which the fused kernel cannot do.
@@ -189,6 +214,14 @@ class LanguageModel(nn.Module):
 
     def windows(self) -> set:
         return {layer.window for layer in self.model.layers}
+
+    def set_attention(self, mode: str) -> None:
+        """"window" (Gemma2's sliding layers keep their window) or "global" (none do); see
+        ATTENTION_MODES. Gemma 1 has no window: both modes are the same model."""
+        if mode not in ATTENTION_MODES:
+            raise PgEdgeError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+        for i, layer in enumerate(self.model.layers):
+            layer.window = self.cfg.window_for_layer(i) if mode == "window" else None
 
     def logits(self, h: mx.array) -> mx.array:
         """float[..., D] final hidden states -> float[..., V] (softcapped for Gemma2)."""

@@ -111,11 +111,12 @@ def quantize(
         plan.check_complete(writer.shapes())
         writer.finish(plan.config_dict(), source_folder=folder)
     return build_report(plan, sizes, source=str(src), source_folder=folder, output=out,
-                        probe_list=probe_list, max_new_tokens=max_new_tokens, started=t0)
+                        probe_list=probe_list, max_new_tokens=max_new_tokens, started=t0, quiet=quiet)
 
 
 def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_folder: Path, output: Path,
-                 probe_list: list, max_new_tokens: int = 8, started: float | None = None) -> QuantizeReport:
+                 probe_list: list, max_new_tokens: int = 8, started: float | None = None,
+                 quiet: bool = True) -> QuantizeReport:
     """The report of a finished run: sizes per component from `sizes`, and the probes scored on
     `output` against `source_folder` (the float model: any folder pg_edge loads)."""
     for name, part in sizes.parts.items():
@@ -129,22 +130,33 @@ def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_fol
         vision_mlp_width=plan.vision_width, left_float=dict(plan.left_float),
     )
     if probe_list:
-        report.quality, report.probes = measure(source_folder, output, probe_list, max_new_tokens)
+        t = time.perf_counter()
+        report.quality, report.probes = measure(source_folder, output, probe_list, max_new_tokens, quiet)
+        report.quality_seconds = time.perf_counter() - t
     report.seconds = time.perf_counter() - started if started is not None else 0.0
     return report
 
 
 def measure(float_folder: Path, quant_folder: Path, probe_list: list,
-            max_new_tokens: int = 8) -> tuple[dict, list[dict]]:
+            max_new_tokens: int = 8, quiet: bool = True) -> tuple[dict, list[dict]]:
     """Teacher-forced agreement of the quantized folder with the float one on the probes:
-    (combined metrics, per-probe rows). One model in memory at a time."""
+    (combined metrics, per-probe rows). One model in memory at a time; progress per probe."""
     from pg_edge.pipeline import load
 
+    n = len(probe_list)
+    progress = Progress(2 * n, "quality report", quiet)
     ref_pg = load(float_folder)
-    reference = probes_mod.teacher_forced(ref_pg, probe_list, max_new_tokens)
+    reference = []
+    for i, probe in enumerate(probe_list, 1):
+        reference += probes_mod.teacher_forced(ref_pg, [probe], max_new_tokens)
+        progress.update(i, f"float model, probe {probe.name}")
     del ref_pg
     gc.collect()
-    got = probes_mod.rescore(load(quant_folder), reference)
+    quant_pg = load(quant_folder)
+    got = []
+    for i, s in enumerate(reference, 1):
+        got += probes_mod.rescore(quant_pg, [s])
+        progress.update(n + i, f"quantized model, probe {s.probe.name}")
     rows = []
     for s, logits in zip(reference, got):
         m = compare_logits(s.logits, logits)

@@ -68,6 +68,7 @@ class QuantizeReport:
     quality: dict | None = None  # pg_edge.eval.metrics.combine over all probes
     probes: list[dict] = field(default_factory=list)  # per probe: name, prompt, tokens, metrics
     seconds: float = 0.0
+    quality_seconds: float = 0.0  # of `seconds`, spent scoring the probes
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -112,6 +113,7 @@ class QuantizeReport:
             "quality": self.quality,
             "probes": self.probes,
             "seconds": round(self.seconds, 2),
+            "quality_seconds": round(self.quality_seconds, 2),
         }
 
     def to_json(self) -> str:
@@ -153,7 +155,7 @@ class QuantizeReport:
         lines += [
             "",
             f"agreement with the float model, teacher-forced on {len(self.probes)} probe(s), "
-            f"{q['positions']} positions:",
+            f"{q['positions']} positions ({self.quality_seconds:.1f} s of the {self.seconds:.1f} s):",
             f"{'probe':<18} {'prompt':<30} {'pos':>4} {'top-1':>7} {'mean KL':>10} {'max rel err':>12}",
         ]
         for p in self.probes:

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect cat"')
     add_sampling_args(p)
     p.add_argument("--adapters", default=None, help="adapters folder from `pg-edge finetune` to apply")
+    p.add_argument("--attention", choices=["window", "global"], default="window",
+                   help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
+                   "(default, as transformers) or global (as big_vision, which trained them)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token ids, timings, peak memory")
     p.set_defaults(func=run)
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.processor import load_image
 
     image = load_image(args.image)  # a bad image fails before the model loads
-    pg = pg_edge.load(args.model, adapters=args.adapters)
+    pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention)
     if args.json:
         result = pg.generate(image, args.prompt, **sampling_kwargs(args))
         print(json.dumps(result.to_dict()))

@@ -1,0 +1,74 @@
+"""pg_edge.backend: the CPU way of computing quantized products gives MLX's own result, in the
+input dtype, and is what a quantized folder gets when loaded on the CPU; `pg-edge bench`."""
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import pg_edge
+from pg_edge import backend
+
+
+def quantized_linear(bits: int, bias: bool = True) -> nn.QuantizedLinear:
+    mx.random.seed(0)
+    lin = nn.Linear(128, 96, bias=bias)
+    lin.set_dtype(mx.bfloat16)  # as loaded from a bf16 folder: bf16 scales, biases and bias
+    return nn.QuantizedLinear.from_linear(lin, group_size=64, bits=bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, backend.DENSE_ROWS + 3])  # the matvec and the dense path
+def test_cpu_product_equals_mlx_quantized_matmul(bits, rows):
+    layer = quantized_linear(bits)
+    x = mx.random.normal((1, rows, 128))
+    want = np.array(layer(x))
+    backend.apply(layer, "cpu")
+    assert type(layer) is backend.CpuQuantizedLinear
+    np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
+    out = layer(x.astype(mx.bfloat16))
+    assert out.dtype == mx.bfloat16  # as on Metal: the output keeps the activation dtype
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), want, atol=0.1 * np.abs(want).max())
+
+
+def test_native_mode_leaves_layers_alone():
+    layer = quantized_linear(4)
+    assert backend.apply(layer, "native") == "native"
+    assert type(layer) is nn.QuantizedLinear
+
+
+def test_tied_head_uses_the_cpu_product():
+    table = nn.Embedding(300, 64)
+    table.set_dtype(mx.bfloat16)
+    emb = nn.QuantizedEmbedding.from_embedding(table, group_size=64, bits=4)
+    h = mx.random.normal((1, 1, 64))
+    want = np.array(emb.as_linear(h))
+    backend.apply(emb, "cpu")
+    assert type(emb) is backend.CpuQuantizedEmbedding
+    np.testing.assert_allclose(np.array(emb.as_linear(h).astype(mx.float32)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("PG_EDGE_QMM", "native")
+    assert backend.policy() == "native"
+    monkeypatch.setenv("PG_EDGE_QMM", "cpu")
+    assert backend.policy() == "cpu"
+
+
+def test_pg_edge_bench_json(converted, capsys):
+    from apps.cli import main
+
+    assert main(["bench", str(converted(version=2)), "--tokens", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["decode_tokens"] == 3 and r["decode_tps"] > 0 and r["ttft_s"] >= r["vision_s"] > 0
+    assert r["peak_memory_gb"] > 0 and r["max_rss_gb"] > 0 and r["folder_gb"] > 0
+    assert r["prompt_tokens"] == pg_edge.load(converted(version=2)).config.num_image_tokens + 4
+
+
+def test_pg_edge_bench_table(converted, capsys):
+    from apps.cli import main
+
+    assert main(["bench", str(converted(version=1)), "--tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "time to first token" in out and "tok/s" in out and "peak memory (MLX)" in out
