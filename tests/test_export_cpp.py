@@ -3,7 +3,7 @@
 The C++ program is compiled once per session (`make -C apps/cpp`, objects cached in
 apps/cpp/build/), against the MLX of the Python running the tests. Models are listed in MODELS:
 name -> function(request) returning a model folder; add one there and every parametrized
-test below covers it (the built-in demo model: `"demo": lambda request: <its folder>`).
+test below covers it, the built-in demo model (8-bit, its own tokenizer ids) among them.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import pg_edge
+import pg_edge.folder
 from pg_edge.export import export_bundle
 from pg_edge.export.bundle import fnv1a64
 from pg_edge.processor import preprocess_image
@@ -52,6 +53,7 @@ MODELS = {
     "pg2_window8_bf16": _converted(version=2, dtype="bfloat16", sliding_window=8),  # what convert writes
     "pg1_q4": _quantized(1),
     "pg2_q4": _quantized(2),
+    "demo": lambda request: pg_edge.folder.resolve("demo"),  # shipped 8-bit, non-Gemma token ids
 }
 # (image file, prompt): a JPEG, an RGBA PNG (composited onto white), a grayscale PNG, an
 # EXIF-rotated JPEG.
@@ -180,7 +182,10 @@ def test_bundle_stores_the_weights_once(model, name):
     graphs = sum(f.stat().st_size for f in bundle.glob("*.mlxfn"))
     side = sum((bundle / n).stat().st_size for n in ("tokenizer.model", "manifest.json"))
     total = sum(f.stat().st_size for f in bundle.iterdir())
-    assert graphs < 0.05 * weights  # graphs hold no weights
+    # Graphs hold no weights: their size is the op count (bigger with the CPU backend's
+    # dequantize-then-matmul prefill, pg_edge/backend.py), ~0.5 MB here against 10-66 MB of
+    # weights, ~2.5 MB for a 3B model against GBs.
+    assert graphs < 0.10 * weights
     assert abs(total - (weights + graphs + side)) < 0.03 * (weights + graphs), (total, weights, graphs)
 
 

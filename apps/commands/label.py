@@ -1,4 +1,4 @@
-"""`pg-edge label FOLDER --model MODEL --detect "cat ; dog" -o labels.json [--segment]`:
+"""`pg-edge label FOLDER [--model MODEL] --detect "cat ; dog" -o labels.json [--segment]`:
 auto-label a folder of images into COCO JSON (apps/labeling.py), resumable."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                        description="Detect (or segment) the named objects in every image of a "
                        "folder and write COCO JSON; a rerun with the same -o resumes.")
     p.add_argument("folder", help="folder of images (searched recursively)")
-    p.add_argument("--model", required=True, help="converted folder, mlx-community folder, or hub id")
+    p.add_argument("--model", default="demo",
+                   help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
     p.add_argument("--detect", required=True, metavar="OBJECTS",
                    help='object names separated by ";", e.g. "cat ; dog" (the COCO categories)')
     p.add_argument("-o", "--output", required=True, help="COCO JSON file to write (or resume)")

@@ -1,4 +1,4 @@
-"""`python -m apps.desktop MODEL [--image cat.jpg] [--max-tokens 64] [--vae vae.safetensors]`"""
+"""`python -m apps.desktop [MODEL] [--image cat.jpg] [--max-tokens 64] [--vae vae.safetensors]`"""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m apps.desktop",
                                 description="Open an image, pick a task, see the answer and boxes.")
-    p.add_argument("model", help="converted folder, mlx-community folder, or hub id")
-    p.add_argument("--image", default=None, help="image to open at start")
+    p.add_argument("model", nargs="?", default="demo",
+                   help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
+    p.add_argument("--image", default=None, help="image to open at start (default with demo: a sample)")
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default 64)")
     p.add_argument("--vae", default=None, help="mask decoder for segment (default: in the model folder)")
     args = p.parse_args(argv)
@@ -21,12 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .app import App
 
+    image = args.image
+    if image is None and args.model == "demo":
+        from pg_edge.demo import SAMPLES
+
+        image = str(SAMPLES[0])
+
     try:
         root = tk.Tk()
     except tk.TclError as err:
         print(f"cannot open a window: {err}", file=sys.stderr)
         return 2
-    App(root, model=args.model, image=args.image, gen={"max_tokens": args.max_tokens}, vae=args.vae)
+    App(root, model=args.model, image=image, gen={"max_tokens": args.max_tokens}, vae=args.vae)
     root.mainloop()
     return 0
 
