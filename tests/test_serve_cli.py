@@ -80,3 +80,15 @@ def test_other_hosts_need_an_api_key(capsys):
 
     assert main(["serve", "no-such-model", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err  # refused before any model is loaded
+
+
+def test_serve_takes_the_attention_mode_and_refuses_others(capsys):
+    """`--attention window|global` as on `pg-edge run` (PaliGemma 2 at 896 px); others: exit 2."""
+    from apps.cli import build_parser
+
+    args = build_parser("serve").parse_args(["serve", "some-model", "--attention", "global"])
+    assert args.attention == "global"
+    assert build_parser("serve").parse_args(["serve", "some-model"]).attention == "window"
+    with pytest.raises(SystemExit) as e:
+        build_parser("serve").parse_args(["serve", "some-model", "--attention", "sideways"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    help="let requests name image files inside DIR on this machine (default: refused)")
     p.add_argument("--vae", default=None, help="mask decoder for /v1/segment (default: "
                    "vae.safetensors in the model folder)")
+    p.add_argument("--attention", choices=["window", "global"], default="window",
+                   help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
+                   "(default, as transformers) or global (as big_vision, which trained them)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     p.set_defaults(func=run)
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import make_server
 
-    pg = load(args.model)
+    pg = load(args.model, attention=args.attention)
     try:
         server = make_server(pg, args.host, args.port, model_id=args.model_name or model_id(args.model),
                              allow_remote_images=args.allow_remote_images, files_root=args.allow_files,
