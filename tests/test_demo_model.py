@@ -29,13 +29,13 @@ VAE_SOURCE = ROOT / "demo_model" / "vae-oid.npz"
 RECIPE = json.loads((ROOT / "demo_model" / "recipe.json").read_text())
 N_TEST = 100
 N_FLOAT = 50  # the float model runs on the first half only (CI time); compared on that half
-# Issue 10 asks for these on the held-out split. The shipped model does NOT reach them yet
-# (trained ~70 CPU-minutes on a shared 2-core machine; its scores are in demo_model/README.md).
+# Issue 10 asks for these on the held-out split. The shipped model reaches the count target,
+# not yet the other three (its scores are in demo_model/README.md).
 ISSUE_TARGETS = {"caption": 0.90, "count": 0.95, "detect": 0.75, "segment": 0.70}
-# What the shipped model scores, less a margin: a regression floor for this model, which a
-# broken loader, tokenizer, parser, mask decoder or quantization falls far below (a random or
-# mis-converted model scores ~0 on all four).
-FLOORS = {"caption": 0.45, "count": 0.65, "detect": 0.27, "segment": 0.22}
+# Asserted: the issue's target where the shipped model reaches it, else what the model scores
+# less a margin (a regression floor, which a broken loader, tokenizer, parser, mask decoder or
+# quantization falls far below: a random or mis-converted model scores ~0 on all four).
+FLOORS = {"caption": 0.78, "count": ISSUE_TARGETS["count"], "detect": 0.66, "segment": 0.54}
 # Float vs quantized "within noise": two images in fifty for the exact-match rates, 0.02 IoU.
 NOISE = {"caption": 0.04, "count": 0.04, "detect": 0.02, "segment": 0.02}
 
