@@ -1,7 +1,7 @@
 """A desktop example on the Python API: open an image, pick a task, see the answer and the
 boxes/masks drawn, Stop a long generation. Tk from the standard library (macOS and Linux).
 
-    python -m apps.desktop MODEL [--image cat.jpg]
+    python -m apps.desktop [MODEL] [--image cat.jpg]      # MODEL defaults to the built-in demo
 
 The model runs in a background thread (the UI never blocks); results come back to the Tk
 thread through a queue polled with `after`, since Tk may only be touched from its own thread.
