@@ -123,3 +123,24 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     assert main(["label", str(tmp_path), "--model", "x", "--detect", "cat ; ", "-o", out]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_label_defaults_to_the_demo_model(tmp_path):
+    """No --model: the built-in demo model labels its own sample images (real boxes, in pixels)."""
+    import shutil
+
+    from pg_edge.demo import SAMPLES
+
+    d = tmp_path / "shapes"
+    d.mkdir()
+    for f in SAMPLES:
+        shutil.copy(f, d / f.name)
+    out = tmp_path / "shapes.json"
+    assert main(["label", str(d), "--detect", "circle ; square ; triangle", "-o", str(out), "--quiet"]) == 0
+    coco = json.loads(out.read_text())
+    assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle"]
+    assert len(coco["images"]) == len(SAMPLES)
+    assert len(coco["annotations"]) >= len(SAMPLES)  # every sample has at least one shape
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 224 and y + h <= 224
