@@ -25,7 +25,6 @@ from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from pg_edge.config import PaliGemmaConfig  # noqa: E402
 from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
@@ -87,7 +86,7 @@ def random_tensor(key: str, shape: tuple, seed: int) -> mx.array:
 def make_hf_folder(out: Path, preset: str = "pg2-3b-224", vision_layers: int | None = None,
                    text_layers: int | None = None, narrow: bool = False, shard_gb: float = 2.0) -> Path:
     """Write a complete random HF PaliGemma folder (weights, config, tokenizer files)."""
-    from fixtures.tokenizer import build_tokenizer, set_image_geometry
+    from bench.fixtures.tokenizer import build_tokenizer, set_image_geometry
 
     out = Path(out)
     if out.exists():

@@ -15,7 +15,7 @@ import pytest
 
 import pg_edge
 import pg_edge.gemma as gemma
-from fixtures.checkpoints import load_hf_model
+from bench.fixtures.checkpoints import load_hf_model
 from hf_helpers import hf_greedy, rel_diff
 from pg_edge.generate import generate_step
 from pg_edge.reference import ReferenceModel

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fixtures.checkpoints import HF_VOCAB, TEXT_D, VISION, load_hf_model
-from fixtures.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN_ID, LOC_BASE, NEWLINE_ID, PAD_ID, SEG_BASE,
+from bench.fixtures.checkpoints import HF_VOCAB, TEXT_D, VISION, load_hf_model
+from bench.fixtures.tokenizer import (BOS_ID, EOS_ID, IMAGE_TOKEN_ID, LOC_BASE, NEWLINE_ID, PAD_ID, SEG_BASE,
                                       SP_VOCAB, UNK_ID, load_sp)
 
 TEXTS = ["caption en", "detect cat ; dog", "answer en what is in the image?", "Hello 12345 wörld 😀",

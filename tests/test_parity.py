@@ -9,7 +9,7 @@ import pytest
 import pg_edge
 from pg_edge.generate import generate_step
 from hf_helpers import hf_greedy, hf_last_logits, rel_diff
-from fixtures.checkpoints import load_hf_model
+from bench.fixtures.checkpoints import load_hf_model
 
 PROMPTS = ["caption en", "answer en what is on the table?", "detect cat ; dog"]
 TOL = 1e-4

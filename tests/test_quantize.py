@@ -1,5 +1,5 @@
 """4/8-bit quantization: recipes, SigLIP padding, round trips, quality ordering, mlx-vlm interop,
-bad input. Runs on tests/quant_fixture.py (widths 64, SigLIP MLP 72 like the real 4304) and on
+bad input. Runs on bench/fixtures/quantizable.py (widths 64, SigLIP MLP 72 like the real 4304) and on
 the shared narrow fixture (widths 40/48), converted to float32 folders."""
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from quant_fixture import make_quantizable_checkpoint
+from bench.fixtures.quantizable import make_quantizable_checkpoint
 
 from apps.cli import main
 from pg_edge.config import PaliGemmaConfig

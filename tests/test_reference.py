@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.checkpoints import load_hf_model
+from bench.fixtures.checkpoints import load_hf_model
 from pg_edge.reference import ReferenceModel
 from pg_edge.reference.safetensors_np import load_file
 

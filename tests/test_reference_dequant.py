@@ -71,7 +71,7 @@ def test_quantized_folder_matches_mlx_dequantized_weights(hf_checkpoint, tmp_pat
     logits equal those of the float weights that mx.dequantize gives back."""
     from safetensors.numpy import save_file
 
-    from tests.fixtures.checkpoints import load_hf_model
+    from bench.fixtures.checkpoints import load_hf_model
     from test_reference import make_batch, reference_weights, sample_pixels
 
     folder = hf_checkpoint(version=2, image_size=28)

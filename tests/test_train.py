@@ -61,7 +61,7 @@ def mixed_set(tmp_path, sample_images):
 @pytest.mark.parametrize("version", [1, 2])
 def test_loss_matches_transformers(version, converted, hf_checkpoint, mixed_set):
     import torch
-    from fixtures.checkpoints import load_hf_model
+    from bench.fixtures.checkpoints import load_hf_model
 
     folder = converted(version=version)
     model = load_model(folder)[0]

@@ -4,7 +4,7 @@ import pytest
 
 from pg_edge.folder import iter_shards
 from pg_edge.weights import sanitize
-from tests.fixtures.checkpoints import LAYOUTS
+from bench.fixtures.checkpoints import LAYOUTS
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
