@@ -38,9 +38,9 @@ demo: setup
 	$(PY) -m apps.demo
 
 # Rebuild the built-in demo model from scratch (tokenizer, VQ-VAE, pretraining, convert,
-# fine-tune, export, quantize): demo_model/README.md. Not part of `make test`.
+# fine-tune, export, quantize): apps/demo_model/README.md. Not part of `make test`.
 demo-model: setup
-	$(PY) -m demo_model.build
+	$(PY) -m apps.demo_model.build
 
 test: setup
 	$(PY) -m pytest

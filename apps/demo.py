@@ -1,7 +1,7 @@
 """`make demo`: the built-in `demo` model doing the real job on its three sample images, offline.
 
 The model is a tiny PaliGemma 2 that this project trained on synthetic shapes (pg_edge/demo;
-how: demo_model/README.md), shipped 8-bit quantized inside the package and loaded by name with
+how: apps/demo_model/README.md), shipped 8-bit quantized inside the package and loaded by name with
 `pg_edge.load("demo")`, through the same loader, generation, parsers and mask decoder a real
 checkpoint uses. For each sample image it runs the four tasks, prints text and boxes, and
 writes two annotated pictures to demo_out/: NAME_detect.png (boxes, labelled) and

@@ -24,18 +24,16 @@ from pg_edge import task_text as tasks
 from pg_edge.demo import score, shapes as S
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_SOURCE = ROOT / "demo_model" / "hf"
-VAE_SOURCE = ROOT / "demo_model" / "vae-oid.npz"
-RECIPE = json.loads((ROOT / "demo_model" / "recipe.json").read_text())
+HF_SOURCE = ROOT / "apps" / "demo_model" / "hf"
+VAE_SOURCE = ROOT / "apps" / "demo_model" / "vae-oid.npz"
+RECIPE = json.loads((ROOT / "apps" / "demo_model" / "recipe.json").read_text())
 N_TEST = 100
 N_FLOAT = 50  # the float model runs on the first half only (CI time); compared on that half
-# Issue 10 asks for these on the held-out split. The shipped model reaches the count target,
-# not yet the other three (its scores are in demo_model/README.md).
+# Issue 10's targets on the held-out split, asserted as they are (the shipped model scores
+# caption 0.90, count 1.00, boxes 0.787, masks 0.713: apps/demo_model/README.md). A broken
+# loader, tokenizer, parser, mask decoder or quantization falls far below them: a random or
+# mis-converted model scores ~0 on all four.
 ISSUE_TARGETS = {"caption": 0.90, "count": 0.95, "detect": 0.75, "segment": 0.70}
-# Asserted: the issue's target where the shipped model reaches it, else what the model scores
-# less a margin (a regression floor, which a broken loader, tokenizer, parser, mask decoder or
-# quantization falls far below: a random or mis-converted model scores ~0 on all four).
-FLOORS = {"caption": 0.78, "count": ISSUE_TARGETS["count"], "detect": 0.66, "segment": 0.54}
 # Float vs quantized "within noise": two images in fifty for the exact-match rates, 0.02 IoU.
 NOISE = {"caption": 0.04, "count": 0.04, "detect": 0.02, "segment": 0.02}
 
@@ -53,7 +51,7 @@ def demo_pg():
 @pytest.fixture(scope="session")
 def rebuilt(tmp_path_factory):
     """(float folder, quantized folder) made from the repository's HF source with the recorded
-    settings: `pg-edge convert` then `pg-edge quantize`, as demo_model/build.py's ship stage."""
+    settings: `pg-edge convert` then `pg-edge quantize`, as apps/demo_model/build.py's ship stage."""
     from convert.hf import convert_hf
     from quantize import quantize
 
@@ -74,8 +72,8 @@ def test_shipped_quantized_model_scores(quant_halves):
     s = quant_halves[0].merge(quant_halves[1])
     print("quantized:", s.as_dict(), "issue targets:", ISSUE_TARGETS)
     assert s.n_images >= 100
-    for name, floor in FLOORS.items():
-        assert getattr(s, name) >= floor, (name, getattr(s, name))
+    for name, target in ISSUE_TARGETS.items():
+        assert getattr(s, name) >= target, (name, getattr(s, name))
 
 
 def test_float_model_scores_at_least_as_well(rebuilt, test_samples, quant_halves):

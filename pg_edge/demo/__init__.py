@@ -2,7 +2,7 @@
 
 `pg_edge.load("demo")` loads MODEL_DIR (a quantized converted folder shipped as package data);
 SAMPLES are three images of the task (pg_edge/demo/shapes.py). How the model was made:
-demo_model/README.md in the repository (`make demo-model`).
+apps/demo_model/README.md in the repository (`make demo-model`).
 """
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """Score a model folder on the shapes test split (the numbers tests/test_demo_model.py asserts).
 
-    python -m demo_model.evaluate FOLDER [--n 100] [--vae VAE.safetensors]
+    python -m apps.demo_model.evaluate FOLDER [--n 100] [--vae VAE.safetensors]
 
 FOLDER: a converted or quantized folder, or "demo". Prints the four scores (pg_edge/demo/score.py)
 and the time taken.

@@ -1,18 +1,18 @@
 """`make demo-model`: every stage of the demo model, each a command printed with its time.
 
-    python -m demo_model.build [--work DIR] [--from STAGE] [--only STAGE]
+    python -m apps.demo_model.build [--work DIR] [--from STAGE] [--only STAGE]
 
 Stages (outputs under --work, default build/demo_model; the last stages write the repository):
-    tokenizer   SentencePiece model with the task words, <locNNNN>, <segNNN>  (demo_model/tokenizer.py)
-    vqvae       the mask VQ-VAE on the shapes' masks -> vae-oid.npz             (demo_model/vqvae.py)
-    pretrain    caption / detect / segment from random init, torch, HF layout  (demo_model/pretrain.py)
+    tokenizer   SentencePiece model with the task words, <locNNNN>, <segNNN>  (apps/demo_model/tokenizer.py)
+    vqvae       the mask VQ-VAE on the shapes' masks -> vae-oid.npz             (apps/demo_model/vqvae.py)
+    pretrain    caption / detect / segment from random init, torch, HF layout  (apps/demo_model/pretrain.py)
     convert     pg-edge convert (float32)                                      (as for Google's weights)
-    data        JSONL for task transfer: counting + replay                     (demo_model/finetune_data.py)
+    data        JSONL for task transfer: counting + replay                     (apps/demo_model/finetune_data.py)
     finetune    pg-edge finetune: counting is learned here                     (pg_edge's own trainer)
-    export      the fine-tuned float model -> demo_model/hf (official HF layout, kept in the repo)
-    ship        pg-edge convert demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
+    export      the fine-tuned float model -> apps/demo_model/hf (official HF layout, kept in the repo)
+    ship        pg-edge convert apps/demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
                 pg-edge convert-vae -> pg_edge/demo/model/vae.safetensors, sample images
-Settings for convert / finetune / quantize: demo_model/recipe.json (the reproduction test reads
+Settings for convert / finetune / quantize: apps/demo_model/recipe.json (the reproduction test reads
 the same file). Dev tool: needs torch and transformers (the test extras).
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "demo_model"
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "apps" / "demo_model"
 HF_SOURCE = HERE / "hf"  # the float model in the official HF layout, kept in the repository
 VAE_SOURCE = HERE / "vae-oid.npz"  # the VQ-VAE decoder + codebook in big_vision's layout
 SHIPPED = ROOT / "pg_edge" / "demo" / "model"
-# The shipped model's pretraining, as it was run: six phases, each continuing the previous
+# The shipped model's pretraining, as it was run: eight phases, each continuing the previous
 # (the later ones fix what the earlier measured wrong; stopped phases keep their schedule).
 # Phase 1 (per-token loss, hard <loc> targets) lost the colours (the long segment rows
 # outweighed the captions); phase 2: per-example mean, one-shape images mixed in (stopped at
@@ -40,7 +40,9 @@ SHIPPED = ROOT / "pg_edge" / "demo" / "model"
 # ~20 px off); phase 4: sinusoidal position codes added to SigLIP's positions and the <loc>
 # embeddings, a higher learning rate, more detection; phase 5: 3000 more steps on fresh images,
 # detection weighted up again (the boxes were still the weakest task); phase 6: 2400 more at a
-# lower peak learning rate (two threads once the machine was free: 0.19 s a step).
+# lower peak learning rate (two threads once the machine was free: 0.19 s a step); phase 7:
+# 5000 more (1106 s), captions weighted up; phase 8: 4000 more at a lower rate, segmentation
+# weighted up (one thread pinned to one core, 0.29 s a step, the other core fine-tuning).
 PRETRAIN = (
     ["--steps", 1100, "--batch-size", 32, "--lr", 2e-3, "--warmup", 80, "--loss-norm", "token", "--hard-loc",
      "--smooth-loc", 0, "--single", 0, "--mix", "caption=0.3,detect=0.4,segment=0.3"],
@@ -55,6 +57,12 @@ PRETRAIN = (
     ["--steps", 2400, "--batch-size", 24, "--lr", 7e-4, "--warmup", 50, "--smooth-loc", 0, "--single", 0.1,
      "--mix", "caption=0.3,detect=0.4,segment=0.3", "--start-index", 500_000, "--save-every", 250,
      "--threads", 2],
+    ["--steps", 5000, "--batch-size", 24, "--lr", 5e-4, "--warmup", 50, "--smooth-loc", 0, "--single", 0.1,
+     "--mix", "caption=0.35,detect=0.35,segment=0.3", "--start-index", 600_000, "--save-every", 500,
+     "--threads", 2],
+    ["--steps", 4000, "--batch-size", 24, "--lr", 3e-4, "--warmup", 50, "--smooth-loc", 0, "--single", 0.1,
+     "--mix", "caption=0.3,detect=0.3,segment=0.4", "--start-index", 700_000, "--save-every", 500,
+     "--threads", 1],
 )
 STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "ship")
 
@@ -74,39 +82,40 @@ def py(module: str, *args) -> list[str]:
 def commands(stage: str, w: Path) -> list[list[str]]:
     r = recipe()
     if stage == "tokenizer":
-        return [py("demo_model.tokenizer", w / "tokenizer")]
+        return [py("apps.demo_model.tokenizer", w / "tokenizer")]
     if stage == "vqvae":
-        return [py("demo_model.vqvae", w / "vae-oid-full.npz"),
-                py("demo_model.vqvae_decoder", w / "vae-oid-full.npz", VAE_SOURCE)]
+        return [py("apps.demo_model.vqvae", w / "vae-oid-full.npz"),
+                py("apps.demo_model.vqvae_decoder", w / "vae-oid-full.npz", VAE_SOURCE)]
     if stage == "pretrain":
         common = ["--tokenizer", w / "tokenizer", "--vae", w / "vae-oid-full.npz"]
-        return [py("demo_model.pretrain", *common, "-o", w / "hf_phase1", *phase)
+        return [py("apps.demo_model.pretrain", *common, "-o", w / "hf_phase1", *phase)
                 if i == 0 else
-                py("demo_model.pretrain", *common, "--init", w / f"hf_phase{i}", "-o",
+                py("apps.demo_model.pretrain", *common, "--init", w / f"hf_phase{i}", "-o",
                    w / ("hf_pretrained" if i == len(PRETRAIN) - 1 else f"hf_phase{i + 1}"), *phase)
                 for i, phase in enumerate(PRETRAIN)]
     if stage == "convert":
         return [pg_edge("convert", w / "hf_pretrained", "-o", w / "pretrained", "--dtype", r["convert"]["dtype"],
                         "--force", "--quiet")]
     if stage == "data":
-        return [py("demo_model.finetune_data", "--vae", w / "vae-oid-full.npz", "-o", w / "ft_data",
-                   "--train", r["finetune"]["train_images"])]
+        return [py("apps.demo_model.finetune_data", "--vae", w / "vae-oid-full.npz", "-o", w / "ft_data",
+                   "--train", r["finetune"]["train_images"], "--mix", r["finetune"]["mix"])]
     if stage == "finetune":
         f = r["finetune"]
         freeze = ["--freeze-vision"] if f.get("freeze_vision") else []
         return [pg_edge("finetune", w / "pretrained", "--data", w / "ft_data/train.jsonl", "--valid",
                         w / "ft_data/valid.jsonl", "--train", f["train"], *freeze, "--steps", f["steps"],
                         "--batch-size", f["batch_size"], "--lr", f["lr"], "--warmup", f["warmup"],
+                        "--weight-decay", f["weight_decay"],
                         "--export", "fused", "-o", w / "finetuned", "--force")]
     if stage == "export":
-        return [py("demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o", HF_SOURCE)]
+        return [py("apps.demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o", HF_SOURCE)]
     if stage == "ship":
         q = r["quantize"]
         return [pg_edge("convert", HF_SOURCE, "-o", w / "float", "--dtype", r["convert"]["dtype"], "--force", "--quiet"),
                 pg_edge("quantize", w / "float", "-o", SHIPPED, "--recipe", q["recipe"], "--group-size",
                         q["group_size"], "--force"),
                 pg_edge("convert-vae", VAE_SOURCE, "-o", SHIPPED / "vae.safetensors", "--force"),
-                py("demo_model.samples")]
+                py("apps.demo_model.samples")]
     raise ValueError(stage)
 
 

@@ -11,7 +11,7 @@ Layout (deliberately NOT Gemma's, so the runtime has to read every special id fr
     (HF only)  <image> = the sp size, in added_tokens.json (as in the real checkpoints)
 
 Normalizer as Gemma's: identity, no dummy prefix, whitespace kept. Dev tool (python -m
-demo_model.tokenizer OUT): the runtime never imports it.
+apps.demo_model.tokenizer OUT): the runtime never imports it.
 """
 from __future__ import annotations
 

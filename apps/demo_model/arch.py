@@ -2,7 +2,7 @@
 
 Widths are multiples of 64 so every matrix quantizes group-wise (group 64). 224 px input with
 32 px patches gives 7x7 = 49 image tokens: the task's images are 224 px, so no resize, and the
-short prefix keeps batched CPU evaluation cheap (demo_model/README.md has the measurements).
+short prefix keeps batched CPU evaluation cheap (apps/demo_model/README.md has the measurements).
 """
 from __future__ import annotations
 

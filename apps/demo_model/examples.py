@@ -1,7 +1,7 @@
 """Training examples of the shapes task: (image, prefix, suffix) for each task.
 
-Shared by the torch pretraining (demo_model/pretrain.py) and the JSONL files that
-`pg-edge finetune` reads (demo_model/finetune_data.py). Dev tool: never imported by pg_edge.
+Shared by the torch pretraining (apps/demo_model/pretrain.py) and the JSONL files that
+`pg-edge finetune` reads (apps/demo_model/finetune_data.py). Dev tool: never imported by pg_edge.
 """
 from __future__ import annotations
 

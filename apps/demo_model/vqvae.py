@@ -1,6 +1,6 @@
 """Train the demo's VQ-VAE on the shapes' masks and save it as big_vision's vae-oid.npz layout.
 
-    python -m demo_model.vqvae OUT.npz [--steps N]
+    python -m apps.demo_model.vqvae OUT.npz [--steps N]
 
 Architecture = big_vision's mask VQ-VAE (the decoder pg_edge/vae.py runs): a 64x64 box-crop mask
 in [-1, 1] -> 4 stride-2 convs (16, 32, 64, 128 channels) -> 2 ResBlocks -> 1x1 conv to E = 8

@@ -1,7 +1,7 @@
 """A float converted folder (e.g. `pg-edge finetune --export fused` output) -> the official
 Hugging Face layout, written by transformers' own `save_pretrained`.
 
-    python -m demo_model.export_hf CONVERTED --like HF_PRETRAINED -o HF_OUT
+    python -m apps.demo_model.export_hf CONVERTED --like HF_PRETRAINED -o HF_OUT
 
 The architecture and config come from HF_PRETRAINED (the pretraining output); every tensor is
 replaced by the converted folder's (classic key names, patch conv OHWI -> OIHW), so

@@ -1,6 +1,6 @@
 """Keep only what decoding needs from a trained vae-oid.npz: the codebook and `decoder.*`.
 
-    python -m demo_model.vqvae_decoder FULL.npz OUT.npz
+    python -m apps.demo_model.vqvae_decoder FULL.npz OUT.npz
 
 The result is still big_vision's vae-oid.npz layout (same keys, same torch layouts) minus the
 encoder, which only makes training targets; `pg-edge convert-vae` reads it.

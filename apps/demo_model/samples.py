@@ -1,6 +1,6 @@
 """The three sample images shipped with the demo model (pg_edge/demo/samples/).
 
-    python -m demo_model.samples [OUT_DIR]
+    python -m apps.demo_model.samples [OUT_DIR]
 
 Drawn by pg_edge.demo.shapes from the seeds below (none is in the train / valid / test splits),
 picked to show one, two and three shapes, all three kinds and all four colours.
@@ -16,7 +16,7 @@ SEEDS = {"shapes_1.png": 4_000_000_002, "shapes_2.png": 4_000_000_001, "shapes_3
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "pg_edge/demo/samples"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "pg_edge/demo/samples"
     out.mkdir(parents=True, exist_ok=True)
     for name, seed in SEEDS.items():
         s = S.make_sample(seed)

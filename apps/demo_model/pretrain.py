@@ -1,6 +1,6 @@
 """Pretrain the demo model from random init in torch with transformers' PaliGemma classes.
 
-    python -m demo_model.pretrain --tokenizer TOK --vae VAE.npz -o HF_OUT [--steps N]
+    python -m apps.demo_model.pretrain --tokenizer TOK --vae VAE.npz -o HF_OUT [--steps N]
 
 Tasks: caption, detect, segment (NOT counting: that is learned later, by `pg-edge finetune`).
 Each step draws fresh images from the train split (the generator is cheap), builds the
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demo_model import arch
-from demo_model.examples import example
-from demo_model.vqvae import crop_masks, load_npz
+from apps.demo_model import arch
+from apps.demo_model.examples import example
+from apps.demo_model.vqvae import crop_masks, load_npz
 from pg_edge.demo import shapes as S
 from pg_edge.processor import preprocess_image
 from pg_edge.tokenizer import Tokenizer
@@ -187,7 +187,7 @@ def save_hf(model, tokenizer_dir: Path, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--vae", required=True, help="vae-oid.npz from demo_model.vqvae")
+    p.add_argument("--vae", required=True, help="vae-oid.npz from apps.demo_model.vqvae")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
