@@ -4,6 +4,8 @@
     .venv/bin/python bench/vs_peers.py --preset pg2-3b-224 --cut 1 2           # real widths, 1 and 2
                                                         # layers each, full depth projected
     .venv/bin/python bench/vs_peers.py --preset pg2-3b-224 --cut 1 --convert   # + conversion times
+    .venv/bin/python bench/vs_peers.py --preset pg2-3b-224 --convert --precisions ""
+                                                        # full size: conversion + quantization only
 
 For each depth: a random HF folder at the preset's shapes (bench/random_folder.py), converted
 with `pg-edge convert` (bf16) and quantized with `pg-edge quantize` per precision (bf16, 8 =
@@ -77,7 +79,7 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
                                    *(["--bits", str(bits)] if bits else [])]),
             }
     bf16 = work / f"{a.preset}-{tag}-bf16"
-    if not (bf16 / "config.json").exists():
+    if a.precisions and not (bf16 / "config.json").exists():
         worker(["convert", "pg_edge", str(hf), str(bf16)])
     for prec in a.precisions:
         folder = bf16
@@ -204,7 +206,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/pg_edge_bench")
     ap.add_argument("--json", default=None, help="write every figure here")
     a = ap.parse_args()
-    a.precisions = a.precisions.split(",")
+    a.precisions = [p for p in a.precisions.split(",") if p]  # "" with --convert: conversion only
     a.tools = a.tools.split(",")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

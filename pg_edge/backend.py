@@ -1,37 +1,58 @@
-"""How quantized layers compute on each MLX backend: the one place that choice is made.
+"""How big products compute on each MLX backend: the one place that choice is made.
 
-MLX's CPU backend has three speeds for `mx.quantized_matmul` with 4/8-bit affine weights
-(measured with bench/qmm_kernels.py on this project's 2-core CPU machine, MLX 0.32):
-  - 16-bit activations with 16-bit scales take a slow generic kernel: a 4-bit 64257 x 2304
-    matvec takes ~850 ms in bf16/bf16, ~97 ms with float32 activations (about 8x);
-  - float32 activations (or float32 scales) take the fast kernel; the result is float32;
+MLX's CPU backend (measured with bench/qmm_kernels.py on this project's 2-core CPU machine,
+MLX 0.32):
+  - `mx.quantized_matmul` with 16-bit activations and 16-bit scales takes a slow generic kernel:
+    a 4-bit 64257 x 2304 matvec takes ~850 ms in bf16/bf16, ~97 ms with float32 activations
+    (about 8x); float32 activations (or float32 scales) take the fast kernel;
   - for many rows at once (prefill: 256 image tokens + prompt, or SigLIP's patches), even the
     fast kernel loses to dequantizing the weight and running a dense GEMM (2.8x at 256 rows
-    on a 9216 x 2304 layer), since the CPU GEMM is BLAS and the quantized kernel is not.
-On Metal and CUDA, 16-bit activations are the fast path and the quantized kernel beats
-dequantize + GEMM, so nothing changes there.
+    on a 9216 x 2304 layer), since the CPU GEMM is BLAS and the quantized kernel is not;
+  - every one of these kernels runs on ONE core, the thread of the stream it is queued on. A
+    product split by output rows over one CPU stream per core runs the pieces side by side:
+    the 4-bit 257216 x 2304 tied LM head takes 418 ms on one stream, 205 ms on two.
+On Metal and CUDA, 16-bit activations are the fast path, the quantized kernel beats
+dequantize + GEMM and one kernel fills the device, so nothing changes there.
 
 `apply(model)` is called once at load time (pg_edge.loader.build_model): on the CPU backend it
-turns every `QuantizedLinear` / `QuantizedEmbedding` into the subclasses below, which keep the
-stored weights (same parameters, same checkpoint keys, same memory) and only change how the
-product is computed. The output dtype always equals the input dtype, as on Metal.
+turns every `QuantizedLinear` / `QuantizedEmbedding`, and the unquantized `Linear` /
+`Embedding` big enough to gain from the split, into the subclasses below. They keep the stored
+weights (same parameters, same checkpoint keys, same memory: the pieces are views) and only
+change how the product is computed. The output dtype always equals the input dtype, as on Metal.
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
 DENSE_ROWS = 32
-# ... unless the weight is bigger than this (the 257216-row tied LM head: a dense copy would
-# be a 1.2 GB temporary); those keep the float32 quantized kernel.
+# ... unless the weight is bigger than this (the 257216-row tied LM head, whose dequantized
+# copy a training step would keep for its backward pass); those keep the float32 kernel.
 DENSE_MAX_ELEMENTS = 64 * 2**20
+# A dense product dequantizes at most this many weight elements per piece (8 MB in float32):
+# a 9216 x 2304 MLP matrix goes in 12 pieces. MLX runs a piece's dequantize ahead of the
+# products before it, so a few dozen pieces can be alive at once: measured on the 1+1-layer
+# PG2 3B-224 4-bit folder (bench, load + one generation), the MLX peak is 0.86 GB with whole
+# matrices, 0.79 GB with 8M-element pieces, 0.59 GB with these (0.53 GB with no dense path).
+DENSE_PIECE_ELEMENTS = 2 * 2**20
+# Weights from this many elements are split over the CPU streams (smaller ones cost less than
+# the extra dispatch: the narrow-deep bench's 64-wide layers stay whole).
+SPLIT_MIN_ELEMENTS = 2 * 2**20
+# Unquantized weights split only in products with fewer rows than this (decode): a training
+# step's backward pass through sliced weights would build full-size zero gradients per piece.
+SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
+
+_local = threading.local()
 
 
 def policy() -> str:
-    """"cpu" (float32 matvec, dequantize + GEMM for many rows) or "native" (MLX as is).
+    """"cpu" (float32 matvec, dequantize + GEMM for many rows, split over cores) or "native"
+    (MLX as is).
 
     PG_EDGE_QMM=native|cpu overrides the choice (the benchmark uses it to show the gain)."""
     forced = os.environ.get("PG_EDGE_QMM")
@@ -40,23 +61,98 @@ def policy() -> str:
     return "cpu" if mx.default_device().type == mx.DeviceType.cpu else "native"
 
 
+_count_cache: dict = {}
+
+
+def stream_count() -> int:
+    """CPU streams a big product is split over: the cores this process may run on (at most
+    8), or PG_EDGE_CPU_STREAMS. Cached (per value of the variable): a decode step asks once
+    per product, and the affinity query is a system call."""
+    forced = os.environ.get("PG_EDGE_CPU_STREAMS")
+    n = _count_cache.get(forced)
+    if n is None:
+        if forced:
+            n = max(1, int(forced))
+        else:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # macOS
+                cores = os.cpu_count() or 1
+            n = max(1, min(cores, 8))
+        _count_cache[forced] = n
+    return n
+
+
+def cpu_streams() -> list:
+    """This thread's CPU streams (created on first use; one thread per stream inside MLX).
+    Per thread because each pg_edge worker thread builds and evaluates its own graphs."""
+    n = stream_count()
+    streams = getattr(_local, "streams", None)
+    if streams is None or len(streams) != n:
+        streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else [None]
+        _local.streams = streams
+    return streams
+
+
+def row_pieces(out_rows: int, in_size: int, dense: bool, split: bool) -> list[tuple[int, int]]:
+    """[lo, hi) output-row ranges a product of an [out_rows, in_size] weight is computed in:
+    a multiple of the stream count when split, and pieces of at most DENSE_PIECE_ELEMENTS
+    when dense."""
+    n = 1
+    if dense:
+        n = math.ceil(out_rows * in_size / DENSE_PIECE_ELEMENTS)
+    if split:
+        s = stream_count()
+        n = s * math.ceil(n / s)
+    n = max(1, min(n, out_rows))
+    step = math.ceil(out_rows / n)
+    return [(lo, min(lo + step, out_rows)) for lo in range(0, out_rows, step)]
+
+
+def _quantized_piece(layer, x, lo, hi, dense, stream):
+    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    if (lo, hi) != (0, scales.shape[0]):
+        w, scales = w[lo:hi], scales[lo:hi]
+        biases = None if biases is None else biases[lo:hi]
+    if dense:
+        # Dequantized in the activation dtype: float32 inputs get the exact float32 weights;
+        # for bf16 inputs the bf16 rounding (2^-8 relative) is far below the 4/8-bit step.
+        scales = scales.astype(x.dtype, stream=stream)
+        biases = None if biases is None else biases.astype(x.dtype, stream=stream)
+        wd = mx.dequantize(w, scales, biases, group_size=layer.group_size, bits=layer.bits,
+                           mode=layer.mode, stream=stream)
+        return mx.matmul(x, wd.T, stream=stream)
+    x32 = x if x.dtype == mx.float32 else x.astype(mx.float32, stream=stream)
+    y = mx.quantized_matmul(x32, w, scales=scales, biases=biases, transpose=True,
+                            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                            stream=stream)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype, stream=stream)
+
+
 def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     """x float[..., in] @ dequant(weight).T -> float[..., out] in x's dtype, the CPU way."""
     rows = x.size // x.shape[-1]
-    elements = layer["scales"].size * layer.group_size
-    if rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS:
-        # Dequantized in the activation dtype: float32 inputs get the exact float32 weights;
-        # for bf16 inputs the bf16 rounding (2^-8 relative) is far below the 4/8-bit step.
-        scales, biases = layer["scales"].astype(x.dtype), layer.get("biases")
-        biases = None if biases is None else biases.astype(x.dtype)
-        w = mx.dequantize(layer["weight"], scales, biases,
-                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-        return x @ w.T
-    y = mx.quantized_matmul(
-        x.astype(mx.float32), layer["weight"], scales=layer["scales"], biases=layer.get("biases"),
-        transpose=True, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
-    )
-    return y.astype(x.dtype)
+    out_rows, in_size = layer["scales"].shape[0], x.shape[-1]
+    elements = out_rows * in_size
+    dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
+    if not dense and elements < SPLIT_MIN_ELEMENTS:  # the common small matvec: one kernel call
+        return _quantized_piece(layer, x, 0, out_rows, False, None)
+    pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
+    streams = cpu_streams() if len(pieces) > 1 else [None]
+    parts = [_quantized_piece(layer, x, lo, hi, dense, streams[i % len(streams)])
+             for i, (lo, hi) in enumerate(pieces)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def cpu_float_product(weight: mx.array, x: mx.array) -> mx.array:
+    """x float[..., in] @ weight[out, in].T, split over the CPU streams for decode-sized x."""
+    rows = x.size // x.shape[-1]
+    if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
+        return x @ weight.T
+    streams = cpu_streams()
+    parts = [mx.matmul(x, weight[lo:hi].T, stream=streams[i % len(streams)])
+             for i, (lo, hi) in enumerate(row_pieces(weight.shape[0], weight.shape[1], False, True))]
+    return mx.concatenate(parts, axis=-1)
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
@@ -74,20 +170,47 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
         return cpu_quantized_product(self, x)
 
 
+class CpuLinear(nn.Linear):
+    """`Linear` whose decode-sized products are split over the CPU streams (same parameters)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = cpu_float_product(self["weight"], x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CpuEmbedding(nn.Embedding):
+    """`Embedding` whose tied-head product is split over the CPU streams."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return cpu_float_product(self["weight"], x)
+
+
+SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding,
+         nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding}
+
+
 def apply(model: nn.Module, mode: str | None = None) -> str:
-    """Switch the quantized layers of `model` to this backend's compute; returns the mode used."""
+    """Switch the big products of `model` to this backend's compute; returns the mode used."""
     mode = mode or policy()
     if mode != "cpu":
         return mode
-    quantized_decoder = False
+    quantized_decoder = quantized = False
     for path, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = CpuQuantizedLinear
-        elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = CpuQuantizedEmbedding
-        else:
-            continue
-        quantized_decoder = quantized_decoder or path.startswith("language_model.")
+        swap = SWAPS.get(type(module))
+        if swap is None or (swap in (CpuLinear, CpuEmbedding)
+                            and module["weight"].size < SPLIT_MIN_ELEMENTS):
+            continue  # small float layers gain nothing from the split: left as they are
+        module.__class__ = swap
+        if swap in (CpuQuantizedLinear, CpuQuantizedEmbedding):
+            quantized = True
+            quantized_decoder = quantized_decoder or path.startswith("language_model.")
+    if quantized:
+        # Dense prefill products dequantize pieces of every layer: evaluate layer by layer so
+        # only one layer's pieces exist at a time (1+1 -> 2+2 layers of PG2 3B-224 at 4 bits
+        # added 128 MB of MLX peak for 53 MB of weights in one lazy graph).
+        for _, module in model.named_modules():
+            if hasattr(module, "sync_each_layer"):
+                module.sync_each_layer = True
     if quantized_decoder and hasattr(model, "activation_dtype"):
         # The decoder's activations in float32 from the embedding on: every quantized product
         # then takes the fast kernel without two casts around it, and the elementwise ops run

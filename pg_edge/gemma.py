@@ -191,13 +191,20 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Evaluate each layer's output during an inference prefill (set by pg_edge.backend on
+        # the CPU backend): its dequantized weight pieces are then freed before the next layer
+        # builds its own; in one lazy graph MLX keeps many layers' pieces alive at once.
+        self.sync_each_layer = False
 
     def __call__(self, h: mx.array, masks: dict, offset: Any, cache=None) -> mx.array:
         """h: float[B, T, D] input embeddings (already scaled); masks: {window: mask} as built
         by `PaliGemmaModel.masks` / `.decode_masks`. -> float[B, T, D] after the final norm."""
         cache = cache or [None] * len(self.layers)
+        sync = self.sync_each_layer and not self.training and h.shape[1] > 1  # never in decode
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.window], offset, c)
+            if sync:
+                mx.eval(h)
         return self.norm(h)
 
 

@@ -60,8 +60,15 @@ class Sampling:
     def sampler(self, vocab_size: int | None = None) -> Callable[[mx.array], mx.array]:
         """mlx-lm's sampler: logprobs float[B, V] -> token ids int[B]. A top_k of at least
         `vocab_size` (the ids the model may emit) keeps them all: no filtering."""
+        if self.temperature == 0:
+            return greedy  # what make_sampler gives at temperature 0, as a known function
         top_k = 0 if vocab_size is not None and self.top_k >= vocab_size else int(self.top_k)
         return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0, top_k=top_k)
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    """Temperature 0: float[B, V] -> the most likely id int[B]."""
+    return mx.argmax(logprobs, axis=-1)
 
 
 GREEDY = Sampling()
@@ -111,8 +118,9 @@ def generate_step(
         lg = lg.astype(mx.float32) + bias
         logprobs = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
         tok = sampler(logprobs)
-        # Extreme temperatures (1/T overflowing) can make a sampler pick a masked id; never emit one.
-        tok = mx.where(tok < limit, tok, mx.argmax(lg[..., :limit], axis=-1))
+        if sampler is not greedy:  # greedy never picks a masked (-inf) id: skip a pass over V
+            # Extreme temperatures (1/T overflowing) can make a sampler pick a masked id; never emit one.
+            tok = mx.where(tok < limit, tok, mx.argmax(lg[..., :limit], axis=-1))
         return tok, logprobs
 
     tokens, logprobs = sample(logits)

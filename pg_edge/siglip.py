@@ -76,10 +76,14 @@ class SiglipEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = [SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.sync_each_layer = False  # as GemmaModel's: set by pg_edge.backend on the CPU
 
     def __call__(self, x: mx.array) -> mx.array:
+        sync = self.sync_each_layer and not self.training
         for layer in self.layers:
             x = layer(x)
+            if sync:
+                mx.eval(x)
         return x
 
 

@@ -72,3 +72,51 @@ def test_pg_edge_bench_table(converted, capsys):
     assert main(["bench", str(converted(version=1)), "--tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "time to first token" in out and "tok/s" in out and "peak memory (MLX)" in out
+
+
+def test_row_pieces_cover_the_rows_once(monkeypatch):
+    monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "3")
+    for rows, width, dense, split in [(257216, 64, False, True), (9216, 2304, True, True),
+                                      (9216, 2304, True, False), (5, 64, False, True), (96, 128, False, False)]:
+        pieces = backend.row_pieces(rows, width, dense, split)
+        assert pieces[0][0] == 0 and pieces[-1][1] == rows
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(pieces, pieces[1:]))
+        if dense:
+            assert max(hi - lo for lo, hi in pieces) * width <= backend.DENSE_PIECE_ELEMENTS
+        if split and rows >= 3:
+            assert len(pieces) % 3 == 0  # every stream gets its share
+    assert backend.row_pieces(96, 128, False, False) == [(0, 96)]
+
+
+@pytest.mark.parametrize("streams", ["1", "2", "3"])
+@pytest.mark.parametrize("rows", [1, backend.DENSE_ROWS + 3])
+def test_split_product_equals_the_whole(monkeypatch, streams, rows):
+    """Split over CPU streams (and dense pieces): the same numbers as one MLX product."""
+    monkeypatch.setenv("PG_EDGE_CPU_STREAMS", streams)
+    monkeypatch.setattr(backend, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "DENSE_PIECE_ELEMENTS", 40 * 128)  # 3 pieces of the 96 rows
+    layer = quantized_linear(4)
+    x = mx.random.normal((1, rows, 128))
+    want = np.array(layer(x))
+    backend.apply(layer, "cpu")
+    np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
+    lin = nn.Linear(128, 96)
+    want = np.array(lin(x))
+    backend.apply(lin, "cpu")
+    assert type(lin) is backend.CpuLinear
+    np.testing.assert_allclose(np.array(lin(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_runs_inside_the_worker_thread(monkeypatch, converted):
+    """A model whose products are all split generates the same tokens as one left whole, from
+    pg_edge's worker thread (each thread has its own streams)."""
+    from PIL import Image
+
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    folder = converted(version=2)
+    whole = pg_edge.load(folder).generate(image, "caption en", max_tokens=6).tokens
+    monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "2")
+    monkeypatch.setattr(backend, "SPLIT_MIN_ELEMENTS", 1)
+    pg = pg_edge.load(folder)
+    assert any(type(m) is backend.CpuLinear for _, m in pg.model.named_modules())
+    assert pg.generate(image, "caption en", max_tokens=6).tokens == whole
