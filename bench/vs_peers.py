@@ -18,8 +18,8 @@ quantized kernels as they are, to show what pg_edge/backend.py buys.
 --cut A B projects every time and memory figure to the preset's full depth, linearly from the
 two depths (cost = fixed + per-layer x layers; vision figures by vision layers, the rest by
 decoder layers); projected figures are marked "proj". --convert also times `pg-edge convert -q`
-against mlx-vlm's convert on the same HF folder (time and peak RSS), at bf16 and 4-bit (at the
-first --cut depth only).
+against mlx-vlm's convert on the same HF folder (time and peak RSS), at bf16 and 4-bit
+(--convert-bits; at the first --cut depth only).
 Prints the figures and the ratio table (pg_edge / peer) and writes JSON (--json).
 """
 from __future__ import annotations
@@ -70,9 +70,9 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
     out: dict = {"runs": {}}
     if a.convert and convert:
         out["convert"] = {}
-        for bits in (None, 4):
-            key = "bf16" if bits is None else f"{bits}"
-            rec = ["--bits", str(bits), "--recipe", "all4"] if bits else []
+        for key in a.convert_bits:
+            bits = None if key == "bf16" else int(key)
+            rec = ["--bits", str(bits), "--recipe", f"all{bits}"] if bits else []
             out["convert"][key] = {
                 "pg_edge": worker(["convert", "pg_edge", str(hf), str(work / f"{tag}-cv-pg-{key}"), *rec]),
                 "mlx_vlm": worker(["convert", "mlx_vlm", str(hf), str(work / f"{tag}-cv-vlm-{key}"),
@@ -203,10 +203,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool; each figure is the best")
     ap.add_argument("--convert", action="store_true", help="also time conversion + quantization")
+    ap.add_argument("--convert-bits", default="bf16,4", help="what --convert times: bf16 and/or bit widths")
     ap.add_argument("--work", default="/tmp/pg_edge_bench")
     ap.add_argument("--json", default=None, help="write every figure here")
     a = ap.parse_args()
     a.precisions = [p for p in a.precisions.split(",") if p]  # "" with --convert: conversion only
+    a.convert_bits = a.convert_bits.split(",")
     a.tools = a.tools.split(",")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

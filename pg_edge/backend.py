@@ -22,6 +22,7 @@ change how the product is computed. The output dtype always equals the input dty
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -218,3 +219,17 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
         # 224-448 px: 26 layers x 300 tokens x 2 x 4 heads x 256 x 4 B = 64 MB for PG2 3B).
         model.activation_dtype = mx.float32
     return mode
+
+
+@contextlib.contextmanager
+def no_layer_sync(model: nn.Module):
+    """Within: no per-layer evaluation in `model`'s prefill (function transformations such as
+    `mx.exporter` and `mx.compile` trace the graph, and MLX refuses an eval inside them)."""
+    mods = [m for _, m in model.named_modules() if getattr(m, "sync_each_layer", False)]
+    for m in mods:
+        m.sync_each_layer = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.sync_each_layer = True

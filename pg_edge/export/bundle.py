@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
 from ..folder import atomic_folder, check_output, quantization_section
-from .. import load
+from .. import backend, load
 from . import graphs
 
 FORMAT = "pg-edge-bundle"
@@ -94,6 +94,11 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
+    with backend.no_layer_sync(pg.model):  # tracing: no eval inside the graphs
+        _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
+
+
+def _write_traced(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
     model, config, tok = pg.model, pg.config, pg.tokenizer
     bundle_id = uuid.uuid4().hex
     N = config.num_image_tokens
