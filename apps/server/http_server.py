@@ -47,6 +47,9 @@ class PgEdgeServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # closing does not wait for idle keep-alive connections
     allow_reuse_address = True
+    # listen() backlog: socketserver's default of 5 drops a burst of simultaneous connects (16
+    # clients at once in tests/test_server_load.py); the Gate, not the backlog, bounds the work.
+    request_queue_size = 128
 
     def __init__(self, pg, address: tuple[str, int], *, model_id: str, api_key: str | None = None,
                  max_body_bytes: int = 20 * 2**20, max_tokens: int = 512, queue_size: int = 8,
