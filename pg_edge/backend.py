@@ -30,6 +30,8 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import PgEdgeError
+
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
 DENSE_ROWS = 32
 # ... unless the weight is bigger than this (the 257216-row tied LM head, whose dequantized
@@ -73,7 +75,9 @@ def stream_count() -> int:
     n = _count_cache.get(forced)
     if n is None:
         if forced:
-            n = max(1, int(forced))
+            if not forced.isdigit() or int(forced) < 1:
+                raise PgEdgeError(f"PG_EDGE_CPU_STREAMS must be a whole number >= 1, got {forced!r}")
+            n = int(forced)
         else:
             try:
                 cores = len(os.sched_getaffinity(0))

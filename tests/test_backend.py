@@ -120,3 +120,12 @@ def test_split_runs_inside_the_worker_thread(monkeypatch, converted):
     pg = pg_edge.load(folder)
     assert any(type(m) is backend.CpuLinear for _, m in pg.model.named_modules())
     assert pg.generate(image, "caption en", max_tokens=6).tokens == whole
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_bad_stream_count_is_a_clear_error(monkeypatch, value):
+    from pg_edge.errors import PgEdgeError
+
+    monkeypatch.setenv("PG_EDGE_CPU_STREAMS", value)
+    with pytest.raises(PgEdgeError, match="PG_EDGE_CPU_STREAMS must be a whole number"):
+        backend.stream_count()
