@@ -74,7 +74,7 @@ def main() -> None:
         "MLP (gate, up, GELU, down)": whole - ablated(gemma.MLP, "__call__", lambda self, x: x),
     }
     head = whole - ablated(gemma.LanguageModel, "logits",
-                           lambda self, h: mx.broadcast_to(h[..., :1], h.shape[:-1] + (V,)))
+                           lambda self, h, capped=True: mx.broadcast_to(h[..., :1], h.shape[:-1] + (V,)))
     parts = {f"{k} x {L} layers": v / measured_layers * L for k, v in per_layer.items()}
     parts["LM head (tied embedding matvec over 257216 rows)"] = head
     projected = whole + sum(v / measured_layers * (L - measured_layers) for v in per_layer.values())

@@ -141,12 +141,30 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     elements = out_rows * in_size
     dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
     if not dense and elements < SPLIT_MIN_ELEMENTS:  # the common small matvec: one kernel call
+        if x.dtype == mx.float32 and not getattr(_local, "tracing", False):
+            # float32 copies of the (small) scales and biases, made once: MLX would otherwise
+            # cast them to the activations' dtype in two extra ops per call.
+            scales, biases = float32_scales(layer)
+            return mx.quantized_matmul(x, layer["weight"], scales=scales, biases=biases, transpose=True,
+                                       group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
         return _quantized_piece(layer, x, 0, out_rows, False, None)
     pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
     streams = cpu_streams() if len(pieces) > 1 else [None]
     parts = [_quantized_piece(layer, x, lo, hi, dense, streams[i % len(streams)])
              for i, (lo, hi) in enumerate(pieces)]
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def float32_scales(layer) -> tuple:
+    """(scales, biases) of a quantized layer in float32, cached on the layer (outside its
+    parameters) until its scales are replaced."""
+    scales, biases = layer["scales"], layer.get("biases")
+    hit = layer.__dict__.get("_f32_scales")
+    if hit is None or hit[0] is not scales:
+        # Lazy: computed with the first product that uses them, then kept.
+        hit = (scales, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32))
+        object.__setattr__(layer, "_f32_scales", hit)  # not a parameter: never saved or trained
+    return hit[1], hit[2]
 
 
 def cpu_float_product(weight: mx.array, x: mx.array) -> mx.array:
@@ -199,6 +217,9 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
     mode = mode or policy()
     if mode != "cpu":
         return mode
+    for _, module in model.named_modules():
+        if hasattr(module, "cpu_ops"):  # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs
+            module.cpu_ops = True
     quantized_decoder = quantized = False
     for path, module in model.named_modules():
         swap = SWAPS.get(type(module))
@@ -226,14 +247,23 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def no_layer_sync(model: nn.Module):
-    """Within: no per-layer evaluation in `model`'s prefill (function transformations such as
-    `mx.exporter` and `mx.compile` trace the graph, and MLX refuses an eval inside them)."""
-    mods = [m for _, m in model.named_modules() if getattr(m, "sync_each_layer", False)]
-    for m in mods:
+def for_tracing(model: nn.Module):
+    """Within: `model` computes as plain MLX graphs that function transformations (`mx.exporter`,
+    `mx.compile`) can trace: no per-layer evaluation in its prefill (MLX refuses an eval
+    inside them), no pg_edge.cpu_ops graphs and no cached float32 scales (their per-step
+    caches would keep the tracer's arrays). Per thread for the scales."""
+    synced = [m for _, m in model.named_modules() if getattr(m, "sync_each_layer", False)]
+    lean = [m for _, m in model.named_modules() if getattr(m, "cpu_ops", False)]
+    for m in synced:
         m.sync_each_layer = False
+    for m in lean:
+        m.cpu_ops = False
+    was, _local.tracing = getattr(_local, "tracing", False), True
     try:
         yield
     finally:
-        for m in mods:
+        _local.tracing = was
+        for m in synced:
             m.sync_each_layer = True
+        for m in lean:
+            m.cpu_ops = True

@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_ops
 from .config import TextConfig
 from .errors import PgEdgeError
 from .siglip import activation
@@ -73,14 +74,20 @@ def decode_mask(valid: mx.array, T_q: int = 1, window: int | None = None) -> mx.
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: x / rms(x) * (1 + w). Stored weights are offsets from 1."""
+    """Gemma's RMSNorm: x / rms(x) * (1 + w). Stored weights are offsets from 1.
+
+    `cpu_ops` (set by pg_edge.backend on the CPU backend): outside training, the same
+    arithmetic as mx.fast.rms_norm's CPU fallback in fewer ops (pg_edge.cpu_ops)."""
 
     def __init__(self, dims: int, eps: float):
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
+        self.cpu_ops = False
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.cpu_ops and not self.training:
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
 
 
@@ -100,16 +107,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, k * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.rope_base = cfg.rope_theta
+        # Set by pg_edge.backend on the CPU backend: RoPE from per-step shared tables and a
+        # fused softcap (pg_edge.cpu_ops), outside training.
+        self.cpu_ops = False
 
     def __call__(self, x: mx.array, mask: mx.array | None, offset: Any, cache=None) -> mx.array:
         """x: float[B, T, D]; mask: bool[B, 1, T, T_k] or None (full); offset: position of
         x[:, 0] as int or int[B] (left padding gives each row its own). -> float[B, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        q, k, v = (self._heads(p(x), n) for p, n in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads),
+                                                      (self.v_proj, self.n_kv_heads)))
+        q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if T <= PREFILL_CHUNK:
@@ -123,7 +131,24 @@ class Attention(nn.Module):
                              None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
                 for i in range(0, T, PREFILL_CHUNK)
             ], axis=2)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        # [B, H, T, hd] -> [B, T, H * hd]; one token: the same memory, a reshape alone.
+        o = o.reshape(B, T, -1) if T == 1 else o.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.o_proj(o)
+
+    def _heads(self, y: mx.array, n: int) -> mx.array:
+        """float[B, T, n * hd] -> float[B, n, T, hd] (one token: a reshape, no transpose)."""
+        B, T, _ = y.shape
+        if T == 1:
+            return y.reshape(B, n, 1, self.head_dim)
+        return y.reshape(B, T, n, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _lean(self) -> bool:
+        return self.cpu_ops and not self.training
+
+    def _rope(self, x: mx.array, offset: Any) -> mx.array:
+        if self._lean() and isinstance(offset, int):
+            return cpu_ops.rope(x, offset, self.rope_base)
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
 
     def _attend(self, q, k, v, mask):
         if self.softcap:
@@ -138,7 +163,7 @@ class Attention(nn.Module):
         K, S = k.shape[1], k.shape[2]
         q = (q * self.scale).reshape(B, K, H // K, T, hd)
         scores = (q @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)  # [B, K, G, T, S]
-        scores = softcap(scores, self.softcap)
+        scores = cpu_ops.softcap(scores, self.softcap) if self._lean() else softcap(scores, self.softcap)
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
         probs = mx.softmax(scores, axis=-1).astype(v.dtype)
@@ -230,15 +255,17 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer.window = self.cfg.window_for_layer(i) if mode == "window" else None
 
-    def logits(self, h: mx.array) -> mx.array:
-        """float[..., D] final hidden states -> float[..., V] (softcapped for Gemma2)."""
+    def logits(self, h: mx.array, capped: bool = True) -> mx.array:
+        """float[..., D] final hidden states -> float[..., V] (softcapped for Gemma2 unless
+        capped=False: greedy decoding's argmax is the same on the raw logits, as tanh is
+        increasing, and skips a tanh over the vocabulary per token)."""
         if "lm_head" in self:
             out = self.lm_head(h)
         else:
             out = self.model.embed_tokens.as_linear(h)
-        return softcap(out, self.cfg.final_logit_softcapping)
+        return softcap(out, self.cfg.final_logit_softcapping) if capped else out
 
-    def __call__(self, h, masks, offset, cache=None, logits_from: int = 0) -> mx.array:
+    def __call__(self, h, masks, offset, cache=None, logits_from: int = 0, capped: bool = True) -> mx.array:
         """Logits of positions logits_from.. only: prefill needs just the last one."""
         h = self.model(h, masks, offset, cache)
-        return self.logits(h[:, logits_from:, :] if logits_from else h)
+        return self.logits(h[:, logits_from:, :] if logits_from else h, capped)

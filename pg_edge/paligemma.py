@@ -102,6 +102,7 @@ class PaliGemmaModel(nn.Module):
         cache: list | None = None,
         last_only: bool = False,
         logits_from: int = 0,
+        capped: bool = True,
     ) -> mx.array:
         """A full (prefill or training) pass from position 0.
 
@@ -110,6 +111,7 @@ class PaliGemmaModel(nn.Module):
         padding; padding may be on either side but must be contiguous at the ends).
         Returns logits float[B, T, V]; float[B, 1, V] with last_only; float[B, T - k, V] with
         logits_from=k (scoring a suffix without pushing every prompt row through the LM head).
+        capped=False: Gemma2's final logit softcap left off (see LanguageModel.logits).
         """
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values)
@@ -121,16 +123,17 @@ class PaliGemmaModel(nn.Module):
         masks = self.masks(mask_ar, valid, *input_ids.shape)
         if last_only:
             logits_from = input_ids.shape[1] - 1
-        return self.language_model(h, masks, offset, cache, logits_from=logits_from)
+        return self.language_model(h, masks, offset, cache, logits_from=logits_from, capped=capped)
 
-    def step(self, tokens: mx.array, valid: mx.array | None, offset: Any, cache: list) -> mx.array:
+    def step(self, tokens: mx.array, valid: mx.array | None, offset: Any, cache: list,
+             capped: bool = True) -> mx.array:
         """Decode: tokens int[B, T_q] appended causally after the cache; valid bool[B, T_k]
         covers every key including the new ones (None: no padding anywhere); offset: position
-        of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V]."""
+        of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V] (capped: as in __call__)."""
         h = self.embed(tokens, None)
         T_k = cache[0].offset + tokens.shape[1]
         # A cache with a max_size (mlx-lm's RotatingKVCache) keeps exactly the keys its window sees.
         bounded = frozenset(layer.window for layer, c in zip(self.language_model.model.layers, cache)
                             if getattr(c, "max_size", None) == layer.window)
         masks = self.decode_masks(valid, tokens.shape[1], T_k, bounded)
-        return self.language_model(h, masks, offset, cache)
+        return self.language_model(h, masks, offset, cache, capped=capped)

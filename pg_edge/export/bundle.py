@@ -94,7 +94,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
-    with backend.no_layer_sync(pg.model):  # tracing: no eval inside the graphs
+    with backend.for_tracing(pg.model):  # tracing: no eval inside the graphs
         _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
 
 

@@ -1,0 +1,86 @@
+"""pg_edge.cpu_ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) computes exactly
+what mx.fast and the plain ops compute, a model with them decodes the same tokens, and greedy
+decoding's lazy logprobs equal the sampled path's."""
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import pg_edge
+from pg_edge import backend, cpu_ops
+from pg_edge.generate import generate_step
+
+
+def bits(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_rms_norm_is_bit_identical_across_widths_and_lengths(dtype):
+    # Several widths and lengths in one process: a compiled graph reused for another width
+    # would bake in the wrong 1 / width.
+    for shape in [(1, 1, 64), (1, 7, 64), (2, 5, 32), (1, 1, 32), (1, 3, 2304), (1, 1, 64)]:
+        x = (mx.random.normal(shape) * 3).astype(dtype)
+        w = mx.random.normal(shape[-1:]).astype(dtype)
+        np.testing.assert_array_equal(bits(cpu_ops.rms_norm(x, w, 1e-6)),
+                                      bits(mx.fast.rms_norm(x, 1.0 + w, 1e-6)))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("T,offset", [(1, 0), (1, 260), (1, 261), (9, 0), (300, 17)])
+def test_rope_is_bit_identical_to_mx_fast_rope(dtype, T, offset):
+    for heads, dims in ((8, 256), (4, 256), (2, 16)):
+        x = mx.random.normal((1, heads, T, dims)).astype(dtype)
+        want = mx.fast.rope(x, dims, traditional=False, base=10000.0, scale=1.0, offset=offset)
+        got = cpu_ops.rope(x, offset, 10000.0)
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_rope_tables_are_reused_within_a_step_and_renewed_after():
+    a = cpu_ops.rope_tables(5, 1, 16, 10000.0)
+    assert cpu_ops.rope_tables(5, 1, 16, 10000.0) is a  # the next layer of the same step
+    b = cpu_ops.rope_tables(6, 1, 16, 10000.0)
+    assert b is not a and not np.array_equal(np.array(a[0]), np.array(b[0]))
+
+
+def test_softcap_equals_the_plain_ops():
+    x = mx.random.normal((1, 4, 2, 1, 37)) * 80
+    np.testing.assert_array_equal(np.array(cpu_ops.softcap(x, 50.0)), np.array(mx.tanh(x / 50.0) * 50.0))
+
+
+def lean_modules(model):
+    return [m for _, m in model.named_modules() if hasattr(m, "cpu_ops")]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_images, version):
+    pg = pg_edge.load(converted(version=version, dtype="float32"))
+    mods = lean_modules(pg.model)
+    assert mods and all(m.cpu_ops for m in mods)  # set by pg_edge.backend on the CPU
+    lean_logits = pg.logits(sample_images[0], "caption en")
+    lean = pg.generate(sample_images[0], "caption en", max_tokens=8).tokens
+    for m in mods:
+        m.cpu_ops = False
+    np.testing.assert_array_equal(pg.logits(sample_images[0], "caption en"), lean_logits)
+    assert pg.generate(sample_images[0], "caption en", max_tokens=8).tokens == lean
+
+
+def test_tracing_turns_the_cpu_paths_off_and_back_on(converted):
+    pg = pg_edge.load(converted(version=2, dtype="float32"))
+    mods = lean_modules(pg.model)
+    with backend.for_tracing(pg.model):
+        assert not any(m.cpu_ops for m in mods) and backend._local.tracing
+    assert all(m.cpu_ops for m in mods) and not backend._local.tracing
+
+
+@pytest.mark.parametrize("version", [1, 2])  # PG2: the final logit softcap
+def test_greedy_takes_the_raw_argmax_and_its_lazy_logprobs_are_the_full_ones(converted, sample_images, version):
+    pg = pg_edge.load(converted(version=version, dtype="float32"))
+    inp = pg.prepare([sample_images[1]], ["caption en"])
+    ids, feats = mx.array(inp.input_ids), pg.image_features(inp.pixel_values)
+    argmax = lambda lp: mx.argmax(lp, axis=-1)  # not generate.greedy: the capped, eager path
+    lazy = list(generate_step(pg.model, ids, feats, max_tokens=6))
+    full = list(generate_step(pg.model, ids, feats, max_tokens=6, sampler=argmax))
+    assert [int(t[0]) for t, _ in lazy] == [int(t[0]) for t, _ in full]
+    for (_, lp_lazy), (_, lp_full) in zip(lazy, full):
+        np.testing.assert_allclose(np.array(lp_lazy), np.array(lp_full), rtol=1e-6, atol=1e-5)
