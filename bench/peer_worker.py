@@ -7,7 +7,7 @@
     peer_worker.py convert mlx_vlm HF_FOLDER OUT [--bits 4]
 
 Each tool runs through its own public load and generate; the timing method is the same for all:
-a warm-up generation, then one timed generation of `--tokens` decode steps after the first
+a warm-up generation (none with --no-warmup), then one timed generation of `--tokens` decode steps after the first
 token, with greedy sampling. Prints one line `RESULT {json}` (times in s, memory in GB).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def timed_stream(stream) -> dict:
     return {"first": first, "rest": clock.lap(), "decoded": n - 1}
 
 
-def run_mlx_vlm(folder: str, prompt: str, tokens: int, repeat: int) -> dict:
+def run_mlx_vlm(folder: str, prompt: str, tokens: int, repeat: int, warmup: bool = True) -> dict:
     import tempfile
 
     from mlx_vlm import load, stream_generate
@@ -66,12 +66,13 @@ def run_mlx_vlm(folder: str, prompt: str, tokens: int, repeat: int) -> dict:
         r["vision_s"], r["vision_s_cpu"] = vision
         return r
 
-    once(2)
+    if warmup:
+        once(2)
     r = best([once(tokens) for _ in range(repeat)])
     return {"load_s": load_s, **r, "prompt_tokens": int(inputs["input_ids"].shape[1])}
 
 
-def run_mlx_lm(folder: str, tokens: int, prompt_tokens: int, repeat: int) -> dict:
+def run_mlx_lm(folder: str, tokens: int, prompt_tokens: int, repeat: int, warmup: bool = True) -> dict:
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -86,7 +87,8 @@ def run_mlx_lm(folder: str, tokens: int, prompt_tokens: int, repeat: int) -> dic
         s = timed_stream(stream_generate(model, tokenizer, ids, max_tokens=n + 1, sampler=sampler))
         return timings((0.0, 0.0), s["first"], s["rest"], s["decoded"])
 
-    once(2)
+    if warmup:
+        once(2)
     r = best([once(tokens) for _ in range(repeat)])
     return {"load_s": load_s, **r, "vision_s": 0.0, "vision_s_cpu": 0.0, "prompt_tokens": prompt_tokens}
 
@@ -122,18 +124,20 @@ def main() -> None:
     ap.add_argument("--recipe", default=None)
     ap.add_argument("--attention", default=None)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     a = ap.parse_args()
     if a.mode == "convert":
         r = convert(a.tool, a.folder, a.out, a.bits, a.recipe)
     elif a.tool == "pg_edge":
         from pg_edge.benchmark import measure
 
-        r = measure(a.folder, prompt=a.prompt, tokens=a.tokens, attention=a.attention, repeat=a.repeat)
+        r = measure(a.folder, prompt=a.prompt, tokens=a.tokens, attention=a.attention, repeat=a.repeat,
+                    warmup=a.warmup)
         r.pop("tokens", None)
     elif a.tool == "mlx_vlm":
-        r = run_mlx_vlm(a.folder, a.prompt, a.tokens, a.repeat)
+        r = run_mlx_vlm(a.folder, a.prompt, a.tokens, a.repeat, a.warmup)
     else:
-        r = run_mlx_lm(a.folder, a.tokens, a.prompt_tokens, a.repeat)
+        r = run_mlx_lm(a.folder, a.tokens, a.prompt_tokens, a.repeat, a.warmup)
     r.update(tool=a.tool, max_rss_gb=max_rss_gb(), peak_memory_gb=r.get("peak_memory_gb", mx.get_peak_memory() / 1e9))
     if a.mode == "run" and "folder_gb" not in r:
         r["folder_gb"] = folder_gb(Path(a.folder))

@@ -96,7 +96,7 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
         runs = {}
         for tool in a.tools:
             args = ["run", tool.replace("_native", ""), str(lm if tool == "mlx_lm" else folder),
-                    "--tokens", str(a.tokens), "--repeat", str(a.repeat)]
+                    "--tokens", str(a.tokens), "--repeat", str(a.repeat)] + ([] if a.warmup else ["--no-warmup"])
             if tool == "mlx_lm":
                 args += ["--prompt-tokens", str(runs.get("pg_edge", {}).get("prompt_tokens", 259))]
             runs[tool] = worker(args, env={"PG_EDGE_QMM": "native"} if tool == "pg_edge_native" else None)
@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--tools", default="pg_edge,mlx_vlm,mlx_lm,pg_edge_native")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool; each figure is the best")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="no warm-up call per tool (full size: it would cost a whole prefill)")
     ap.add_argument("--convert", action="store_true", help="also time conversion + quantization")
     ap.add_argument("--convert-bits", default="bf16,4", help="what --convert times: bf16 and/or bit widths")
     ap.add_argument("--work", default="/tmp/pg_edge_bench")

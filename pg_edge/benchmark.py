@@ -109,9 +109,11 @@ def best(runs: list[dict]) -> dict:
 
 
 def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: str | None = None,
-            repeat: int = 1) -> dict:
+            repeat: int = 1, warmup: bool = True) -> dict:
     """Load `folder` and time `repeat` generations after a warm-up (each figure: the best run);
-    returns the figures above, each also as process CPU time (`*_cpu`)."""
+    returns the figures above, each also as process CPU time (`*_cpu`). warmup=False: no
+    warm-up call (a full-size model on a slow backend, where it would cost a whole prefill;
+    the first call then includes one-time kernel setup)."""
     import pg_edge
 
     if tokens < 1:
@@ -123,7 +125,8 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
     mx.eval(pg.model.parameters())
     load_s = time.perf_counter() - t0
     image = bench_image(pg.config.vision.image_size)
-    decode_tokens(pg, image, prompt, 2)  # warm-up: first-call allocations and kernel setup
+    if warmup:
+        decode_tokens(pg, image, prompt, 2)  # first-call allocations and kernel setup
     run = best([decode_tokens(pg, image, prompt, tokens) for _ in range(max(1, repeat))])
     return {
         "tool": "pg_edge", "folder": str(pg.folder), "load_s": load_s, **run,

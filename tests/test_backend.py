@@ -74,6 +74,20 @@ def test_pg_edge_bench_table(converted, capsys):
     assert "time to first token" in out and "tok/s" in out and "peak memory (MLX)" in out
 
 
+def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, capsys, monkeypatch):
+    from apps.cli import main
+    from pg_edge import benchmark
+
+    calls = []
+    real = benchmark.decode_tokens
+    monkeypatch.setattr(benchmark, "decode_tokens", lambda *a: calls.append(a[-1]) or real(*a))
+    assert main(["bench", str(converted(version=2)), "--tokens", "2", "--json"]) == 0
+    assert calls == [2, 2]  # warm-up, then the timed run
+    calls.clear()
+    assert main(["bench", str(converted(version=2)), "--tokens", "3", "--repeat", "2", "--no-warmup", "--json"]) == 0
+    assert calls == [3, 3] and json.loads(capsys.readouterr().out.splitlines()[-1])["decode_tokens"] == 3
+
+
 def test_row_pieces_cover_the_rows_once(monkeypatch):
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "3")
     for rows, width, dense, split in [(257216, 64, False, True), (9216, 2304, True, True),

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default="caption en", help='prompt (default "caption en")')
     p.add_argument("--tokens", type=int, default=32, help="decode steps to time (default 32)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs; each figure is the best (default 1)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the warm-up call (a big model on a slow machine: it costs a whole prefill)")
     p.add_argument("--attention", choices=["window", "global"], default=None,
                    help="Gemma2 sliding-window layers: window (default) or global")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -25,7 +27,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pg_edge.benchmark import measure, to_text
 
-    r = measure(args.model, prompt=args.prompt, tokens=args.tokens, attention=args.attention, repeat=args.repeat)
+    r = measure(args.model, prompt=args.prompt, tokens=args.tokens, attention=args.attention, repeat=args.repeat,
+                warmup=args.warmup)
     if args.json:
         r.pop("tokens", None)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
