@@ -150,8 +150,15 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
         return _quantized_piece(layer, x, 0, out_rows, False, None)
     pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
     streams = cpu_streams() if len(pieces) > 1 else [None]
-    parts = [_quantized_piece(layer, x, lo, hi, dense, streams[i % len(streams)])
-             for i, (lo, hi) in enumerate(pieces)]
+    eager = dense and len(pieces) > len(streams) and not layer.training and not getattr(_local, "tracing", False)
+    parts = []
+    for i, (lo, hi) in enumerate(pieces):
+        parts.append(_quantized_piece(layer, x, lo, hi, dense, streams[i % len(streams)]))
+        if eager and (i + 1) % len(streams) == 0:
+            # Inference prefill: one piece per stream at a time. Left lazy, MLX dequantizes
+            # pieces ahead of the products that use them, and a dozen float32 pieces (8 MB
+            # each) can be alive at once.
+            mx.eval(parts[-len(streams):])
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
