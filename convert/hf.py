@@ -1,26 +1,27 @@
 """Hugging Face PaliGemma checkpoints (folder or hub id, any of the three key layouts)
 -> a pg_edge converted folder.
 
-Streams shard by shard: each source shard is read, renamed to the classic keys, transposed where
-MLX's layout differs, cast, and written before the next is read, so peak memory stays near one
-shard. Checks before writing anything: model type, tokenizer, weights format (pickled `.bin`
-files are refused, never unpickled); after the last shard: every parameter the model needs is
-present with the right shape and nothing else is.
+`open_hf` checks everything it can before a tensor is read: model type, tokenizer, weights
+format (pickled `.bin` files are refused, never unpickled), every safetensors header (the
+format's rules, no tensor in two shards), and, from the headers alone, that every parameter the
+model needs is present with the right shape and nothing else is. `convert_hf` then streams the
+tensors one at a time (pg_edge.tensor_stream): read with plain positioned reads, renamed to
+the classic keys, transposed where MLX's layout differs, cast, and written at their offset in
+the output shard, so memory stays near a few 32 MB blocks whatever the checkpoint's size. The
+same opened source feeds `pg-edge convert -q`, which quantizes in the same pass.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import (HUB_PATTERNS, FolderWriter, Progress, is_quantized, iter_shards, read_config,
-                            resolve, weight_files)
+from pg_edge.folder import HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config, resolve
 from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.processor import Tokenizer
-from pg_edge.weights import sanitize
+from pg_edge.tensor_stream import Source, open_source, plan, write
 
 from . import parse_dtype
 
@@ -46,30 +47,37 @@ def check_complete(config: PaliGemmaConfig, got: dict[str, tuple], tie: bool) ->
             raise CheckpointError(f"{k} has shape {got[k]}, expected {shape} from config.json")
 
 
-def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", force: bool = False,
-               quiet: bool = False) -> Path:
-    """Convert; returns the output folder. Raises CheckpointError / PgEdgeError on bad input."""
+def open_hf(src: str | Path, dtype: str = "bfloat16") -> Source:
+    """The checked source of a conversion: a pg_edge.tensor_stream.Source with `raw` (the
+    config.json to write) and `dtype` (the MLX dtype floating tensors are cast to) set.
+    Raises CheckpointError / PgEdgeError on bad input; the caller closes it."""
     target = parse_dtype(dtype)
     folder = resolve(src, allow_patterns=HUB_FILES)
     config = read_config(folder)
     if is_quantized(config.raw):
         raise CheckpointError(f"{src} is already quantized; convert from the float checkpoint")
     Tokenizer(folder)  # fail now, not after writing gigabytes, if the tokenizer is missing/bad
-    files = weight_files(folder)
     tie = config.tie_word_embeddings
-    progress = Progress(len(files), "convert", quiet)
-    with FolderWriter(out, force=force, source=str(src), converter="hf") as writer:
-        for i, (f, tensors, meta) in enumerate(iter_shards(folder), 1):
-            tensors = sanitize(tensors, mlx_layout=meta.get("format") == "mlx", tie_word_embeddings=tie)
-            tensors = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
-                       for k, v in tensors.items()}
-            writer.add_shard(tensors)
-            progress.update(i, f.name, writer.nbytes)
-            del tensors
-        shapes = writer.shapes()
+    source = open_source(folder, tie=tie, dtype=target)  # every header checked
+    try:
+        shapes = {k: s.shape for k, s in source.float_specs().items()}
         config.adopt_vision_mlp_width(shapes)
         config.check_shapes(shapes)
         check_complete(config, shapes, tie)
-        raw = dict(config.raw)
-        raw["torch_dtype"] = dtype  # informational, as HF and mlx-vlm write it
-        return writer.finish(raw, source_folder=folder)
+    except BaseException:
+        source.close()
+        raise
+    source.name, source.raw = str(src), dict(config.raw)
+    source.raw["torch_dtype"] = dtype  # informational, as HF and mlx-vlm write it
+    source.dtype = target
+    return source
+
+
+def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", force: bool = False,
+               quiet: bool = False) -> Path:
+    """Convert; returns the output folder. Raises CheckpointError / PgEdgeError on bad input."""
+    with open_hf(src, dtype) as source:
+        planned = plan(source)
+        with FolderWriter(out, force=force, source=str(src), converter="hf") as writer:
+            write(planned, writer, Progress(len(planned), "convert", quiet))
+            return writer.finish(source.raw, source_folder=source.folder)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from . import __version__
 from .config import PaliGemmaConfig
-from .atomic import atomic_file, atomic_folder, save_safetensors
+from .atomic import atomic_file, atomic_folder
 from .config_schema import read_json
 from .errors import CheckpointError, PgEdgeError
 from .hub import download, looks_local
@@ -37,6 +37,8 @@ from .safetensors_check import load_safetensors, read_index
 
 if TYPE_CHECKING:
     import mlx.core as mx
+
+    from .safetensors_stream import ShardWriter
 
 # What a converted or HF folder needs; everything else on the hub is skipped when downloading.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -187,7 +189,9 @@ class FolderWriter:
                 w.add_shard(tensors)          # saved at once; memory stays near one shard
             w.finish(config_dict, source_folder)  # index, config.json, side files; rename
 
-    `add_weights(all_tensors)` cuts an in-memory checkpoint into MAX_SHARD_BYTES shards first.
+    `add_weights(all_tensors)` cuts an in-memory checkpoint into MAX_SHARD_BYTES shards first;
+    `open_shard(specs)` gives a shard whose header is written first and whose tensors arrive
+    piece by piece (pg_edge.tensor_stream streams converters and the quantizer through it).
     Leaving the block without `finish()` (an error, an interrupt) leaves nothing behind."""
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, source: str = "", converter: str = "hf"):
@@ -211,14 +215,24 @@ class FolderWriter:
         self._ctx.__exit__(exc_type, exc, tb)
         self.tmp = None
 
-    def add_shard(self, tensors: dict[str, mx.array]) -> None:
-        """Save one shard now (named at finish, when the count is known)."""
-        if not tensors:
-            return
+    def open_shard(self, specs: dict) -> "ShardWriter":
+        """A new shard whose tensors ({name: safetensors_stream.Spec}) are written piece by
+        piece (pg_edge.tensor_stream); named at finish, when the count is known. The caller
+        closes it."""
+        from .safetensors_stream import ShardWriter
+
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_safetensors(self.tmp / name, tensors, metadata=self.metadata)  # full disk -> PgEdgeError
-        self.shards.append({k: tuple(v.shape) for k, v in tensors.items()})
-        self.nbytes += sum(v.nbytes for v in tensors.values())
+        shard = ShardWriter(self.tmp / name, specs, self.metadata)  # full disk -> PgEdgeError
+        self.shards.append({k: tuple(s.shape) for k, s in specs.items()})
+        self.nbytes += shard.nbytes
+        return shard
+
+    def add_shard(self, tensors: dict[str, mx.array]) -> None:
+        """Save one shard of in-memory (or lazy) tensors now, evaluated one at a time."""
+        from .safetensors_stream import Spec, fill
+
+        if tensors:
+            fill(self.open_shard({k: Spec.of(v) for k, v in tensors.items()}), tensors)
 
     def add_weights(self, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
         """A whole in-memory checkpoint, cut into shards of at most `max_shard_bytes`."""

@@ -5,9 +5,10 @@ quality report (size, bits per weight, agreement with the float model on fixed p
     report = quantize("pg2-3b-224", "pg2-3b-224-q4")      # default recipe: decoder4-vision8
     print(report.to_text())
 
-`pg-edge convert -q` converts into a temporary float folder and runs `quantize` on it.
+`pg-edge convert -q` passes `quantize` an HF checkpoint opened by `convert.hf.open_hf`: one
+streamed pass, no float folder (a big_vision .npz goes through a temporary float folder).
 `quantize_weights(config_raw, weights, settings)` quantizes an in-memory float checkpoint, and
-`QuantPlan.apply` one shard at a time (what `quantize` streams the source through).
+`QuantPlan.apply` any subset of the tensors (`quantize` streams them through it one by one).
 """
 from .folder import build_report, measure, quantize
 from .plan import QuantPlan, padded_width, quantize_weights

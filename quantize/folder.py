@@ -4,12 +4,16 @@
     print(report.to_text())
 
 Steps: check the source (a pg_edge / mlx-vlm float folder: safetensors marked `format: mlx`,
-no quantization yet, tensor shapes matching the config) from the file headers, before writing
-anything; stream it shard by shard through a `QuantPlan` into a `FolderWriter` (atomic: a failed
-run leaves no output); check every tensor the loaders will ask for is there with its shape;
-then measure: the float model answers the probes and is scored teacher-forced, it is released,
-and the quantized folder, loaded back exactly as a user would load it, is scored on the same
-tokens.
+no quantization yet, tensor shapes matching the config) from the file headers; plan every
+output tensor's dtype and shape through a `QuantPlan` and check that every tensor the loaders
+will ask for is there with its shape, before anything is read or written; stream the tensors
+one at a time (big ones in row blocks) through the plan into a `FolderWriter`
+(pg_edge.tensor_stream: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
+output); then measure: the float model answers the probes and is scored teacher-forced, it is
+released, and the quantized folder, loaded back exactly as a user would load it, is scored on
+the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `convert.hf.open_hf`
+instead of a folder: converted and quantized in one pass, and the float model of the report
+is that checkpoint loaded with the same cast.
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ import os
 import time
 from pathlib import Path
 
+from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import (FolderWriter, Progress, check_output, is_quantized, iter_shards, read_config,
-                            resolve, weight_files)
+from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve, weight_files
 from pg_edge.eval.metrics import combine, compare_logits
-from pg_edge.reference.safetensors_np import read_header
-from pg_edge.weights import canonical_key, component, sanitize
+from pg_edge.tensor_stream import Source, open_source, output_shapes, write
+from pg_edge.tensor_stream import plan as stream_plan
+from pg_edge.weights import component
 
 from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
@@ -31,30 +36,32 @@ from .recipes import UNSET, QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes
 
 
-def source_shapes(folder: Path, raw: dict) -> dict[str, tuple]:
-    """Tensor shapes (classic keys) of a float converted folder, read from the safetensors
-    headers only; refuses, naming the reason, anything this tool cannot quantize."""
+def open_converted(folder: Path, raw: dict) -> Source:
+    """A float converted folder as a stream source (headers read and checked, no tensor read);
+    refuses, naming the reason, anything this tool cannot quantize."""
     if is_quantized(raw):
         raise CheckpointError(f"{folder} is already quantized; quantize its float source instead")
-    shapes: dict[str, tuple] = {}
-    for f in weight_files(folder):
-        header, _ = read_header(f)
-        if (header.get("__metadata__") or {}).get("format") != "mlx":
-            raise CheckpointError(
-                f"{folder} is not a converted folder ({f.name} is not marked format: mlx); run "
-                "`pg-edge convert` first, or `pg-edge convert -q 4` to convert and quantize"
-            )
-        for k, entry in header.items():
-            if k == "__metadata__":
-                continue
-            if k.endswith(".scales"):
-                raise CheckpointError(f"{folder} is already quantized ({k} in {f.name})")
-            shapes[canonical_key(k)] = tuple(entry["shape"])
-    return shapes
+    tie = PaliGemmaConfig.from_dict(raw).tie_word_embeddings
+    source = open_source(folder, tie=tie, mlx_layout=True)
+    try:
+        for f, reader in zip(weight_files(folder), source.readers):
+            if reader.metadata.get("format") != "mlx":
+                raise CheckpointError(
+                    f"{folder} is not a converted folder ({f.name} is not marked format: mlx); run "
+                    "`pg-edge convert` first, or `pg-edge convert -q 4` to convert and quantize"
+                )
+            scales = [e.name for e in reader.entries if e.name.endswith(".scales")]
+            if scales:
+                raise CheckpointError(f"{folder} is already quantized ({scales[0]} in {f.name})")
+    except BaseException:
+        source.close()
+        raise
+    source.raw = raw
+    return source
 
 
 def quantize(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Source,
     dst: str | os.PathLike,
     *,
     bits: int | None = None,
@@ -69,7 +76,9 @@ def quantize(
     max_new_tokens: int = 8,
     quiet: bool = True,
 ) -> QuantizeReport:
-    """Quantize the float converted folder `src` into `dst`; returns the report.
+    """Quantize the float converted folder `src` into `dst`; returns the report. `src` may
+    also be a source opened by `convert.hf.open_hf` (an HF checkpoint, cast as it is read:
+    `pg-edge convert -q` in one pass, no float folder written); it is not closed here.
 
     bits: the decoder's bits (4 or 8; default: the recipe's); group_size: 32, 64 or 128;
     vision_bits / connector_bits / embed_bits: 4, 8 or None (leave float), default the
@@ -83,42 +92,49 @@ def quantize(
     if settings is None:
         settings = resolve_settings(bits=bits, group_size=group_size, vision_bits=vision_bits,
                                     connector_bits=connector_bits, embed_bits=embed_bits, recipe=recipe)
-    folder = resolve(src)
+    if isinstance(src, Source):
+        source, name, owned = src, src.name, False
+    else:
+        folder = resolve(src)
+        source, name, owned = None, str(src), True
     out = Path(dst).expanduser().resolve()
-    if out == folder.resolve():
+    if out == (source.folder if source else folder).resolve():
         raise PgEdgeError("the output folder must differ from the source folder")
     check_output(out, force)
-    config = read_config(folder)
-    shapes = source_shapes(folder, config.raw)
-    probe_list = probes_mod.resolve_probes(probes)
-    if probe_list:
-        from pg_edge.processor import Tokenizer
+    try:
+        if source is None:
+            source = open_converted(folder, read_config(folder).raw)
+        probe_list = probes_mod.resolve_probes(probes)
+        if probe_list:
+            from pg_edge.processor import Tokenizer
 
-        Tokenizer(folder)  # the probes need it: fail now rather than after writing the folder
-    tie = config.tie_word_embeddings
-    plan = QuantPlan.build(config.raw, settings, tie=tie, shapes=shapes)
-    sizes = SizeCounter()
-    files = weight_files(folder)
-    progress = Progress(len(files), "quantize", quiet)
-    with FolderWriter(out, force=force, source=str(src), converter="quantize") as writer:
-        for i, (f, tensors, _) in enumerate(iter_shards(folder), 1):
-            tensors = sanitize(tensors, mlx_layout=True, tie_word_embeddings=tie)
-            qt = plan.apply(tensors)
-            sizes.add(tensors, qt)
-            writer.add_shard(qt)
-            progress.update(i, f.name, writer.nbytes)
-            del tensors, qt
-        plan.check_complete(writer.shapes())
-        writer.finish(plan.config_dict(), source_folder=folder)
-    return build_report(plan, sizes, source=str(src), source_folder=folder, output=out,
-                        probe_list=probe_list, max_new_tokens=max_new_tokens, started=t0, quiet=quiet)
+            Tokenizer(source.folder)  # the probes need it: fail now rather than after writing
+        specs = source.float_specs()
+        tie = PaliGemmaConfig.from_dict(source.raw).tie_word_embeddings
+        plan = QuantPlan.build(source.raw, settings, tie=tie, shapes={k: s.shape for k, s in specs.items()})
+        planned = stream_plan(source, plan.apply)  # every output's dtype and shape, nothing read
+        plan.check_complete(output_shapes(planned))  # before anything is written
+        sizes = SizeCounter()
+        for _, items in planned:
+            for p in items:
+                sizes.add({p.tensor.key: p.float_spec}, p.outputs)
+        with FolderWriter(out, force=force, source=name, converter="quantize") as writer:
+            write(planned, writer, Progress(len(planned), "quantize", quiet), transform=plan.apply)
+            writer.finish(plan.config_dict(), source_folder=source.folder)
+    finally:
+        if owned and source is not None:
+            source.close()
+    return build_report(plan, sizes, source=name, source_folder=source.folder, output=out,
+                        probe_list=probe_list, max_new_tokens=max_new_tokens, started=t0, quiet=quiet,
+                        float_dtype=source.dtype)
 
 
 def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_folder: Path, output: Path,
                  probe_list: list, max_new_tokens: int = 8, started: float | None = None,
-                 quiet: bool = True) -> QuantizeReport:
+                 quiet: bool = True, float_dtype=None) -> QuantizeReport:
     """The report of a finished run: sizes per component from `sizes`, and the probes scored on
-    `output` against `source_folder` (the float model: any folder pg_edge loads)."""
+    `output` against `source_folder` (the float model: any folder pg_edge loads, its floating
+    weights cast to `float_dtype` unless None)."""
     for name, part in sizes.parts.items():
         q = plan.settings.for_component(name)
         part.setting = str(q) if q else "float"
@@ -131,21 +147,24 @@ def build_report(plan: QuantPlan, sizes: SizeCounter, *, source: str, source_fol
     )
     if probe_list:
         t = time.perf_counter()
-        report.quality, report.probes = measure(source_folder, output, probe_list, max_new_tokens, quiet)
+        report.quality, report.probes = measure(source_folder, output, probe_list, max_new_tokens, quiet,
+                                                float_dtype=float_dtype)
         report.quality_seconds = time.perf_counter() - t
     report.seconds = time.perf_counter() - started if started is not None else 0.0
     return report
 
 
-def measure(float_folder: Path, quant_folder: Path, probe_list: list,
-            max_new_tokens: int = 8, quiet: bool = True) -> tuple[dict, list[dict]]:
+def measure(float_folder: Path, quant_folder: Path, probe_list: list, max_new_tokens: int = 8,
+            quiet: bool = True, float_dtype=None) -> tuple[dict, list[dict]]:
     """Teacher-forced agreement of the quantized folder with the float one on the probes:
-    (combined metrics, per-probe rows). One model in memory at a time; progress per probe."""
+    (combined metrics, per-probe rows). float_dtype: cast the float model's weights to it
+    (an HF source as `pg-edge convert -q --dtype` converts it). One model in memory at a
+    time; progress per probe."""
     from pg_edge.pipeline import load
 
     n = len(probe_list)
     progress = Progress(2 * n, "quality report", quiet)
-    ref_pg = load(float_folder)
+    ref_pg = load(float_folder, dtype=float_dtype)
     reference = []
     for i, probe in enumerate(probe_list, 1):
         reference += probes_mod.teacher_forced(ref_pg, [probe], max_new_tokens)

@@ -19,18 +19,18 @@ from apps.cli import main
 from pg_edge.folder import read_config, weight_files
 
 ROOT = Path(__file__).parents[1]
-# The real CLI with every safetensors save reported and slowed, so a test can signal it at an
-# exact point ("SAVED 3": the third file is on disk, the fourth not yet started).
+# The real CLI with every safetensors file completed reported and slowed, so a test can signal
+# it at an exact point ("SAVED 3": the third file is on disk, the run not yet finished).
 SLOW_CLI = textwrap.dedent("""
     import os, sys, time
-    import mlx.core as mx
-    real, count = mx.save_safetensors, [0]
+    from pg_edge.safetensors_stream import ShardWriter
+    real, count = ShardWriter.close, [0]
     def save(*a, **k):
         real(*a, **k)
         count[0] += 1
         print("SAVED", count[0], flush=True)
         time.sleep(float(os.environ.get("PG_TEST_SLOW", "0.1")))
-    mx.save_safetensors = save
+    ShardWriter.close = save
     from apps.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -69,10 +69,11 @@ def test_sigterm_at_several_points_leaves_the_previous_state(hf_checkpoint, qsrc
     src = hf_checkpoint(version=1)
     n = n_shards(src)
     qhf, _ = qsrc(1)
+    assert n_shards(qhf) >= 2  # convert -q streams shard by shard: signalled after the first
     cases = {  # name: (argv, save to stop at, an output that exists before)
         "first shard": (["convert", src, "--quiet"], 1, None),
         "last shard, --force over a previous output": (["convert", src, "--force", "--quiet"], n, converted(version=1)),
-        "convert -q, in the quantize step": (["convert", qhf, "-q", "4", "--quiet"], n_shards(qhf) + 1, None),
+        "convert -q, between its shards": (["convert", qhf, "-q", "4", "--quiet"], n_shards(qhf) - 1, None),
     }
     runs = {}
     for name, (argv, at, previous) in cases.items():  # all started at once: they overlap in time

@@ -1,7 +1,10 @@
 """`pg-edge convert SRC -o DIR [-q BITS]`: official checkpoints -> a pg_edge converted folder.
 
-The command composes the two packages, which do not import each other: convert/ writes the
-float folder, quantize/ (with -q) quantizes it.
+The command composes the two packages, which do not import each other. Without -q, convert/
+writes the float folder. With -q, an HF checkpoint is opened and checked by convert/
+(`open_hf`) and quantize/ streams it straight into the quantized folder, tensor by tensor (no
+float copy on disk; the quality report's float model is the checkpoint loaded with the same
+cast); a big_vision checkpoint is converted to a temporary float folder first, then quantized.
 
 SRC is a Hugging Face folder or hub id, or a big_vision checkpoint: `model.npz`, or the pieces
 of a split one (`model.npz.part0`, any part, or `model.npz` when only the parts exist).
@@ -77,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def convert_and_quantize(args: argparse.Namespace):
-    """Convert to a float folder beside the output, quantize it into the output, delete it.
-    Settings are checked before anything is converted; the output appears only when complete."""
+    """HF: one streamed pass, source -> quantized output. big_vision: convert to a float folder
+    beside the output, quantize it into the output, delete it. Settings are checked before
+    anything is converted; the output appears only when complete."""
     import shutil
 
     from pg_edge.atomic import clean_stale, temp_path
@@ -90,6 +94,16 @@ def convert_and_quantize(args: argparse.Namespace):
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
                                 recipe=args.recipe)
     out = check_output(args.output, args.force)
+    quiet = args.quiet or args.json
+    if not is_big_vision(args.src):
+        from pg_edge.errors import PgEdgeError
+
+        if args.tokenizer is not None:
+            raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
+        from convert.hf import open_hf
+
+        with open_hf(args.src, args.dtype) as source:
+            return quantize(source, out, settings=settings, force=args.force, probes=args.probes, quiet=quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)  # e.g. the float copy of a killed run
     work = temp_path(out, "float")  # removed on any failure or signal (pg_edge.atomic)
@@ -97,7 +111,6 @@ def convert_and_quantize(args: argparse.Namespace):
     try:
         float_dir = convert_any(args.src, work / "float", dtype=args.dtype, force=False,
                                 tokenizer=args.tokenizer, quiet=args.quiet)
-        return quantize(float_dir, out, settings=settings, force=args.force, probes=args.probes,
-                        quiet=args.quiet or args.json)
+        return quantize(float_dir, out, settings=settings, force=args.force, probes=args.probes, quiet=quiet)
     finally:
         shutil.rmtree(work, ignore_errors=True)
