@@ -1,8 +1,8 @@
 """Read and write `.safetensors` files one tensor (or one row block of a tensor) at a time.
 
 `SafetensorsReader(path)`: the header checked by pg_edge.safetensors_check (the format's rules,
-regular files only, one-line CheckpointError), then tensor bytes read with plain positioned
-reads (`os.preadv`) into a caller's buffer. No memory map: pages of a mapped file that are
+regular files only, one-line CheckpointError), then tensor bytes read with plain reads at
+their offset into a caller's buffer. No memory map: pages of a mapped file that are
 touched count in the process's resident memory, a read into a reused buffer does not.
 
 `ShardWriter(path, specs, metadata)`: the names, dtypes and shapes of every tensor are given up
@@ -89,12 +89,14 @@ class SafetensorsReader:
              for name, e in header.items()), key=lambda e: e.start)
 
     def read_into(self, entry: Entry, out: np.ndarray, begin: int = 0) -> None:
-        """Fill the uint8 buffer `out` with the tensor's bytes from byte `begin` on."""
-        want, got = out.nbytes, 0
+        """Fill the uint8 buffer `out` with the tensor's bytes from byte `begin` on (one
+        thread at a time: the file position is shared)."""
         view = memoryview(out).cast("B")
-        while got < want:  # a positioned read may return less than asked (signals, big reads)
-            n = os.preadv(self._file.fileno(), [view[got:]], entry.start + begin + got)
-            if n == 0:
+        self._file.seek(entry.start + begin)
+        got = 0
+        while got < len(view):  # a read may return less than asked (signals, big reads)
+            n = self._file.readinto(view[got:])
+            if not n:
                 raise CheckpointError(f"{self.path.name} shrank while being read (truncated?)")
             got += n
 
@@ -141,22 +143,23 @@ class ShardWriter:
         self.nbytes = sum(s.nbytes for s in self.specs.values())
         self._fd = None
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
             try:  # reserve the space now: a full disk fails before gigabytes are computed
                 os.posix_fallocate(self._fd, 0, len(head) + self.nbytes)
             except (AttributeError, OSError) as err:
                 if isinstance(err, OSError) and err.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
                     raise
-            self._pwrite(head, 0)
+            self._write_at(head, 0)
         except OSError as err:
             self.abort()
             raise write_error(self.path, err) from None
 
-    def _pwrite(self, data, pos: int) -> None:
+    def _write_at(self, data, pos: int) -> None:
         view = memoryview(data).cast("B")
+        os.lseek(self._fd, pos, os.SEEK_SET)  # one thread writes a file at a time
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], pos + done)
+            done += os.write(self._fd, view[done:])
 
     def write(self, name: str, data, at: int = 0) -> None:
         """Write `data` at byte `at` of tensor `name` (in its row-major layout)."""
@@ -164,7 +167,7 @@ class ShardWriter:
         if at < 0 or at + n > self.specs[name].nbytes:
             raise ValueError(f"{name}: bytes [{at}, {at + n}) outside its {self.specs[name].nbytes}")
         try:
-            self._pwrite(data, self._start[name] + at)
+            self._write_at(data, self._start[name] + at)
         except OSError as err:
             raise write_error(self.path, err) from None
         self._left[name] -= n

@@ -219,3 +219,18 @@ def test_corrupt_or_duplicated_source_tensors_get_one_line_errors(hf_checkpoint,
         buf = np.empty(entry.spec.nbytes, np.uint8)
         with pytest.raises(CheckpointError, match="shrank while being read"):
             reader.read_into(entry, buf)
+
+
+def test_convert_q_scores_against_the_checkpoint_cast_as_it_converts(qsrc, tmp_path):
+    """One pass (no float folder): the report's float model is the HF checkpoint loaded with the
+    same cast, so its scores are those of quantizing the converted bf16 folder."""
+    hf, _ = qsrc(1)
+    converted = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)
+    two_steps = quantize(converted, tmp_path / "two", bits=4, probes=1, max_new_tokens=2)
+    with convert.hf.open_hf(hf, "bfloat16") as source:
+        one_pass = quantize(source, tmp_path / "one", bits=4, probes=1, max_new_tokens=2)
+    assert one_pass.source == str(hf) and one_pass.probes[0]["tokens"] == two_steps.probes[0]["tokens"]
+    assert one_pass.quality == two_steps.quality and one_pass.quality["top1_agreement"] > 0
+    a, b = folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two")  # metadata names the sources
+    assert set(a) == set(b) and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
+    assert leftovers(tmp_path) == ["bf16", "one", "two"]
