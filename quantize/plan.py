@@ -1,11 +1,15 @@
 """Which tensors of a float PaliGemma checkpoint are quantized, at what setting, and how:
 `QuantPlan` turns float tensors (classic keys, MLX layouts) into the tensors of MLX's quantized
-layers, one shard at a time, and writes the config.json that both pg_edge and mlx-vlm read.
+layers, any subset at a time, and writes the config.json that both pg_edge and mlx-vlm read.
 
     plan = QuantPlan.build(config_raw, settings)
-    for shard in shards:                      # any grouping of the tensors; memory ~ one shard
-        out = plan.apply(shard)               # path.weight -> path.{weight,scales,biases}
+    out = plan.apply({key: tensor})           # path.weight -> path.{weight,scales,biases}
     config = plan.config_dict()               # quantization section, padded SigLIP width
+
+`quantize()` streams the checkpoint through `apply` one tensor at a time, big ones in row
+blocks (pg_edge.tensor_stream): every transform here acts on each row alone (group-wise
+quantization along a row, fc2's padding adds columns), except fc1's padding, which adds rows,
+so fc1 goes whole.
 
 The SigLIP MLP width (4304 in the real checkpoints, 72 in the test fixtures) is a multiple of
 none of MLX's group sizes, and it is fc2's input width, so fc2 cannot be quantized as it is. It
