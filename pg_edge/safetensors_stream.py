@@ -17,6 +17,7 @@ evaluating one tensor at a time.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -147,7 +148,7 @@ class ShardWriter:
             try:  # reserve the space now: a full disk fails before gigabytes are computed
                 os.posix_fallocate(self._fd, 0, len(head) + self.nbytes)
             except (AttributeError, OSError) as err:
-                if isinstance(err, OSError) and err.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
+                if isinstance(err, OSError) and err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
                     raise
             self._write_at(head, 0)
         except OSError as err:

@@ -35,7 +35,7 @@ import numpy as np
 from .errors import CheckpointError
 from .folder import MAX_SHARD_BYTES, weight_files
 from .safetensors_stream import Entry, SafetensorsReader, ShardWriter, Spec
-from .weights import canonical_key, sanitize
+from .weights import sanitize
 
 BLOCK_BYTES = 32 << 20  # row blocks of big tensors; also the size of each pooled read buffer
 
@@ -152,10 +152,9 @@ _STREAMS: dict[int, list] = {}
 
 
 def compute_streams() -> list:
-    """One MLX stream per core on the CPU (kernels of one CPU stream run on one core), made
-    once per count; the default stream elsewhere."""
-    if mx.default_device() != mx.cpu:
-        return [mx.default_stream(mx.default_device())]
+    """One CPU stream per core (MLX runs a CPU stream's kernels on one core), made once per
+    count. The CPU whatever the default device: the bytes come from files and go to files
+    through host buffers, and the result is the same on every machine."""
     from .backend import stream_count
 
     n = stream_count()
@@ -187,7 +186,7 @@ class Buffers:
 
     @staticmethod
     def _make(n: int):
-        a = mx.zeros((n,), dtype=mx.uint8)
+        a = mx.zeros((n,), dtype=mx.uint8, stream=mx.cpu)
         mx.eval(a)
         return a, np.array(a, copy=False)
 
