@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve, weight_files
+from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve
 from pg_edge.eval.metrics import combine, compare_logits
 from pg_edge.tensor_stream import Source, open_source, output_shapes, write
 from pg_edge.tensor_stream import plan as stream_plan
@@ -44,7 +44,8 @@ def open_converted(folder: Path, raw: dict) -> Source:
     tie = PaliGemmaConfig.from_dict(raw).tie_word_embeddings
     source = open_source(folder, tie=tie, mlx_layout=True)
     try:
-        for f, reader in zip(weight_files(folder), source.readers):
+        for reader in source.readers:
+            f = reader.path
             if reader.metadata.get("format") != "mlx":
                 raise CheckpointError(
                     f"{folder} is not a converted folder ({f.name} is not marked format: mlx); run "
