@@ -224,11 +224,10 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
     mode = mode or policy()
     if mode != "cpu":
         return mode
-    for _, module in model.named_modules():
-        if hasattr(module, "cpu_ops"):  # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs
-            module.cpu_ops = True
     quantized_decoder = quantized = False
     for path, module in model.named_modules():
+        if hasattr(module, "cpu_ops"):  # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs
+            module.cpu_ops = True
         swap = SWAPS.get(type(module))
         if swap is None or (swap in (CpuLinear, CpuEmbedding)
                             and module["weight"].size < SPLIT_MIN_ELEMENTS):

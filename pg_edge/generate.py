@@ -99,7 +99,8 @@ def generate_step(
     max_tokens: int = 256,
     vocab_limit: int | None = None,
 ) -> Iterator[tuple[mx.array, mx.array]]:
-    """Yield (tokens int[B], logprobs float[B, V]) for each generated position.
+    """Yield (tokens int[B], logprobs float[B, V]) for each generated position (with the
+    greedy sampler the logprobs are lazy: computed only if the caller evaluates them).
 
     input_ids int[B, T] left-padded prompts (valid bool[B, T], None = no padding);
     image_features float[B, N, D] from `PaliGemmaModel.encode_image` (cache them per image).
@@ -123,11 +124,11 @@ def generate_step(
     cap = model.config.text.final_logit_softcapping
 
     def sample(lg):
+        lg = lg.astype(mx.float32)
         if lazy:
             # -inf bias: a masked id is never the argmax of a row with any finite logit.
-            tok = mx.argmax(lg.astype(mx.float32) + bias, axis=-1)
-            return tok, _logprobs(softcap(lg.astype(mx.float32), cap) + bias)
-        lg = lg.astype(mx.float32) + bias
+            return mx.argmax(lg + bias, axis=-1), _logprobs(softcap(lg, cap) + bias)
+        lg = lg + bias
         logprobs = _logprobs(lg)
         tok = sampler(logprobs)
         # Extreme temperatures (1/T overflowing) can make a sampler pick a masked id; never emit one.

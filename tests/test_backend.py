@@ -88,6 +88,15 @@ def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, c
     assert calls == [3, 3] and json.loads(capsys.readouterr().out.splitlines()[-1])["decode_tokens"] == 3
 
 
+@pytest.mark.parametrize("args", [["--tokens", "0"], ["--tokens", "-3", "--no-warmup"]])
+def test_pg_edge_bench_bad_tokens_is_a_clear_error(converted, capsys, args):
+    from apps.cli import main
+
+    assert main(["bench", str(converted(version=2)), *args]) != 0
+    err = capsys.readouterr().err
+    assert "tokens must be >= 1" in err and "Traceback" not in err
+
+
 def test_row_pieces_cover_the_rows_once(monkeypatch):
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "3")
     for rows, width, dense, split in [(257216, 64, False, True), (9216, 2304, True, True),
