@@ -272,16 +272,18 @@ class Handler(BaseHTTPRequestHandler):
 
         with self._generation() as entry:
             result, stopped = self._run(req, image, emit, entry)
-            finish = finish_reason(result.finish_reason, stopped)
-            use = usage(result.prompt_tokens, len(result.tokens))
-            if req.stream:
-                start_stream()
-                self._event(chunk(cid, srv.model_id, {}, finish))
-                if req.include_usage:
-                    self._event(chunk(cid, srv.model_id, None, use=use))
-                self._event("[DONE]")
-            else:
-                self._send_json(200, completion(cid, srv.model_id, "".join(pieces), finish, use))
+        # The model is free and the history written before the last bytes go out: a client that
+        # has its answer finds its generation recorded, and the next request need not wait on I/O.
+        finish = finish_reason(result.finish_reason, stopped)
+        use = usage(result.prompt_tokens, len(result.tokens))
+        if req.stream:
+            start_stream()
+            self._event(chunk(cid, srv.model_id, {}, finish))
+            if req.include_usage:
+                self._event(chunk(cid, srv.model_id, None, use=use))
+            self._event("[DONE]")
+        else:
+            self._send_json(200, completion(cid, srv.model_id, "".join(pieces), finish, use))
 
     def _run(self, req, image, emit, entry):
         """Generate, sending text through emit() with stop strings cut; -> (result, stopped)."""
