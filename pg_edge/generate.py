@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
-from mlx_lm.sample_utils import make_sampler
 
 from .errors import PgEdgeError
+from .mlx_lm_parts import KVCache, RotatingKVCache, make_sampler
 from .prompt_check import check_max_tokens, check_sampling
 from .gemma import softcap
 from .paligemma import PaliGemmaModel

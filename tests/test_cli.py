@@ -51,7 +51,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_cli_imports_only_the_chosen_command(converted, sample_images, tmp_path):
     """`pg-edge --help` / `run --help` import no pg_edge model code at all; a real `pg-edge run`
-    imports the runtime but never the trainer, the converters or the quantizer."""
+    imports the runtime but never the trainer, the converters, the quantizer, nor transformers and
+    torch (which mlx-lm's package init would import: pg_edge.mlx_lm_parts)."""
     helped = _modules_after("from apps.cli import main\ntry:\n    main(['run', '--help'])\n"
                             "except SystemExit:\n    pass")
     assert "apps.commands.run" in helped
@@ -61,6 +62,6 @@ def test_cli_imports_only_the_chosen_command(converted, sample_images, tmp_path)
     ran = _modules_after(f"from apps.cli import main\nassert main(['run', {str(converted(version=2))!r}, "
                          f"'--image', {str(img)!r}, '--prompt', 'caption en', '--max-tokens', '2']) == 0")
     assert "pg_edge.pipeline" in ran
-    heavy = sorted(m for m in ran if m.split(".")[0] in ("convert", "quantize") or m.startswith("pg_edge.train")
-                   or m.startswith(("mlx_lm.tuner", "mlx.optimizers")))
+    heavy = sorted(m for m in ran if m.split(".")[0] in ("convert", "quantize", "transformers", "torch")
+                   or m.startswith(("pg_edge.train", "mlx_lm.tuner", "mlx_lm.utils", "mlx.optimizers")))
     assert heavy == []

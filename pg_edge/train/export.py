@@ -20,8 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
 
+from ..mlx_lm_parts import LoRALinear
 from .. import __version__
 from ..atomic import save_safetensors
 from ..folder import FolderWriter, atomic_folder, check_output, is_quantized, read_config

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
 
+from ..mlx_lm_parts import LoRALinear
 from ..errors import PgEdgeError
 from ..paligemma import PaliGemmaModel
 
