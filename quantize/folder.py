@@ -165,6 +165,9 @@ def measure(float_folder: Path, quant_folder: Path, probe_list: list, max_new_to
 
     n = len(probe_list)
     progress = Progress(2 * n, "quality report", quiet)
+    # A probe is a whole forward pass: at full size on a slow backend the first one takes
+    # minutes, so say what is running before it rather than after.
+    progress.update(0, "float model, first probe")
     ref_pg = load(float_folder, dtype=float_dtype)
     reference = []
     for i, probe in enumerate(probe_list, 1):

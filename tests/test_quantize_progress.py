@@ -15,6 +15,7 @@ def test_quality_report_progress_and_share(qsrc, tmp_path, capsys, monkeypatch):
     src = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)
     report = quantize(src, tmp_path / "q", probes=2, max_new_tokens=2, quiet=False)
     err = capsys.readouterr().err
+    assert "quality report [0/4] float model, first probe" in err  # before the first, slow pass
     assert "quality report [1/4] float model" in err and "quality report [4/4] quantized model" in err
     assert 0 < report.quality_seconds <= report.seconds
     assert f"({report.quality_seconds:.1f} s of the {report.seconds:.1f} s)" in report.to_text()
