@@ -49,6 +49,13 @@ SPLIT_MIN_ELEMENTS = 2 * 2**20
 # Unquantized weights split only in products with fewer rows than this (decode): a training
 # step's backward pass through sliced weights would build full-size zero gradients per piece.
 SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
+# Attention with this many scores (batch x heads x queries x keys) or more is split by heads
+# over the CPU streams (pg_edge.siglip, pg_edge.gemma, via `attention_on_streams`): SigLIP from
+# 448 px, the decoder's prefill at 896 px. At 896 px one SigLIP layer's attention (16 heads x
+# 4096 x 4096, real widths) took 14.5 s on one stream, 7.4 s on two, bit-identical.
+ATTENTION_SPLIT_SCORES = 4 * 2**20
+# ... in groups of at most this many float32 scores (256 MB) alive per stream.
+ATTENTION_PIECE_SCORES = 64 * 2**20
 
 _local = threading.local()
 
@@ -215,6 +222,42 @@ class CpuEmbedding(nn.Embedding):
         return cpu_float_product(self["weight"], x)
 
 
+def attention_on_streams(attend, q: mx.array, k: mx.array, v: mx.array, mask):
+    """attend(q, k, v, mask) computed over groups of heads, the groups spread over the CPU
+    streams: q float[B, H, T, hd]; k, v float[B, K, S, hd] (query head n uses kv head
+    n // (H / K)); mask None or [B, 1, T, S], shared by every head. -> float[B, H, T, hd].
+
+    MLX runs one attention on one core; heads are independent, so each group is the same
+    numbers (bit-identical: the same per-head products) and the groups run side by side. A
+    group holds at most ATTENTION_PIECE_SCORES scores; with more groups than streams, one per
+    stream is evaluated at a time, so the [H, T, S] float32 scores never exist at once (SigLIP
+    at 896 px: 16 x 4096 x 4096 = 1.07 GB per layer). Small attentions stay whole.
+    Inference only (the callers check): the eager evaluation has no place in training or
+    while tracing."""
+    B, H, T, _ = q.shape
+    K, S = k.shape[1], k.shape[2]
+    scores = B * H * T * S
+    if scores < ATTENTION_SPLIT_SCORES:
+        return attend(q, k, v, mask)
+    streams = cpu_streams()
+    # Units that keep the kv mapping: kv heads with their query heads, or the query heads alone
+    # when one kv head serves them all (PaliGemma 1's multi-query Gemma).
+    units, per = (K, H // K) if K > 1 else (H, 1)
+    n = len(streams) * math.ceil(math.ceil(scores / ATTENTION_PIECE_SCORES) / len(streams))
+    n = max(1, min(n, units))
+    bounds = [units * i // n for i in range(n + 1)]
+    parts = []
+    for i in range(n):
+        lo, hi = bounds[i], bounds[i + 1]
+        qs, ks, vs = (q[:, lo * per:hi * per], k[:, lo:hi], v[:, lo:hi]) if K > 1 else (q[:, lo:hi], k, v)
+        stream = streams[i % len(streams)]
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            parts.append(attend(qs, ks, vs, mask))
+        if n > len(streams) and (i + 1) % len(streams) == 0:
+            mx.eval(parts[-len(streams):])  # this round's scores freed before the next's
+    return mx.concatenate(parts, axis=1)
+
+
 SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding,
          nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding}
 
@@ -226,7 +269,9 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
         return mode
     quantized_decoder = quantized = False
     for path, module in model.named_modules():
-        if hasattr(module, "cpu_ops"):  # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs
+        if hasattr(module, "cpu_ops"):
+            # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs; gemma's and SigLIP's
+            # attention: long ones split by heads (attention_on_streams)
             module.cpu_ops = True
         swap = SWAPS.get(type(module))
         if swap is None or (swap in (CpuLinear, CpuEmbedding)
@@ -256,7 +301,8 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
 def for_tracing(model: nn.Module):
     """Within: `model` computes as plain MLX graphs that function transformations (`mx.exporter`,
     `mx.compile`) can trace: no per-layer evaluation in its prefill (MLX refuses an eval
-    inside them), no pg_edge.cpu_ops graphs and no cached float32 scales (their per-step
+    inside them), no pg_edge.cpu_ops graphs, no attention split over streams (it evaluates
+    round by round) and no cached float32 scales (their per-step
     caches would keep the tracer's arrays). Per thread for the scales."""
     synced = [m for _, m in model.named_modules() if getattr(m, "sync_each_layer", False)]
     lean = [m for _, m in model.named_modules() if getattr(m, "cpu_ops", False)]

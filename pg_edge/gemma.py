@@ -12,12 +12,13 @@ causal and sees the whole prefix.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_ops
+from . import backend, cpu_ops
 from .config import TextConfig
 from .errors import PgEdgeError
 from .siglip import activation
@@ -108,7 +109,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.rope_base = cfg.rope_theta
         # Set by pg_edge.backend on the CPU backend: RoPE from per-step shared tables and a
-        # fused softcap (pg_edge.cpu_ops), outside training.
+        # fused softcap (pg_edge.cpu_ops), long prefill attention split by heads over the CPU
+        # streams (pg_edge.backend), outside training and tracing.
         self.cpu_ops = False
 
     def __call__(self, x: mx.array, mask: mx.array | None, offset: Any, cache=None) -> mx.array:
@@ -120,15 +122,17 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        attend = self._attend
+        if self._lean() and T > 1:  # long prefill attention split by heads over the CPU streams
+            attend = partial(backend.attention_on_streams, self._attend)
         if T <= PREFILL_CHUNK:
-            o = self._attend(q, k, v, mask)
+            o = attend(q, k, v, mask)
         else:
             # Long prefill (896 px: 4096 image tokens + prompt): queries in chunks against all
             # keys, so the [T, T] scores never exist at once. Exact: every chunk sees every key
             # its mask rows allow, the bidirectional prefix included.
             o = mx.concatenate([
-                self._attend(q[:, :, i:i + PREFILL_CHUNK], k, v,
-                             None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
+                attend(q[:, :, i:i + PREFILL_CHUNK], k, v, None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
                 for i in range(0, T, PREFILL_CHUNK)
             ], axis=2)
         # [B, H, T, hd] -> [B, T, H * hd]; one token: the same memory, a reshape alone.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import backend
 from .config import VisionConfig
 
 
@@ -32,6 +33,9 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=True)
         self.v_proj = nn.Linear(d, d, bias=True)
         self.out_proj = nn.Linear(d, d, bias=True)
+        # Set by pg_edge.backend on the CPU backend: long attentions (448 px and up) split by
+        # heads over the CPU streams, outside training and tracing.
+        self.cpu_ops = False
 
     def __call__(self, x: mx.array) -> mx.array:
         """float[B, N, C] -> float[B, N, C]; full (bidirectional) attention over patches."""
@@ -42,8 +46,14 @@ class SiglipAttention(nn.Module):
             return t.reshape(B, N, h, C // h).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if self.cpu_ops and not self.training:
+            o = backend.attention_on_streams(self._attend, q, k, v, None)
+        else:
+            o = self._attend(q, k, v, None)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, N, C))
+
+    def _attend(self, q, k, v, mask):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class SiglipMLP(nn.Module):

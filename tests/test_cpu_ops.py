@@ -1,5 +1,6 @@
-"""pg_edge.cpu_ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) computes exactly
-what mx.fast and the plain ops compute, a model with them decodes the same tokens, and greedy
+"""pg_edge.cpu_ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) and the attention
+split by heads over the CPU streams (pg_edge.backend.attention_on_streams) compute exactly what
+mx.fast and the plain ops compute, a model with them decodes the same tokens, and greedy
 decoding's lazy logprobs equal the sampled path's."""
 import mlx.core as mx
 import numpy as np
@@ -52,8 +53,64 @@ def lean_modules(model):
     return [m for _, m in model.named_modules() if hasattr(m, "cpu_ops")]
 
 
+def sdpa(q, k, v, mask, scale=0.125):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def capped(q, k, v, mask):
+    """Gemma2's softcapped GQA attention, as pg_edge.gemma computes it (query head n -> kv
+    head n // (H / K))."""
+    B, H, T, hd = q.shape
+    K = k.shape[1]
+    s = (q * 0.125).reshape(B, K, H // K, T, hd) @ k[:, :, None].swapaxes(-1, -2)
+    s = mx.where(mask[:, :, None], mx.tanh(s / 50.0) * 50.0, mx.finfo(mx.float32).min)
+    return (mx.softmax(s, axis=-1) @ v[:, :, None]).reshape(B, H, T, hd)
+
+
+@pytest.mark.parametrize("H,K,attend,masked", [(16, 16, sdpa, False),  # SigLIP: multi-head
+                                                (8, 4, capped, True),  # Gemma2: grouped, capped
+                                                (8, 1, sdpa, True)])   # Gemma: multi-query
+@pytest.mark.parametrize("piece", [2**30, 3000])  # one group per stream; many, in rounds
+def test_attention_on_streams_is_bit_identical(monkeypatch, H, K, attend, masked, piece):
+    monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", 1)
+    monkeypatch.setattr(backend, "ATTENTION_PIECE_SCORES", piece)
+    T, S, hd = 24, 40, 16
+    q, k, v = mx.random.normal((1, H, T, hd)), mx.random.normal((1, K, S, hd)), mx.random.normal((1, K, S, hd))
+    mask = (mx.random.uniform(shape=(1, 1, T, S)) > 0.3) | (mx.arange(S) == 0) if masked else None
+    groups = []
+
+    def counted(q, k, v, mask):
+        groups.append((q.shape[1], k.shape[1]))
+        return attend(q, k, v, mask)
+
+    got = backend.attention_on_streams(counted, q, k, v, mask)
+    np.testing.assert_array_equal(np.array(got), np.array(attend(q, k, v, mask)))
+    assert sum(h for h, _ in groups) == H and len(groups) >= min(backend.stream_count(), K if K > 1 else H)
+    if piece < H * T * S:
+        assert len(groups) > backend.stream_count()  # several rounds
+    if K > 1:
+        assert all(h == kv * (H // K) for h, kv in groups)  # whole kv groups, with their queries
+    monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", H * T * S + 1)
+    groups.clear()
+    backend.attention_on_streams(counted, q, k, v, mask)
+    assert groups == [(H, K)]  # small: one piece
+
+
+@pytest.mark.parametrize("split", [False, True])  # True: every attention split by heads
 @pytest.mark.parametrize("version", [1, 2])
-def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_images, version):
+def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_images, version, split,
+                                                             monkeypatch):
+    callers = set()
+    if split:
+        monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", 1)
+        monkeypatch.setattr(backend, "ATTENTION_PIECE_SCORES", 1)
+        real = backend.attention_on_streams
+
+        def spy(attend, *args):
+            callers.add(type(attend.__self__).__name__)
+            return real(attend, *args)
+
+        monkeypatch.setattr(backend, "attention_on_streams", spy)
     pg = pg_edge.load(converted(version=version, dtype="float32"))
     mods = lean_modules(pg.model)
     assert mods and all(m.cpu_ops for m in mods)  # set by pg_edge.backend on the CPU
@@ -63,6 +120,7 @@ def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_i
         m.cpu_ops = False
     np.testing.assert_array_equal(pg.logits(sample_images[0], "caption en"), lean_logits)
     assert pg.generate(sample_images[0], "caption en", max_tokens=8).tokens == lean
+    assert callers == ({"SiglipAttention", "Attention"} if split else set())
 
 
 def test_tracing_turns_the_cpu_paths_off_and_back_on(converted):
