@@ -19,6 +19,8 @@ turns every `QuantizedLinear` / `QuantizedEmbedding`, and the unquantized `Linea
 `Embedding` big enough to gain from the split, into the subclasses below. They keep the stored
 weights (same parameters, same checkpoint keys, same memory: the pieces are views) and only
 change how the product is computed. The output dtype always equals the input dtype, as on Metal.
+`attention_on_streams` does for long attentions what the split does for products: groups of
+heads, one per CPU stream (SigLIP and the decoder call it when the backend sets their flag).
 """
 from __future__ import annotations
 
@@ -50,9 +52,10 @@ SPLIT_MIN_ELEMENTS = 2 * 2**20
 # step's backward pass through sliced weights would build full-size zero gradients per piece.
 SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
 # Attention with this many scores (batch x heads x queries x keys) or more is split by heads
-# over the CPU streams (pg_edge.siglip, pg_edge.gemma, via `attention_on_streams`): SigLIP from
-# 448 px, the decoder's prefill at 896 px. At 896 px one SigLIP layer's attention (16 heads x
-# 4096 x 4096, real widths) took 14.5 s on one stream, 7.4 s on two, bit-identical.
+# over the CPU streams (pg_edge.siglip, pg_edge.gemma, via `attention_on_streams`): SigLIP's and
+# the decoder's prefill from 448 px on (at 224 px: 16 x 256 x 256 = 1M, left whole). At 896 px
+# one SigLIP layer's attention (16 heads x 4096 x 4096, real widths) took 14.5 s on one stream,
+# 7.4 s on two, bit-identical.
 ATTENTION_SPLIT_SCORES = 4 * 2**20
 # ... in groups of at most this many float32 scores (256 MB) alive per stream.
 ATTENTION_PIECE_SCORES = 64 * 2**20
