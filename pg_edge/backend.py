@@ -159,17 +159,26 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
                                        group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
         return _quantized_piece(layer, x, 0, out_rows, False, None)
     pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
-    streams = cpu_streams() if len(pieces) > 1 else [None]
-    eager = dense and len(pieces) > len(streams) and not layer.training and not getattr(_local, "tracing", False)
-    parts = []
-    for i, (lo, hi) in enumerate(pieces):
-        parts.append(_quantized_piece(layer, x, lo, hi, dense, streams[i % len(streams)]))
-        if eager and (i + 1) % len(streams) == 0:
-            # Inference prefill: one piece per stream at a time. Left lazy, MLX dequantizes
-            # pieces ahead of the products that use them, and a dozen float32 pieces (8 MB
-            # each) can be alive at once.
-            mx.eval(parts[-len(streams):])
+    # Inference prefill: one piece per stream at a time. Left lazy, MLX dequantizes pieces
+    # ahead of the products that use them, and a dozen float32 pieces (8 MB each) can be alive.
+    eager = dense and not layer.training and not getattr(_local, "tracing", False)
+    parts = on_streams(lambda i, stream: _quantized_piece(layer, x, *pieces[i], dense, stream), len(pieces), eager)
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def on_streams(make, n: int, eager: bool) -> list:
+    """[make(i, stream) for i in range(n)], piece i on CPU stream i % streams (stream None:
+    one piece, the default stream). With `eager` and more pieces than streams, each round of
+    one piece per stream is evaluated before the next is built, so a round's temporaries are
+    freed before the next round's exist (inference only: no eval in training or tracing)."""
+    streams = cpu_streams() if n > 1 else [None]
+    eager = eager and n > len(streams)
+    parts = []
+    for i in range(n):
+        parts.append(make(i, streams[i % len(streams)]))
+        if eager and (i + 1) % len(streams) == 0:
+            mx.eval(parts[-len(streams):])
+    return parts
 
 
 def float32_scales(layer) -> tuple:
@@ -242,23 +251,20 @@ def attention_on_streams(attend, q: mx.array, k: mx.array, v: mx.array, mask):
     scores = B * H * T * S
     if scores < ATTENTION_SPLIT_SCORES:
         return attend(q, k, v, mask)
-    streams = cpu_streams()
     # Units that keep the kv mapping: kv heads with their query heads, or the query heads alone
     # when one kv head serves them all (PaliGemma 1's multi-query Gemma).
     units, per = (K, H // K) if K > 1 else (H, 1)
-    n = len(streams) * math.ceil(math.ceil(scores / ATTENTION_PIECE_SCORES) / len(streams))
-    n = max(1, min(n, units))
+    s = stream_count()
+    n = max(1, min(units, s * math.ceil(math.ceil(scores / ATTENTION_PIECE_SCORES) / s)))
     bounds = [units * i // n for i in range(n + 1)]
-    parts = []
-    for i in range(n):
+
+    def group(i, stream):
         lo, hi = bounds[i], bounds[i + 1]
         qs, ks, vs = (q[:, lo * per:hi * per], k[:, lo:hi], v[:, lo:hi]) if K > 1 else (q[:, lo:hi], k, v)
-        stream = streams[i % len(streams)]
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
-            parts.append(attend(qs, ks, vs, mask))
-        if n > len(streams) and (i + 1) % len(streams) == 0:
-            mx.eval(parts[-len(streams):])  # this round's scores freed before the next's
-    return mx.concatenate(parts, axis=1)
+            return attend(qs, ks, vs, mask)
+
+    return mx.concatenate(on_streams(group, n, eager=True), axis=1)  # a round's scores freed before the next's
 
 
 SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding,

@@ -123,7 +123,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         attend = self._attend
-        if self._lean() and T > 1:  # long prefill attention split by heads over the CPU streams
+        # Long prefill attention split by heads over the CPU streams; decode (T == 1) is never
+        # long enough for it, so the hot path skips the call.
+        if self._lean() and T > 1:
             attend = partial(backend.attention_on_streams, self._attend)
         if T <= PREFILL_CHUNK:
             o = attend(q, k, v, mask)
