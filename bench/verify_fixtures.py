@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 from bench.fixtures.tokenizer import build_tokenizer  # noqa: E402
 from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
-from convert.hf import convert_hf  # noqa: E402
+from pg_edge.convert.hf import convert_hf  # noqa: E402
 from pg_edge.eval.verify import verify  # noqa: E402
-from quantize import quantize  # noqa: E402
+from pg_edge.quantize import quantize  # noqa: E402
 
 RECIPES = ("all8", "decoder4-vision8", "all4")
 

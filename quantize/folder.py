@@ -11,7 +11,7 @@ one at a time (big ones in row blocks) through the plan into a `FolderWriter`
 (pg_edge.tensor_stream: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
 output); then measure: the float model answers the probes and is scored teacher-forced, it is
 released, and the quantized folder, loaded back exactly as a user would load it, is scored on
-the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `convert.hf.open_hf`
+the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `pg_edge.convert.hf.open_hf`
 instead of a folder: converted and quantized in one pass, and the float model of the report
 is that checkpoint loaded with the same cast.
 """
@@ -78,7 +78,7 @@ def quantize(
     quiet: bool = True,
 ) -> QuantizeReport:
     """Quantize the float converted folder `src` into `dst`; returns the report. `src` may
-    also be a source opened by `convert.hf.open_hf` (an HF checkpoint, cast as it is read:
+    also be a source opened by `pg_edge.convert.hf.open_hf` (an HF checkpoint, cast as it is read:
     `pg-edge convert -q` in one pass, no float folder written); it is not closed here.
 
     bits: the decoder's bits (4 or 8; default: the recipe's); group_size: 32, 64 or 128;

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from apps.cli import main
+from pg_edge.cli import main
 
 
 def test_run_json_reports_text_tokens_timings_memory(converted, sample_images, tmp_path, capsys):
@@ -33,11 +33,11 @@ def test_run_streams_text_matching_json(converted, sample_images, tmp_path, caps
 def test_entry_point_runs_as_a_program(hf_checkpoint, tmp_path):
     """The real console path: a subprocess, as a user types it."""
     out = tmp_path / "conv"
-    proc = subprocess.run([sys.executable, "-m", "apps.cli", "convert", str(hf_checkpoint(version=1)),
+    proc = subprocess.run([sys.executable, "-m", "pg_edge.cli", "convert", str(hf_checkpoint(version=1)),
                            "-o", str(out), "--dtype", "float16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
-    bad = subprocess.run([sys.executable, "-m", "apps.cli", "convert", str(tmp_path / "missing"), "-o",
+    bad = subprocess.run([sys.executable, "-m", "pg_edge.cli", "convert", str(tmp_path / "missing"), "-o",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
 
@@ -53,15 +53,16 @@ def test_cli_imports_only_the_chosen_command(converted, sample_images, tmp_path)
     """`pg-edge --help` / `run --help` import no pg_edge model code at all; a real `pg-edge run`
     imports the runtime but never the trainer, the converters, the quantizer, nor transformers and
     torch (which mlx-lm's package init would import: pg_edge.mlx_lm_parts)."""
-    helped = _modules_after("from apps.cli import main\ntry:\n    main(['run', '--help'])\n"
+    helped = _modules_after("from pg_edge.cli import main\ntry:\n    main(['run', '--help'])\n"
                             "except SystemExit:\n    pass")
-    assert "apps.commands.run" in helped
-    assert not {"mlx", "mlx_lm", "transformers", "torch", "pg_edge.pipeline", "apps.commands.tasks"} & helped
+    assert "pg_edge.cli.commands.run" in helped
+    assert not {"mlx", "mlx_lm", "transformers", "torch", "pg_edge.pipeline", "pg_edge.cli.commands.tasks"} & helped
     img = tmp_path / "img.png"
     sample_images[0].save(img)
-    ran = _modules_after(f"from apps.cli import main\nassert main(['run', {str(converted(version=2))!r}, "
+    ran = _modules_after(f"from pg_edge.cli import main\nassert main(['run', {str(converted(version=2))!r}, "
                          f"'--image', {str(img)!r}, '--prompt', 'caption en', '--max-tokens', '2']) == 0")
     assert "pg_edge.pipeline" in ran
-    heavy = sorted(m for m in ran if m.split(".")[0] in ("convert", "quantize", "transformers", "torch")
-                   or m.startswith(("pg_edge.train", "mlx_lm.tuner", "mlx_lm.utils", "mlx.optimizers")))
+    heavy = sorted(m for m in ran if m.split(".")[0] in ("transformers", "torch")
+                   or m.startswith(("pg_edge.convert", "pg_edge.quantize", "pg_edge.train",
+                                    "mlx_lm.tuner", "mlx_lm.utils", "mlx.optimizers")))
     assert heavy == []

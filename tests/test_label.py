@@ -2,8 +2,8 @@
 import json
 import pytest
 
-from apps.cli import main
-from convert.vae import convert_vae
+from pg_edge.cli import main
+from pg_edge.convert.vae import convert_vae
 from pg_edge.model_tasks import rle_to_mask
 from pg_edge.generate import GenerationResult
 from pg_edge.pipeline import PaliGemma

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 from bench.fixtures.quantizable import make_quantizable_checkpoint
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.folder import read_config
@@ -19,10 +19,10 @@ from pg_edge.loader import build_model, load_model, load_weights
 from pg_edge.eval.metrics import compare_logits
 from pg_edge.pipeline import load
 from pg_edge.weights import component
-from quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
-from quantize.plan import pad_vision_mlp
+from pg_edge.quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
+from pg_edge.quantize.plan import pad_vision_mlp
 from pg_edge.eval.probes import shapes_image, stripes_image
-from quantize.recipes import COMPONENTS, settings_from_dict
+from pg_edge.quantize.recipes import COMPONENTS, settings_from_dict
 
 BITS = {  # recipe -> bits of vision, connector, decoder, embed (None: float)
     "decoder4-vision8": (8, 8, 4, 8),
@@ -154,7 +154,7 @@ def test_group_size_32_pads_to_96_and_round_trips(qsrc, tmp_path):
 
 def test_bfloat16_source_gives_bfloat16_scales_and_the_bits_bench_assumes(qsrc, tmp_path):
     """bench/quantize_sizes.py counts 8 + 2*16/64 = 8.5 and 4.5 bits per weight at group 64."""
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     hf, _ = qsrc(1)
     src = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)

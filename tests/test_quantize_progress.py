@@ -5,11 +5,11 @@ import numpy as np
 
 from pg_edge import backend, load
 from pg_edge.benchmark import bench_image
-from quantize import quantize
+from pg_edge.quantize import quantize
 
 
 def test_quality_report_progress_and_share(qsrc, tmp_path, capsys, monkeypatch):
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     hf, _ = qsrc(2)
     src = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)

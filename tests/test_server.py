@@ -10,8 +10,8 @@ import openai
 import pytest
 
 import pg_edge
-from apps.cli import main
-from apps.server import make_server
+from pg_edge.cli import main
+from pg_edge.server import make_server
 
 MAX_TOKENS = 6
 
@@ -39,7 +39,7 @@ def cat(_sample_images_cache):
 
 @pytest.fixture(scope="module")
 def server(pg, tmp_path_factory):
-    from convert.vae import convert_vae
+    from pg_edge.convert.vae import convert_vae
     from tests.vae_writer import write_fake_vae
 
     d = tmp_path_factory.mktemp("vae")

@@ -318,7 +318,7 @@ def test_exports_reproduce_the_trained_model(converted, tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------
 def _cli(*argv) -> int:
-    from apps.cli import main
+    from pg_edge.cli import main
 
     return main(["finetune", *map(str, argv)])
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.eval.verify import verify
 
 
@@ -64,7 +64,7 @@ def test_corrupted_conversion_fails_naming_the_figure(hf_checkpoint, converted, 
 
 
 def test_against_float_source_through_mlx_and_reference(qsrc, tmp_path, capsys):
-    from quantize import quantize
+    from pg_edge.quantize import quantize
 
     _, src = qsrc(1)
     q8 = tmp_path / "q8"

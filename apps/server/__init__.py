@@ -1,6 +1,6 @@
 """`pg-edge serve`: a local HTTP server speaking the OpenAI chat format (see http_server.py).
 
-    from apps.server import make_server
+    from pg_edge.server import make_server
     server = make_server(pg, port=8080)        # pg = pg_edge.load(...)
     server.serve_forever()
 """

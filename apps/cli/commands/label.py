@@ -1,12 +1,12 @@
 """`pg-edge label FOLDER [--model MODEL] --detect "cat ; dog" -o labels.json [--segment]`:
-auto-label a folder of images into COCO JSON (apps/labeling.py), resumable."""
+auto-label a folder of images into COCO JSON (pg_edge/labeling.py), resumable."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from apps.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.labeling import label_folder
+    from pg_edge.labeling import label_folder
     from pg_edge import task_text
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load

@@ -13,24 +13,26 @@ import os
 import sys
 import warnings
 
+from pg_edge import __version__
+
 # Subcommand -> (the module whose add_parser defines it, the one-line help `pg-edge --help`
 # shows), in the order `pg-edge --help` lists them. A new command is one added line.
 COMMAND_MODULES = {
-    "run": ("apps.commands.run", "generate text for an image and a prompt"),
-    "caption": ("apps.commands.tasks", "a short caption of the image"),
-    "ocr": ("apps.commands.tasks", "the text in the image"),
-    "ask": ("apps.commands.tasks", "answer a question about the image"),
-    "detect": ("apps.commands.tasks", "boxes around the named objects"),
-    "segment": ("apps.commands.tasks", "boxes and masks of the named objects"),
-    "serve": ("apps.server.cli", "serve a model over HTTP (OpenAI chat format)"),
-    "label": ("apps.commands.label", "auto-label a folder of images into COCO JSON"),
-    "verify": ("apps.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
-    "export": ("apps.commands.export", "export encode/prefill/decode graphs for C++ or Swift (MLX, no Python)"),
-    "convert": ("apps.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
-    "convert-vae": ("convert.vae_cli", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
-    "quantize": ("quantize.cli", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
-    "finetune": ("pg_edge.train.cli", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),
-    "bench": ("apps.commands.bench", "time load, vision encode, first token and decode on this machine"),
+    "run": ("pg_edge.cli.commands.run", "generate text for an image and a prompt"),
+    "caption": ("pg_edge.cli.commands.tasks", "a short caption of the image"),
+    "ocr": ("pg_edge.cli.commands.tasks", "the text in the image"),
+    "ask": ("pg_edge.cli.commands.tasks", "answer a question about the image"),
+    "detect": ("pg_edge.cli.commands.tasks", "boxes around the named objects"),
+    "segment": ("pg_edge.cli.commands.tasks", "boxes and masks of the named objects"),
+    "serve": ("pg_edge.cli.commands.serve", "serve a model over HTTP (OpenAI chat format)"),
+    "label": ("pg_edge.cli.commands.label", "auto-label a folder of images into COCO JSON"),
+    "verify": ("pg_edge.cli.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
+    "export": ("pg_edge.cli.commands.export", "export encode/prefill/decode graphs for C++ or Swift (MLX, no Python)"),
+    "convert": ("pg_edge.cli.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
+    "convert-vae": ("pg_edge.cli.commands.convert_vae", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
+    "quantize": ("pg_edge.cli.commands.quantize", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
+    "finetune": ("pg_edge.cli.commands.finetune", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),
+    "bench": ("pg_edge.cli.commands.bench", "time load, vision encode, first token and decode on this machine"),
 }
 
 
@@ -43,6 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="print the full traceback of any error (also PG_EDGE_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"pg-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = set(m for m, _ in COMMAND_MODULES.values()) if command is None else (

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pg_edge.pipeline import load
 
-    from . import make_server
+    from pg_edge.server import make_server
 
     pg = load(args.model, attention=args.attention)
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .recipes import DEFAULT_RECIPE, RECIPES, UNSET
+from pg_edge.quantize.recipes import DEFAULT_RECIPE, RECIPES, UNSET
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,7 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .folder import quantize
+    from pg_edge.quantize.folder import quantize
 
     report = quantize(
         args.src, args.output, bits=args.bits, group_size=args.group_size,

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from convert.npz import PART_RE
+from pg_edge.convert.npz import PART_RE
 
 
 def is_big_vision(src: str) -> bool:
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     q = p.add_argument_group("quantize in the same step (as `pg-edge quantize`)")
     q.add_argument("-q", "--quantize", type=int, metavar="BITS", default=None,
                    help="decoder bits, 4 or 8: write a quantized folder (the float one is not kept)")
-    from quantize.cli import add_mix_args
+    from pg_edge.cli.commands.quantize import add_mix_args
 
     add_mix_args(q)
     q.add_argument("--json", action="store_true", help="with -q: print the quantization report as JSON")
@@ -56,12 +56,12 @@ def convert_any(src: str, out, *, dtype: str, force: bool, tokenizer, quiet: boo
     from pg_edge.errors import PgEdgeError
 
     if is_big_vision(src):
-        from convert.big_vision import convert_big_vision
+        from pg_edge.convert.big_vision import convert_big_vision
 
         return convert_big_vision(src, out, dtype=dtype, force=force, tokenizer=tokenizer, quiet=quiet)
     if tokenizer is not None:
         raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     return convert_hf(src, out, dtype=dtype, force=force, quiet=quiet)
 
@@ -87,8 +87,8 @@ def convert_and_quantize(args: argparse.Namespace):
 
     from pg_edge.atomic import clean_stale, temp_path
     from pg_edge.folder import check_output
-    from quantize import quantize
-    from quantize.recipes import resolve_settings
+    from pg_edge.quantize import quantize
+    from pg_edge.quantize.recipes import resolve_settings
 
     settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
@@ -100,7 +100,7 @@ def convert_and_quantize(args: argparse.Namespace):
 
         if args.tokenizer is not None:
             raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
-        from convert.hf import open_hf
+        from pg_edge.convert.hf import open_hf
 
         with open_hf(args.src, args.dtype) as source:
             return quantize(source, out, settings=settings, force=args.force, probes=args.probes, quiet=quiet)

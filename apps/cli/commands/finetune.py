@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .modes import MODES
+from pg_edge.train.modes import MODES
 
 EXPORTS = ("adapters", "fused", "none")
 # argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
@@ -83,9 +83,9 @@ def add_parser(sub) -> None:
 
 def _settings(args, saved: dict | None):
     """(ModeSpec, TrainConfig) from the recipe or checkpoint, with the explicit arguments."""
-    from ..errors import PgEdgeError
-    from .modes import LoraSettings, ModeSpec
-    from .trainer import TrainConfig
+    from pg_edge.errors import PgEdgeError
+    from pg_edge.train.modes import LoraSettings, ModeSpec
+    from pg_edge.train.trainer import TrainConfig
 
     given = {field: getattr(args, dest) for dest, field in CONFIG_ARGS.items() if getattr(args, dest) is not None}
     lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout)
@@ -105,14 +105,14 @@ def _settings(args, saved: dict | None):
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from ..errors import PgEdgeError
-    from ..folder import check_output, read_config, resolve
-    from ..loader import load_model
-    from ..tokenizer import Tokenizer
-    from .checkpoint import find_checkpoint, read_state
-    from .data import load_dataset
-    from .export import save_adapters, save_fused
-    from .trainer import Trainer
+    from pg_edge.errors import PgEdgeError
+    from pg_edge.folder import check_output, read_config, resolve
+    from pg_edge.loader import load_model
+    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.train.checkpoint import find_checkpoint, read_state
+    from pg_edge.train.data import load_dataset
+    from pg_edge.train.export import save_adapters, save_fused
+    from pg_edge.train.trainer import Trainer
 
     t0 = time.perf_counter()
     folder = resolve(args.model)
