@@ -36,18 +36,44 @@ COMMAND_MODULES = {
 }
 
 
+DEBUG_HELP = "print the full traceback of any error (also PG_EDGE_DEBUG=1)"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` shows every option's default: a help text that does not state it gets
+    "(default: X)" appended; None and False defaults (option absent, flag off) show nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if ("default" in text or not action.option_strings or default is None or default is False
+                or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: defaults shown in its --help, and --debug accepted after the
+    command as before it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: absent here leaves the value the top-level --debug set.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command` fully defined (its module imported) and every other command
     listed by name and help only. `command=None`: all of them defined (for tools and tests)."""
     parser = argparse.ArgumentParser(
         prog="pg-edge",
-        description="PaliGemma 1 and 2 on your own machine with MLX.",
+        description="PaliGemma 1 and 2 on your own machine with MLX. `pg-edge COMMAND --help` "
+        "gives a command's options.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="print the full traceback of any error (also PG_EDGE_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--version", action="version", version=f"pg-edge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     wanted = set(m for m, _ in COMMAND_MODULES.values()) if command is None else (
         {COMMAND_MODULES[command][0]} if command in COMMAND_MODULES else set())
     added: set[str] = set()
@@ -60,12 +86,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` inside `build_parser()`'s parser."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The subcommand is the first word that is not an option (`pg-edge --debug run ...`).
     command = next((a for a in argv if not a.startswith("-")), "")
     command = command if command in COMMAND_MODULES else ""
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:  # a bare `pg-edge` (or only --debug): the help, not an error
+        parser.print_help()
+        return 0
+    if unknown:  # with the usage of the command they were given to, not the top level's
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     from pg_edge.atomic import Terminated, signals_raise
     from pg_edge.errors import PgEdgeError
 

@@ -1,4 +1,4 @@
-"""`pg-edge label FOLDER [--model MODEL] --detect "cat ; dog" -o labels.json [--segment]`:
+"""`pg-edge label MODEL FOLDER --detect "cat ; dog" -o labels.json [--segment]`:
 auto-label a folder of images into COCO JSON (pg_edge/labeling.py), resumable."""
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("label", help="auto-label a folder of images into COCO JSON",
                        description="Detect (or segment) the named objects in every image of a "
                        "folder and write COCO JSON; a rerun with the same -o resumes.")
+    p.add_argument("model", help="converted folder, mlx-community folder, or hub id (demo: the built-in model)")
     p.add_argument("folder", help="folder of images (searched recursively)")
-    p.add_argument("--model", default="demo",
-                   help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
     p.add_argument("--detect", required=True, metavar="OBJECTS",
                    help='object names separated by ";", e.g. "cat ; dog" (the COCO categories)')
     p.add_argument("-o", "--output", required=True, help="COCO JSON file to write (or resume)")
@@ -24,8 +23,8 @@ def add_parser(sub) -> None:
                    "vae.safetensors in the model folder)")
     p.add_argument("--force", action="store_true", help="start over instead of resuming the output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_sampling_args(p)
-    p.set_defaults(func=run, max_tokens=128)
+    add_sampling_args(p, max_tokens=128)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("src", help="float converted folder (from `pg-edge convert`)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--bits", type=int, default=None, help="decoder bits, 4 or 8 (default: the recipe's)")
+    p.add_argument("-q", "--bits", type=int, default=None, metavar="BITS",
+                   help="decoder bits, 4 or 8 (default: the recipe's)")
     add_mix_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
