@@ -36,7 +36,7 @@ def main() -> None:
             print(f"PG{v} float32, MLX vs reference: max rel {r.mlx['max_rel_err']:.1e}  "
                   f"top-1 {r.mlx['top1_agreement']:.3f}  KL {r.mlx['mean_kl']:.1e}  greedy {r.greedy_agreement:.0%}")
             for recipe in RECIPES:
-                q = quantize(f, root / f"{recipe}{v}", recipe=recipe, probes=0).output
+                q = quantize(f, root / f"{recipe}{v}", recipe, probes=0).output
                 r = verify(str(q), str(f))
                 m, ref = r.mlx, r.reference
                 print(f"PG{v} {recipe:<17} vs float: MLX top-1 {m['top1_agreement']:.3f} KL {m['mean_kl']:.3f} "

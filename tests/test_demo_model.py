@@ -53,12 +53,13 @@ def rebuilt(tmp_path_factory):
     """(float folder, quantized folder) made from the repository's HF source with the recorded
     settings: `pg-edge convert` then `pg-edge quantize`, as apps/demo_model/build.py's ship stage."""
     from pg_edge.convert.hf import convert_hf
-    from pg_edge.quantize import quantize
+    from pg_edge.quantize import quantize, resolve_settings
 
     work = tmp_path_factory.mktemp("demo_rebuild")
     float_dir = convert_hf(HF_SOURCE, work / "float", dtype=RECIPE["convert"]["dtype"], quiet=True)
     q = RECIPE["quantize"]
-    quantize(float_dir, work / "quant", recipe=q["recipe"], group_size=q["group_size"], probes=0, quiet=True)
+    settings = resolve_settings(recipe=q["recipe"], group_size=q["group_size"])
+    quantize(float_dir, work / "quant", settings, probes=0, quiet=True)
     return float_dir, work / "quant"
 
 
@@ -149,7 +150,7 @@ def test_make_demo_writes_annotated_pictures(tmp_path, demo_pg):
     from pg_edge.draw import color_for, line_width
 
     make = (ROOT / "Makefile").read_text()
-    assert "demo: setup\n\t$(PY) -m apps.demo\n" in make
+    assert "demo: runtime\n\t$(PY) -m apps.demo\n" in make
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "apps.demo", "--out", str(out)], cwd=tmp_path, env=env,

@@ -39,7 +39,7 @@ def _quantized(version: int):
 
         _, src = request.getfixturevalue("qsrc")(version)
         out = request.getfixturevalue("tmp_path_factory").mktemp("q4") / f"pg{version}_all4"
-        quantize(src, out, recipe="all4", probes=0)
+        quantize(src, out, "all4", probes=0)
         return out
 
     return build

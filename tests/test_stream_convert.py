@@ -226,9 +226,9 @@ def test_convert_q_scores_against_the_checkpoint_cast_as_it_converts(qsrc, tmp_p
     same cast, so its scores are those of quantizing the converted bf16 folder."""
     hf, _ = qsrc(1)
     converted = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)
-    two_steps = quantize(converted, tmp_path / "two", bits=4, probes=1, max_new_tokens=2)
+    two_steps = quantize(converted, tmp_path / "two", resolve_settings(bits=4), probes=1, max_new_tokens=2)
     with pg_edge.convert.hf.open_hf(hf, "bfloat16") as source:
-        one_pass = quantize(source, tmp_path / "one", bits=4, probes=1, max_new_tokens=2)
+        one_pass = quantize(source, tmp_path / "one", resolve_settings(bits=4), probes=1, max_new_tokens=2)
     assert one_pass.source == str(hf) and one_pass.probes[0]["tokens"] == two_steps.probes[0]["tokens"]
     assert one_pass.quality == two_steps.quality and one_pass.quality["top1_agreement"] > 0
     a, b = folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two")  # metadata names the sources

@@ -41,11 +41,12 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pg_edge.quantize.folder import quantize
+    from pg_edge.quantize.recipes import resolve_settings
 
-    report = quantize(
-        args.src, args.output, bits=args.bits, group_size=args.group_size,
-        vision_bits=args.vision_bits, connector_bits=args.connector_bits, embed_bits=args.embed_bits,
-        recipe=args.recipe, force=args.force, probes=args.probes, quiet=args.quiet or args.json,
-    )
+    settings = resolve_settings(bits=args.bits, group_size=args.group_size, vision_bits=args.vision_bits,
+                                connector_bits=args.connector_bits, embed_bits=args.embed_bits,
+                                recipe=args.recipe)
+    report = quantize(args.src, args.output, settings, force=args.force, probes=args.probes,
+                      quiet=args.quiet or args.json)
     print(report.to_json() if args.json else report.to_text())
     return 0
