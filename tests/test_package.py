@@ -84,8 +84,12 @@ def test_editable_checkout_resolves_the_installed_names():
         assert Path(module.__file__).parent == ROOT / INSTALLED[module.__name__]
 
 
-def expected_modules() -> set[str]:
-    """Every .py file the wheel must hold, as its path inside the wheel."""
+DATA = ("assets", "demo/model", "demo/samples")  # pg_edge's data folders (pyproject's package-data)
+
+
+def expected_files() -> set[str]:
+    """Every file the wheel must hold under pg_edge/: the modules of the installed folders and
+    the data files, as paths inside the wheel."""
     out = set()
     for name, folder in INSTALLED.items():
         base = ROOT / folder
@@ -93,6 +97,8 @@ def expected_modules() -> set[str]:
             rel = path.relative_to(base)
             if "__pycache__" not in rel.parts:
                 out.add("/".join([*name.split("."), *rel.parts]))
+    for folder in DATA:
+        out |= {f"pg_edge/{folder}/{p.name}" for p in (ROOT / "pg_edge" / folder).iterdir() if p.is_file()}
     return out
 
 
@@ -104,8 +110,10 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*SKIP_DIRS, "*.egg-info"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-q", "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True)
+                           "--no-index", "-v", "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # setuptools names a folder that holds modules or data but is not in pyproject's list
+    assert "absent from the `packages` configuration" not in proc.stdout + proc.stderr
     (whl,) = (tmp / "dist").glob("*.whl")
     return whl
 
@@ -113,10 +121,10 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_pg_edge_alone(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"pg_edge", wheel.name.split("-py")[0] + ".dist-info"}
-    modules = {n for n in names if n.endswith(".py")}
-    assert modules == expected_modules()
+    assert {n for n in names if n.startswith("pg_edge/")} == expected_files()
     assert not [n for n in names if re.search(r"demo_model|desktop|cpp/|tests/|bench/", n)]
-    assert "pg_edge/demo/model/model.safetensors" in names and "pg_edge/labeling.py" in names
+    assert {"pg_edge/demo/model/model.safetensors", "pg_edge/labeling.py", "pg_edge/cli/commands/finetune.py",
+            "pg_edge/server/http_server.py", "pg_edge/convert/hf.py", "pg_edge/quantize/plan.py"} <= set(names)
     dist = wheel.name.split("-py")[0] + ".dist-info"
     with zipfile.ZipFile(wheel) as z:
         assert z.read(f"{dist}/top_level.txt").decode().split() == ["pg_edge"]
