@@ -1,9 +1,11 @@
 """The `pg-edge` command line: one entry point, one subcommand per tool.
 
-Each subcommand lives in a module exposing ``add_parser(subparsers)``; the parser it adds sets
-``func`` to a function taking the parsed arguments and returning an exit code. Only the chosen
-command's module is imported (tests/test_cli.py checks that `pg-edge run` imports no
-pg_edge.train, convert or quantize); `pg-edge --help` imports none of them.
+Each subcommand lives in a module of commands/ exposing ``add_parser(subparsers)``; the parser
+it adds sets ``func`` to a function taking the parsed arguments and returning an exit code. Only
+the chosen command's module is imported (tests/test_cli.py checks that `pg-edge run` imports no
+pg_edge.train, pg_edge.convert or pg_edge.quantize); `pg-edge --help` imports none of them.
+Every subcommand's parser is a CommandParser: --help shows the defaults, --debug is accepted
+after the command too; an unknown option is reported with that command's usage.
 """
 from __future__ import annotations
 
@@ -15,24 +17,24 @@ import warnings
 
 from pg_edge import __version__
 
-# Subcommand -> (the module whose add_parser defines it, the one-line help `pg-edge --help`
-# shows), in the order `pg-edge --help` lists them. A new command is one added line.
+# Subcommand -> (the module in commands/ whose add_parser defines it, the one-line help
+# `pg-edge --help` shows), in the order `pg-edge --help` lists them. A new command is one line.
 COMMAND_MODULES = {
-    "run": ("pg_edge.cli.commands.run", "generate text for an image and a prompt"),
-    "caption": ("pg_edge.cli.commands.tasks", "a short caption of the image"),
-    "ocr": ("pg_edge.cli.commands.tasks", "the text in the image"),
-    "ask": ("pg_edge.cli.commands.tasks", "answer a question about the image"),
-    "detect": ("pg_edge.cli.commands.tasks", "boxes around the named objects"),
-    "segment": ("pg_edge.cli.commands.tasks", "boxes and masks of the named objects"),
-    "serve": ("pg_edge.cli.commands.serve", "serve a model over HTTP (OpenAI chat format)"),
-    "label": ("pg_edge.cli.commands.label", "auto-label a folder of images into COCO JSON"),
-    "verify": ("pg_edge.cli.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
-    "export": ("pg_edge.cli.commands.export", "export encode/prefill/decode graphs for C++ or Swift (MLX, no Python)"),
-    "convert": ("pg_edge.cli.commands.convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
-    "convert-vae": ("pg_edge.cli.commands.convert_vae", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
-    "quantize": ("pg_edge.cli.commands.quantize", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
-    "finetune": ("pg_edge.cli.commands.finetune", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),
-    "bench": ("pg_edge.cli.commands.bench", "time load, vision encode, first token and decode on this machine"),
+    "run": ("run", "generate text for an image and a prompt"),
+    "caption": ("tasks", "a short caption of the image"),
+    "ocr": ("tasks", "the text in the image"),
+    "ask": ("tasks", "answer a question about the image"),
+    "detect": ("tasks", "boxes around the named objects"),
+    "segment": ("tasks", "boxes and masks of the named objects"),
+    "serve": ("serve", "serve a model over HTTP (OpenAI chat format)"),
+    "label": ("label", "auto-label a folder of images into COCO JSON"),
+    "verify": ("verify", "check a model against the NumPy reference, or the checkpoint it came from"),
+    "export": ("export", "export encode/prefill/decode graphs for C++ or Swift (MLX, no Python)"),
+    "convert": ("convert", "convert an official checkpoint (HF folder, hub id, big_vision .npz) to a pg_edge folder"),
+    "convert-vae": ("convert_vae", "convert big_vision's vae-oid.npz (segmentation masks) to MLX safetensors"),
+    "quantize": ("quantize", "quantize a converted folder to 4/8 bits, per component, and report the quality"),
+    "finetune": ("finetune", "fine-tune on image/prefix/suffix examples (attention-only, LoRA/QLoRA, full)"),
+    "bench": ("bench", "time load, vision encode, first token and decode on this machine"),
 }
 
 
@@ -81,7 +83,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if module not in wanted:  # listed only; when chosen, its own module parses it
             sub.add_parser(name, help=help_, add_help=False)
         elif module not in added:  # defines all of its commands (tasks: caption, ocr, ...)
-            importlib.import_module(module).add_parser(sub)
+            importlib.import_module(f"{__package__}.commands.{module}").add_parser(sub)
             added.add(module)
     return parser
 
