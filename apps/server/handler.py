@@ -15,8 +15,8 @@ The request cycle (handle_one_request):
 Hang-ups: `gone()` tells whether the client went away. A socket that reads as ended may also be
 a client that only shut its sending side after the request (and still waits for the answer),
 so the first time, a probe is written: `HTTP/1.1 100 Continue` before the answer (HTTP/1.1
-lets a server send it unasked); a client that has really closed answers it with a reset, which
-the next check sees. After the answer's headers, the next write tells. HTTP/1.0 clients get
+lets a server send it unasked); a client that has really closed answers it with a reset, after
+which the socket has no peer (getpeername fails) at the next check. After the answer's headers, the next write tells. HTTP/1.0 clients get
 no probe: their ended input counts as a hang-up.
 """
 from __future__ import annotations
@@ -244,6 +244,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._gone:
             return True
         try:
+            self.connection.getpeername()  # fails (ENOTCONN) once the connection was reset
             readable, _, _ = select.select([self.connection], [], [], 0)
             if not readable or self.connection.recv(1, socket.MSG_PEEK):
                 return False  # nothing, or the client's next request: it is there
@@ -252,7 +253,7 @@ class Handler(BaseHTTPRequestHandler):
             elif not self._probed and not self.streaming:
                 self._probed = True
                 self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except (OSError, ValueError):  # a reset (the probe's answer), or a closed socket
+        except (OSError, ValueError):  # reset (the probe's answer), or closed here
             self._gone = True
         return self._gone
 
