@@ -2,7 +2,8 @@
 
 Allowed always: `data:image/...;base64,...` URLs. Refused unless the server was started with the
 matching flag: http(s) URLs (`--allow-remote-images`: the server would fetch whatever a client
-names; the whole fetch, redirects and every byte, within `fetch_seconds`) and server-side paths
+names; the download within `fetch_seconds` in all, each read, the connection and each redirect
+waiting at most READ_TIMEOUT_S) and server-side paths
 or file:// URLs (`--allow-files DIR`: only regular files inside DIR; a name that cannot be
 read, such as a symlink loop, a NUL byte or a name too long, is one 400 that shows nothing of
 the server's folders).
