@@ -268,6 +268,10 @@ def test_a_body_that_never_arrives_gets_408_and_close(server):
 def test_keep_alive_still_works_for_whole_requests(server):
     data = request("GET", "/health") + request("POST", "/v1/chat/completions", chat()) + request("GET", "/v1/models")
     assert [a[0] for a in responses(exchange(server, data))] == [200, 200, 200]
+    # A HEAD answer has no body, so the next answer starts right after its headers.
+    raw = exchange(server, request("HEAD", "/health") + request("GET", "/health"))
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 405") and rest.startswith(b"HTTP/1.1 200"), raw
 
 
 # -- 7: DNS rebinding --------------------------------------------------------------------------

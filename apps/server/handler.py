@@ -131,7 +131,7 @@ class Handler(BaseHTTPRequestHandler):
             if path != "/health":
                 self._check_key()
             route[1](self)
-        except ClientGone:
+        except (ClientGone, ConnectionError, TimeoutError):  # hung up, or stopped reading its answer
             self.close_connection = True
         except WireError as err:
             self._refuse(ApiError(err.status, err.message, code=err.code))
@@ -190,8 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         data = json.dumps(obj).encode()
         if self._body_left:  # part of the request is unread: this connection ends here
             self.close_connection = self._linger = True
-        self.connection.settimeout(self.server.write_timeout)
         try:
+            self.connection.settimeout(self.server.write_timeout)
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -200,7 +200,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD answer has headers only
+                self.wfile.write(data)
         except OSError:
             self.close_connection = True
 
@@ -221,12 +222,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def start_stream(self) -> None:
         """The headers of an event stream (200, text/event-stream, closed at the end)."""
-        self.connection.settimeout(self.server.write_timeout)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        try:
+            self.connection.settimeout(self.server.write_timeout)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+        except OSError:
+            self._gone = True
+            raise ClientGone() from None
         self.close_connection = self.streaming = True
 
     def event(self, obj) -> None:

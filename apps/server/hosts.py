@@ -3,8 +3,8 @@
 A web page on evil.example can point its name at 127.0.0.1 and then drive this server from the
 visitor's browser as a same-origin page; the browser still sends `Host: evil.example:8080`. So
 a request is answered only when its Host names this machine by a loopback name (`localhost`,
-127.0.0.0/8, `[::1]`, with any port) or the literal address the server is bound to (an IP
-literal cannot be rebound), or a name given with `--allowed-host NAME` (`*` allows any).
+127.0.0.0/8, `[::1]`, with any port), or the address or name the server is bound to (`--host`;
+an IP literal cannot be rebound), or a name given with `--allowed-host NAME` (`*` allows any).
 A request without Host (HTTP/1.0) is accepted: browsers always send one.
 
 Browsers send `Origin` on cross-site requests and on every POST; when it is present its host
@@ -45,12 +45,13 @@ class HostPolicy:
     def __init__(self, bound: str = "127.0.0.1", allowed=()):
         self.allowed = {a.lower().strip("[]").rstrip(".") for a in allowed}
         self.any = "*" in self.allowed
-        try:  # the bound literal address (not 0.0.0.0 / ::): clients may name it
-            ip = ipaddress.ip_address(bound)
+        try:  # the address or name the server is bound to (not 0.0.0.0 / ::): clients may use it
+            ip = ipaddress.ip_address(bound.strip("[]"))
             if not ip.is_unspecified:
                 self.allowed.add(ip.compressed)
         except ValueError:
-            pass
+            if bound:
+                self.allowed.add(bound.lower().rstrip("."))
 
     def allows(self, name: str) -> bool:
         """name: a host without its port (brackets around IPv6 allowed), any case."""
