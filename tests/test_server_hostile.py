@@ -6,11 +6,15 @@ import http.client
 import io
 import json
 import os
+import re
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -152,6 +156,47 @@ def test_images_are_decoded_only_once_admitted_within_a_pixel_budget(demo, monke
         assert srv.gate.pixels_held == 0
     finally:
         closing(srv)
+
+
+def test_six_big_images_at_once_stay_within_the_budget_in_memory():
+    """The issue's case at a quarter scale: six 5000x5000 PNGs (82 KB each) sent at once to a
+    `pg-edge serve demo` process. With a budget of one image's pixels its peak memory grows
+    ~120 MB past one request's; with no budget it grew ~1070 MB (measured once, 2 cores)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 5000), (9, 99, 199)).save(buf, format="PNG")
+    body = chat("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "serve", "demo", "--port", "0",
+                             "--pixel-budget", "25000000"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))
+
+        def peak_mb() -> float:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+        def post(out):
+            conn = http.client.HTTPConnection(PORT_HOST, port, timeout=120)
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            out.append(resp.status)
+            conn.close()
+
+        statuses = []
+        post(statuses)  # one image: the baseline peak
+        one_image = peak_mb()
+        threads = [threading.Thread(target=post, args=(statuses,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert statuses == [200] * 7
+        assert peak_mb() - one_image < 350, (one_image, peak_mb())
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 # -- 5: slow clients -------------------------------------------------------------------------

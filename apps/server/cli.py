@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
+EXIT_WAIT_S = 120  # the longest wait, at shutdown, for the model's current step (MLX aborts a
+#                    process that exits while one of its threads computes)
 
 
 def add_parser(sub) -> None:
@@ -124,10 +126,13 @@ def run(args: argparse.Namespace) -> int:
 
 def stop(server) -> None:
     """After a signal (later ones are ignored meanwhile, pg_edge.atomic.signals_raise): answer
-    everyone. No request is left to start a generation; the last one is cancelled, and the
-    worker's exit hook (pg_edge.worker) waits for it to end before the interpreter does."""
+    everyone, then wait for the model's worker to finish the step it is in (a generation stops
+    at its next token; a long prefill cannot be cut): no request is left to start another."""
     print("pg-edge serve: stopping (answering waiting requests)", file=sys.stderr, flush=True)
     unanswered = server.stop()
-    server.pg.cancel()
+    worker = server.pg._worker  # pg_edge.worker.ModelWorker: every model call runs there
+    if worker.busy:
+        print("pg-edge serve: waiting for the model to finish its current step", file=sys.stderr, flush=True)
+        worker.settle(EXIT_WAIT_S)
     print("pg-edge serve: stopped" + (f" ({unanswered} requests were still running)" if unanswered else ""),
           file=sys.stderr, flush=True)
