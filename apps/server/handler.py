@@ -16,8 +16,9 @@ Hang-ups: `gone()` tells whether the client went away. A socket that reads as en
 a client that only shut its sending side after the request (and still waits for the answer),
 so the first time, a probe is written: `HTTP/1.1 100 Continue` before the answer (HTTP/1.1
 lets a server send it unasked); a client that has really closed answers it with a reset, after
-which the socket has no peer (getpeername fails) at the next check. After the answer's headers, the next write tells. HTTP/1.0 clients get
-no probe: their ended input counts as a hang-up.
+which the socket has no peer (getpeername fails) at the next check. Once the answer's headers
+are out, the next write tells. HTTP/1.0 clients get no probe: their ended input counts as a
+hang-up.
 """
 from __future__ import annotations
 
