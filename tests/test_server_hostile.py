@@ -335,8 +335,13 @@ def test_only_loopback_hosts_and_origins_by_default(server):
         assert status == 403 and body["error"]["code"] == "host_not_allowed", origin
 
 
-def test_allowed_host_adds_names(demo):
-    from apps.cli import build_parser
+def test_allowed_host_adds_names(demo, capsys):
+    from apps.cli import build_parser, main
+
+    for bad_args in (["--allowed-host", "a b"], ["--allowed-host", "user@evil"], ["--pixel-budget", "0"],
+                     ["--request-timeout", "0"]):
+        assert main(["serve", "demo", *bad_args]) == 2  # refused before the model loads
+        assert bad_args[0] in capsys.readouterr().err
 
     args = build_parser("serve").parse_args(["serve", "demo", "--allowed-host", "box.lan",
                                              "--allowed-host", "10.0.0.7"])
