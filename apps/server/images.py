@@ -3,10 +3,9 @@
 Allowed always: `data:image/...;base64,...` URLs. Refused unless the server was started with the
 matching flag: http(s) URLs (`--allow-remote-images`: the server would fetch whatever a client
 names; the download within `fetch_seconds` in all, each read, the connection and each redirect
-waiting at most READ_TIMEOUT_S) and server-side paths
-or file:// URLs (`--allow-files DIR`: only regular files inside DIR; a name that cannot be
-read, such as a symlink loop, a NUL byte or a name too long, is one 400 that shows nothing of
-the server's folders).
+waiting at most READ_TIMEOUT_S) and server-side paths or file:// URLs (`--allow-files DIR`:
+only regular files inside DIR; a name that cannot be read, such as a symlink loop, a NUL byte
+or a name too long, is one 400 that shows nothing of the server's folders).
 
     data = image_bytes(url, policy, "image_url")   # ApiError for a refused or unreadable URL
     pixels = header_pixels(data, "image_url")      # from the header: a bad image is a 400 now
@@ -27,8 +26,8 @@ from PIL import Image
 
 from pg_edge.errors import PgEdgeError
 from pg_edge.image_limits import FORMATS, max_image_pixels
-from pg_edge.safetensors_check import open_regular
 from pg_edge.processor import load_image
+from pg_edge.safetensors_check import open_regular
 
 from .openai_format import ApiError, bad
 
