@@ -232,11 +232,13 @@ def test_files_and_remote_urls_when_the_server_allows_them(pg, cat, tmp_path):
         assert idle[0].sock.recv(1) == b""  # the oldest was closed for it
         for c in idle:
             c.close()
-        # ...and when every connection is inside a request, a new one gets a 503 at once.
+        # ...and when every connection holds a whole request (one generating, one waiting for
+        # the model), a new one gets a 503 at once.
+        body = _chat(messages=user("caption en", data_url(cat)), max_tokens=512)
         inside = [socket.create_connection(srv.server_address[:2], timeout=5) for _ in range(2)]
-        for s in inside:  # a head whose body has not come yet: the request is under way
+        for s in inside:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 100\r\n\r\n")
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 5
         while sum(c.busy for c in srv._conns.values()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)

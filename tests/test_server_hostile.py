@@ -200,18 +200,20 @@ def test_six_big_images_at_once_stay_within_the_budget_in_memory():
 
 
 # -- 5: slow clients -------------------------------------------------------------------------
-def dribble(srv, ends: dict, k, opened: list) -> None:
-    """A slowloris client: a header line every 0.2 s, never the blank line; reads the answer
-    once there is one. ends[k] = (seconds until the server closed, what it sent)."""
+def dribble(srv, ends: dict, k, opened: list, body: bool = False) -> None:
+    """A slowloris client: a header line every 0.2 s, never the blank line (or, body=True, a
+    whole head and then a byte of its body every 0.2 s); reads the answer once there is one.
+    ends[k] = (seconds until the server closed, what it sent)."""
     s = socket.create_connection(srv.server_address[:2], timeout=10)
     opened.append(s)
     t0 = time.monotonic()
     try:
-        s.sendall(b"GET /health HTTP/1.1\r\n")
+        s.sendall(request("POST", "/v1/chat/completions", b"", {"Content-Length": "1000"}) if body
+                  else b"GET /health HTTP/1.1\r\n")
         for i in range(40):
             if select.select([s], [], [], 0.2)[0]:
                 break
-            s.sendall(f"X-Slow-{i}: {'a' * 10}\r\n".encode())
+            s.sendall(b"{" if body else f"X-Slow-{i}: {'a' * 10}\r\n".encode())
         data = b""
         while chunk := s.recv(4096):
             data += chunk
@@ -224,8 +226,8 @@ def test_slow_clients_get_408_and_cannot_keep_others_out(demo):
     srv = serving(demo, max_connections=8, request_timeout=1.5, idle_timeout=5)
     opened, ends = [], {}
     try:
-        threads = [threading.Thread(target=dribble, args=(srv, ends, k, opened)) for k in range(16)]
-        for t in threads:  # twice as many slow clients as connection slots
+        threads = [threading.Thread(target=dribble, args=(srv, ends, k, opened, k % 2)) for k in range(16)]
+        for t in threads:  # twice as many slow clients (heads, bodies) as connection slots
             t.start()
         time.sleep(0.5)
         t0 = time.monotonic()
@@ -245,11 +247,12 @@ def test_slow_clients_get_408_and_cannot_keep_others_out(demo):
                 (status, _, body), = responses(data)
                 assert status in (408, 503) and json.loads(body)["error"]["code"] in ("request_timeout",
                                                                                     "server_busy")
-        alone = {}  # with no one else around, a slow client meets its deadline: 408
-        dribble(srv, alone, 0, opened)
-        took, data = alone[0]
-        (status, headers, _), = responses(data)
-        assert status == 408 and headers["connection"] == "close" and 1.4 < took < 1.5 + 2.5, took
+        for body in (False, True):  # with no one else around, a slow client meets its deadline: 408
+            alone = {}
+            dribble(srv, alone, 0, opened, body)
+            took, data = alone[0]
+            (status, headers, _), = responses(data)
+            assert status == 408 and headers["connection"] == "close" and 1.4 < took < 1.5 + 2.5, took
     finally:
         for s in opened:
             s.close()

@@ -100,6 +100,12 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             srv.leave_request(self.conn)
 
+    def _hold(self) -> None:
+        """The request is all in: from now on its connection is not closed to make room."""
+        if not self.server.hold(self.conn):
+            self.close_connection = True
+            raise self._closing_reason() or busy("too many open connections; retry later")
+
     def _closing_reason(self) -> ApiError | None:
         if self.server.stopping.is_set():
             return shutting_down()
@@ -131,6 +137,8 @@ class Handler(BaseHTTPRequestHandler):
                                headers={"Allow": route[0]})
             if path != "/health":
                 self._check_key()
+            if route[0] == "GET":  # the whole request is in (a body, if any, is left unread)
+                self._hold()
             route[1](self)
         except (ClientGone, ConnectionError, TimeoutError):  # hung up, or stopped reading its answer
             self.close_connection = True
@@ -176,8 +184,10 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(n)
         if len(raw) < n:
             self._body_left = n - len(raw)
-            raise ApiError(400, f"the request body ended after {len(raw)} of {n} bytes", code="incomplete_request")
+            raise self._closing_reason() or ApiError(400, f"the request body ended after {len(raw)} of {n} bytes",
+                                                     code="incomplete_request")
         self._body_left = 0
+        self._hold()
         try:
             return json.loads(raw)
         except RecursionError:

@@ -6,9 +6,9 @@ apps/server/endpoints.py (the routes); the model runs one generation at a time b
 (apps/server/gate.py: a bounded line and a budget of decoded pixels).
 
 Connections: at most `max_connections` at once. When a new one arrives and all are taken, the
-connection that has waited longest for its next request (an idle keep-alive one, or one still
-sending its head: a slow client) is closed to make room; only when every connection is inside
-a request does the newcomer get 503 + Retry-After. With each request's head and body due within
+connection that has waited longest for its next request (an idle keep-alive one) or for the
+rest of its request (one still sending its head or body: a slow client) is closed to make room;
+only when every connection holds a whole request does the newcomer get 503 + Retry-After. With each request's head and body due within
 `request_timeout` of its first byte, slow clients cannot keep the rest (or /health) out.
 
 Shutdown (`stop()`, also run by server_close(); call shutdown() first when serve_forever runs in
@@ -38,8 +38,9 @@ STOP_WAIT_S = 10.0  # how long stop() waits for running requests to be answered
 
 
 class Connection:
-    """One open connection: `busy` from a request's head to its answer; `since` when it last
-    became idle; `evicted` once closed to make room (or for shutdown)."""
+    """One open connection: `busy` from the moment its request has fully arrived (head and
+    body) to its answer; `since` when it last became idle or started a request; `evicted` once
+    closed to make room (or for shutdown)."""
 
     __slots__ = ("sock", "busy", "since", "evicted")
 
@@ -132,9 +133,16 @@ class PgEdgeServer(ThreadingHTTPServer):
             return self._conns.get(request) or Connection(request)
 
     def enter_request(self, conn: Connection) -> bool:
-        """A request's head arrived: the connection is busy (False if it was evicted)."""
+        """A request's head arrived (False if the connection was evicted meanwhile, or the
+        server is stopping). Until its body is in too, it may still be evicted."""
         with self._conn_lock:
-            conn.busy = not conn.evicted and not self.stopping.is_set()
+            conn.since = time.monotonic()
+            return not conn.evicted and not self.stopping.is_set()
+
+    def hold(self, conn: Connection) -> bool:
+        """The whole request arrived: the connection is busy, never evicted (False if it was)."""
+        with self._conn_lock:
+            conn.busy = not conn.evicted
             return conn.busy
 
     def leave_request(self, conn: Connection) -> None:
