@@ -22,7 +22,7 @@ import pg_edge
 from apps.server import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
-LONG = 4000  # tokens: ~15 s at ~4 ms each, never reached in these tests
+LONG = 4000  # tokens: seconds of generation, never reached in these tests
 
 
 def chat_body(stream: bool, max_tokens: int = LONG) -> bytes:
