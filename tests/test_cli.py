@@ -120,8 +120,8 @@ def test_required_options_show_as_required_in_usage(capsys):
 
 
 def test_help_shows_every_default():
-    """Each option has a help text; where its default is a value (not absent/off/the recipe's),
-    the help as printed names it."""
+    """Each option has a help text; where its default is a value (not absent, off, none repeated
+    or the recipe's), the help as printed names it."""
     from pg_edge.quantize.recipes import UNSET
 
     shown = 0
@@ -129,7 +129,7 @@ def test_help_shows_every_default():
         formatter = parser._get_formatter()
         for a in options(parser):
             assert (a.help or "").strip(), f"{name} {a.option_strings[0]} has no help"
-            if a.default is None or a.default is False or a.default in (argparse.SUPPRESS, UNSET):
+            if a.default is None or a.default is False or a.default in ([], argparse.SUPPRESS, UNSET):
                 continue
             text = " ".join(formatter._expand_help(a).split())
             values = {str(a.default)} | ({f"{a.default:g}"} if isinstance(a.default, float) else set())

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import pg_edge
-from apps.server import make_server
+from pg_edge.server import make_server
 
 CASES, SEED, BUDGET_S = 300, 23, 60
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import pg_edge
-from apps.server import endpoints, make_server
+from pg_edge.server import endpoints, make_server
 
 PORT_HOST = "127.0.0.1"
 
@@ -166,7 +166,7 @@ def test_six_big_images_at_once_stay_within_the_budget_in_memory():
     Image.new("RGB", (5000, 5000), (9, 99, 199)).save(buf, format="PNG")
     body = chat("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "serve", "demo", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", "serve", "demo", "--port", "0",
                              "--pixel-budget", "25000000"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root)})
     try:
@@ -339,7 +339,7 @@ def test_only_loopback_hosts_and_origins_by_default(server):
 
 
 def test_allowed_host_adds_names(demo, capsys):
-    from apps.cli import build_parser, main
+    from pg_edge.cli import build_parser, main
 
     for bad_args in (["--allowed-host", "a b"], ["--allowed-host", "user@evil"], ["--pixel-budget", "0"],
                      ["--request-timeout", "0"]):

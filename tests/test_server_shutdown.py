@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import pg_edge
-from apps.server import make_server
+from pg_edge.server import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = 4000  # tokens: seconds of generation, never reached in these tests
@@ -77,7 +77,7 @@ def test_a_signal_with_requests_queued_answers_everyone_and_exits_cleanly(conver
     """1 running (streamed, or not) + 3 queued requests, then SIGTERM / Ctrl-C: every client gets
     an answer, the cut one is not reported complete, the exit is 143 / 0, never an abort."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", "serve", str(converted(version=1)), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", "serve", str(converted(version=1)), "--port", "0",
                              "--max-tokens", str(LONG)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))

@@ -43,12 +43,13 @@ DEBUG_HELP = "print the full traceback of any error (also PG_EDGE_DEBUG=1)"
 
 class HelpFormatter(argparse.HelpFormatter):
     """`--help` shows every option's default: a help text that does not state it gets
-    "(default: X)" appended; None and False defaults (option absent, flag off) show nothing."""
+    "(default: X)" appended; None, False and [] defaults (option absent, flag off, none
+    repeated) show nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
         if ("default" in text or not action.option_strings or default is None or default is False
-                or default == argparse.SUPPRESS):
+                or default == [] or default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)".lstrip()
 
