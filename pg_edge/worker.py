@@ -146,6 +146,11 @@ class ModelWorker:
         job = getattr(self._local, "job", None)
         return job is not None and job.cancel.is_set()
 
+    @property
+    def busy(self) -> bool:
+        """A job is running (pg-edge serve waits for it at shutdown)."""
+        return self._current is not None
+
     def _submit(self, fn: Callable, streaming: bool) -> _Job:
         job = _Job(fn, streaming)
         with self._start_lock:
