@@ -52,7 +52,9 @@ class PaliGemma:
         self._vision_cache_size = vision_cache_size
         self._worker = ModelWorker()  # owns every model call (see pg_edge/worker.py)
         # Dropped without close(): the thread is parked all the same (it never refers back here).
-        weakref.finalize(self, self._worker.close, None)
+        # Not at interpreter exit: the thread must then stay blocked on its queue (a thread still
+        # running Python when the interpreter finalizes is ended, and MLX aborts).
+        weakref.finalize(self, self._worker.close).atexit = False
         # MLX evaluates a lazy graph only on the thread that built it: make the weights concrete
         # here, so the worker thread can use them.
         mx.eval(model.parameters())

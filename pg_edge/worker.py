@@ -167,6 +167,7 @@ class ModelWorker:
         self._start_lock = threading.Lock()
         self._pending: "weakref.WeakSet[_Job]" = weakref.WeakSet()
         self._closed: Exception | None = None
+        self._handed_back: _Carrier | None = None  # the carrier close() parked (settle waits for it)
         self._exit_hook = False
 
     # -- caller side ---------------------------------------------------------------------
@@ -217,6 +218,7 @@ class ModelWorker:
                 job.cancel.set()
             if carrier is None:
                 return
+            self._handed_back = carrier
             carrier.jobs.put(_PARK)
         if timeout is not None and threading.current_thread() is not carrier.thread:
             carrier.parked.wait(timeout)
@@ -262,11 +264,15 @@ class ModelWorker:
         return job
 
     def settle(self, timeout: float) -> None:
-        """Cancel the running job and wait up to timeout for the worker to be idle."""
+        """Cancel the running job and wait up to timeout for the worker to be idle (a thread that
+        close() handed back: until it is parked, blocked on its queue again)."""
         self.cancel()
         deadline = time.monotonic() + timeout
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.01)
+        carrier = self._handed_back
+        if carrier is not None:
+            carrier.parked.wait(max(0.0, deadline - time.monotonic()))
 
 
 def serialized(method: Callable) -> Callable:

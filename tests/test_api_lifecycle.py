@@ -79,13 +79,21 @@ def _try(fn):
         return err
 
 
-def test_a_process_that_closed_models_exits_cleanly():
-    """Threads are parked, not ended: an ended thread that ran the model aborts MLX at exit."""
+@pytest.mark.parametrize("last", ["closed", "dropped"])
+def test_a_process_that_closed_models_exits_cleanly(last):
+    """Threads are parked, not ended: an ended thread that ran the model aborts MLX at exit
+    ("terminate called without an active exception"). The last model is closed, or dropped
+    (garbage-collected) just before the interpreter exits, as `python -m apps.demo` does."""
     code = textwrap.dedent(f"""
         import pg_edge
         for _ in range(2):
             with pg_edge.load("demo") as pg:
                 pg.generate({IMAGE!r}, "caption en", max_tokens=2)
+        def use():
+            pg = pg_edge.load("demo")
+            pg.generate({IMAGE!r}, "caption en", max_tokens=2)
+        if {last!r} == "dropped":
+            use()
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
