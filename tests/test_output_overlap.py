@@ -224,3 +224,15 @@ def test_check_output_rule(converted, tmp_path):
     (training / "cat.png").write_bytes(b"x")
     assert "cat.png" in why_not_ours(training, "training")
     assert os.path.exists(training / "cat.png")
+
+
+def test_demo_app_never_draws_over_a_given_picture(tmp_path, capsys):
+    from apps.demo import main as demo_main
+    from pg_edge.demo import SAMPLES
+
+    shutil.copy(SAMPLES[0], tmp_path / "x.png")
+    shutil.copy(SAMPLES[0], tmp_path / "x_detect.png")  # what x.png's detect picture would be named
+    before = snapshot(tmp_path)
+    assert demo_main([str(tmp_path / "x.png"), str(tmp_path / "x_detect.png"), "--out", str(tmp_path)]) == 1
+    assert "is the input" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
