@@ -168,6 +168,11 @@ def test_export_never_writes_over_its_model(converted, tmp_path, capsys):
     shutil.copytree(model, other)  # a model folder is not a bundle
     refused(capsys, ["export", model, "-o", other, "--force", "--quiet"], "not a pg-edge bundle output")
     assert snapshot(model) == before and snapshot(other) == before
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(model), "-o", str(bundle), "--quiet", "--max-tokens", "4"]) == 0
+    first = json.loads((bundle / "manifest.json").read_text())["bundle_id"]
+    assert main(["export", str(model), "-o", str(bundle), "--quiet", "--max-tokens", "4", "--force"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["bundle_id"] != first  # its own: replaced
 
 
 def test_demo_model_is_an_input_too(tmp_path, capsys):
