@@ -26,7 +26,7 @@ from .. import __version__
 from ..atomic import save_safetensors
 from ..folder import FolderWriter, atomic_folder, is_quantized, read_config
 from ..outputs import check_output
-from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, base_fingerprint
 from ..paligemma import PaliGemmaModel
 from .modes import ModeSpec, apply_mode, lora_targets
 
@@ -51,6 +51,7 @@ def save_adapters(model: PaliGemmaModel, spec: ModeSpec, out: str | Path, *, bas
         params = _cast(params, base_dtype)
     config = {
         "format": "pg_edge-adapters", "pg_edge_version": __version__, "base_model": base_model,
+        "base_fingerprint": base_fingerprint(model),
         "base_dtype": _dtype_name(base_dtype), "step": step, **spec.to_dict(),
     }
     if spec.mode == "lora":
