@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "ask": ("apps.commands.tasks", "answer a question about the image"),
     "detect": ("apps.commands.tasks", "boxes around the named objects"),
     "segment": ("apps.commands.tasks", "boxes and masks of the named objects"),
+    "explain": ("apps.commands.explain", "one generation stage by stage: shapes, tokens, attention mask, top candidates"),
     "serve": ("apps.server.cli", "serve a model over HTTP (OpenAI chat format)"),
     "label": ("apps.commands.label", "auto-label a folder of images into COCO JSON"),
     "verify": ("apps.commands.verify", "check a model against the NumPy reference, or the checkpoint it came from"),
