@@ -210,7 +210,9 @@ def report(ex) -> str:
           f"prefix tokens, suffix row i sees the prefix and suffix tokens up to i"]
     for window, mask in sorted(ex.masks.items(), key=lambda kv: kv[0] or 0):
         name = "global layers" if window is None else f"window {window} layers"
-        L.append(f"   {name}: {int(mask.sum())} of {T * T} pairs attend")
+        same = window is not None and None in ex.masks and np.array_equal(mask, ex.masks[None])
+        L.append(f"   {name}: {int(mask.sum())} of {T * T} pairs attend"
+                 + (" (the window is longer than this sequence: as global)" if same else ""))
     tf = ex.teacher_forced
     L.append(f"   one pass over all {T} tokens with this mask picks the generated token at "
              f"{'every' if tf['same_choice'] else 'NOT every'} one of {tf['positions']} answer positions "

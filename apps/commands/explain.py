@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise PgEdgeError(f"--top must be from 1 to 20, got {args.top}")
     pg = pg_edge.load(args.model)
     ex = explain(pg, image, args.prompt, max_tokens=args.max_tokens, top_k=args.top, vae=args.vae)
+    ex.model = args.model  # the name as given ("demo", a hub id), not the resolved folder
     print(ex.to_text())
     if args.output:
         for path in ex.save(args.output):
