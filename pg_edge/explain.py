@@ -31,7 +31,7 @@ from .errors import PgEdgeError
 from .generate import GREEDY, generate_step, until_eos, vocab_mask
 from .processor import ImageInput, load_image, to_rgb
 from .prompt_check import check_context, check_max_tokens, context_length
-from .vae import add_masks
+from .vae import add_masks  # the one model-file import here (the model files may move)
 
 __all__ = ["explain", "Explanation", "Token", "Step", "Tap"]
 
@@ -123,7 +123,7 @@ class Explanation:
     masks: dict
     text: str
     finish_reason: str
-    teacher_forced: dict
+    teacher_forced: dict | None  # None when explain ran with check=False
     objects: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     note: str = ""
@@ -141,10 +141,12 @@ class Explanation:
 
 
 def explain(pg, image: ImageInput, prompt: str, *, max_tokens: int = 32, top_k: int = 5,
-            vae=None) -> Explanation:
+            vae=None, check: bool = True) -> Explanation:
     """Run one greedy generation of `pg` (a pg_edge.PaliGemma) on (image, prompt) and record
     every stage; see the module docstring. top_k: candidates kept per generated token (1..20).
-    vae: mask decoder for a `segment` prompt (default: the model folder's, when present)."""
+    vae: mask decoder for a `segment` prompt (default: the model folder's, when present).
+    check: run the teacher-forced pass over the whole sequence with the drawn mask (one more
+    prefill's worth of compute; off for a quick look at a large model)."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 20:
         raise PgEdgeError(f"top_k must be an integer from 1 to 20, got {top_k!r}")
     max_tokens = check_max_tokens(max_tokens)
@@ -187,7 +189,8 @@ def explain(pg, image: ImageInput, prompt: str, *, max_tokens: int = 32, top_k: 
     mask_ar = mx.array([[0 if t.block == "prefix" else 1 for t in tokens]], dtype=mx.int32)
     built = model.masks(mask_ar, mx.ones(mask_ar.shape, dtype=mx.bool_), 1, len(full))
     masks = {w: np.array(m[0, 0]) for w, m in built.items()}
-    teacher = _teacher_forced(model, full, feats, mask_ar, T_prompt, kept, config.real_vocab_size)
+    teacher = (_teacher_forced(model, full, feats, mask_ar, T_prompt, kept, config.real_vocab_size)
+               if check else None)
     out_steps = [_step(tok, T_prompt + i, t, lp, top_k) for i, (t, lp) in enumerate(kept)]
 
     vision = _vision_record(config, seen, inp.pixel_values)

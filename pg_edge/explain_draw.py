@@ -66,7 +66,7 @@ def mask_picture(mask: np.ndarray, kinds: list[str], prefix_len: int, full: np.n
     lines = [(title, (0, 0, 0)), ("blue: prefix <-> prefix (both ways)", PREFIX_ATTEND),
              ("orange: suffix token sees prefix + earlier suffix", SUFFIX_ATTEND)]
     lines.append(("pink: outside the window" if window else "grey: masked (rows = queries, columns = keys)",
-                  WINDOW_CUT if window else (120, 120, 120)))
+                  (200, 90, 130) if window else (120, 120, 120)))
     lines.append(("edges: image green, <bos> purple, prompt teal, \\n magenta, answer orange", (80, 80, 80)))
     for text, color in lines:
         draw.text((4, y), text, fill=color, font=font)
@@ -129,8 +129,8 @@ def input_picture(pixel_values: np.ndarray, patch: int) -> Image.Image:
     img = Image.fromarray(np.repeat(np.repeat(x, k, 0), k, 1))
     draw = ImageDraw.Draw(img)
     for p in range(0, S + 1, patch):
-        draw.line([(p * k, 0), (p * k, S * k)], fill=(255, 255, 0))
-        draw.line([(0, p * k), (S * k, p * k)], fill=(255, 255, 0))
+        draw.line([(p * k, 0), (p * k, S * k)], fill=(60, 60, 60))
+        draw.line([(0, p * k), (S * k, p * k)], fill=(60, 60, 60))
     return img
 
 
@@ -214,9 +214,10 @@ def report(ex) -> str:
         L.append(f"   {name}: {int(mask.sum())} of {T * T} pairs attend"
                  + (" (the window is longer than this sequence: as global)" if same else ""))
     tf = ex.teacher_forced
-    L.append(f"   one pass over all {T} tokens with this mask picks the generated token at "
-             f"{'every' if tf['same_choice'] else 'NOT every'} one of {tf['positions']} answer positions "
-             f"(max |log p difference| {tf['max_abs_logprob_diff']:.2e} vs the cached generation)")
+    if tf is not None:
+        L.append(f"   one pass over all {T} tokens with this mask picks the generated token at "
+                 f"{'every' if tf['same_choice'] else 'NOT every'} one of {tf['positions']} answer positions "
+                 f"(max |log p difference| {tf['max_abs_logprob_diff']:.2e} vs the cached generation)")
     k = len(ex.steps[0].top) if ex.steps else 0
     L += ["", f"7. generation (greedy): {len(ex.steps)} tokens, {ex.finish_reason}; top {k} candidates each",
           f"   {'pos':>5}  {'token':<16} {'p':>6}   candidates"]

@@ -66,6 +66,8 @@ def test_explain_demo_detection(tmp_path):
     assert ex.tokens[len(prompt_ids) - 1].kind == "separator" and ex.prefix_length == len(prompt_ids)
     assert ex.tokens[-1].kind == "eos" and ex.finish_reason == "stop"
     assert [o.label for o in ex.objects] == ["circle", "square", "triangle"]
+    again = explain(pg, SHAPES, prompt, top_k=3)  # SigLIP's features now come from the cache
+    assert again.vision == ex.vision and again.text == ex.text and pg.vision_calls == 1
 
     text = ex.to_text()
     assert f"float32[{', '.join(map(str, siglip.shape))}]" in text
@@ -93,6 +95,9 @@ def test_explain_demo_segment_draws_masks(tmp_path, capsys):
                  str(tmp_path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "mask " in out and "circle: bins (y1, x1, y2, x2)" in out
+    assert main(["explain", "demo", "--image", str(SHAPES), "--prompt", "caption en", "--no-check"]) == 0
+    quick = capsys.readouterr().out
+    assert "7. generation" in quick and "one pass over all" not in quick
     assert (tmp_path / "answer.png").is_file()
 
 

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate (default 32)")
     p.add_argument("--top", type=int, default=5, help="candidates shown per generated token (1-20, default 5)")
     p.add_argument("--vae", default=None, help="mask decoder for segment prompts (default: the model folder's)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the teacher-forced pass that checks the drawn mask against generation "
+                   "(it costs about one more prefill)")
     p.set_defaults(func=run)
 
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.top <= 20:
         raise PgEdgeError(f"--top must be from 1 to 20, got {args.top}")
     pg = pg_edge.load(args.model)
-    ex = explain(pg, image, args.prompt, max_tokens=args.max_tokens, top_k=args.top, vae=args.vae)
+    ex = explain(pg, image, args.prompt, max_tokens=args.max_tokens, top_k=args.top, vae=args.vae,
+                 check=not args.no_check)
     ex.model = args.model  # the name as given ("demo", a hub id), not the resolved folder
     print(ex.to_text())
     if args.output:
