@@ -135,8 +135,11 @@ class Explanation:
     def to_text(self) -> str:
         return explain_draw.report(self)
 
-    def save(self, folder) -> list[Path]:
-        """Write the pictures into `folder` (created); returns the paths written."""
+    def save(self, folder, inputs=()) -> list[Path]:
+        """Write the pictures into `folder` (created); returns the paths written. Refused
+        (PgEdgeError) when `folder` is, holds or lies in one of `inputs` (paths) or holds a
+        picture of the same name that pg-edge did not draw (pg_edge.explain_draw.check_folder)."""
+        explain_draw.check_folder(folder, list(inputs))
         return explain_draw.save_all(self, Path(folder))
 
 

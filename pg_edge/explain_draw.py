@@ -6,6 +6,9 @@
                      Gemma2's sliding layers when the window W cuts into this sequence
     answer.png       detect / segment answers: boxes, labels, masks on the original image
 
+Each is saved atomically and marked as drawn by pg-edge, so a later run may replace it and
+nothing else (`check_folder`, pg_edge.outputs).
+
 A mask picture is a grid of T x T cells of `scale` pixels, row i = the query token, column j
 = the key token, after a band on the top and left edge coloured by token kind. Its PNG text
 chunk "pg_edge.mask" (JSON: tokens, scale, origin, window) says where the grid lies, so
@@ -15,12 +18,17 @@ model's mask builder).
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from .atomic import atomic_file
 from .draw import draw_objects
+from .errors import PgEdgeError
+from .outputs import DRAWN_BY, check_output, inputs_overlap
 
 PREFIX_ATTEND = (0, 130, 200)  # prefix query -> prefix key: both ways
 SUFFIX_ATTEND = (245, 130, 48)  # suffix query -> any key it sees
@@ -40,9 +48,9 @@ def _font(size: int = 12):
 
 
 def mask_picture(mask: np.ndarray, kinds: list[str], prefix_len: int, full: np.ndarray | None = None,
-                 window: int | None = None) -> tuple[Image.Image, PngImagePlugin.PngInfo]:
-    """bool[T, T] -> (picture, PNG text chunk to save it with). `full`: the global layers' mask,
-    to show in WINDOW_CUT what the window takes away."""
+                 window: int | None = None) -> tuple[Image.Image, str]:
+    """bool[T, T] -> (picture, the JSON to save as its MASK_KEY PNG text). `full`: the global
+    layers' mask, to show in WINDOW_CUT what the window takes away."""
     T = mask.shape[0]
     k = max(1, min(12, 720 // T))
     legend = 5 * 16 + 8
@@ -71,9 +79,7 @@ def mask_picture(mask: np.ndarray, kinds: list[str], prefix_len: int, full: np.n
     for text, color in lines:
         draw.text((4, y), text, fill=color, font=font)
         y += 16
-    info = PngImagePlugin.PngInfo()
-    info.add_text(MASK_KEY, json.dumps({"tokens": T, "scale": k, "origin": [BAND, BAND], "window": window}))
-    return img, info
+    return img, json.dumps({"tokens": T, "scale": k, "origin": [BAND, BAND], "window": window})
 
 
 def read_mask_picture(path) -> np.ndarray:
@@ -134,12 +140,34 @@ def input_picture(pixel_values: np.ndarray, patch: int) -> Image.Image:
     return img
 
 
+PICTURES = re.compile(r"^(input|layout|mask|mask_window\d+|answer)\.png$")  # what save_all writes
+
+
+def check_folder(folder, inputs) -> None:
+    """Before anything runs: `folder` may hold only what an earlier explain drew under the names
+    save_all writes (pg_edge.outputs: never an input, never a picture pg-edge did not draw)."""
+    folder = Path(folder)
+    inputs_overlap(folder, inputs)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise PgEdgeError(f"the output {folder} exists and is not a folder; give a folder for the pictures")
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if PICTURES.match(p.name):
+                check_output(p, True, kind="drawing", inputs=inputs)
+
+
 def save_all(ex, folder: Path) -> list[Path]:
+    """Each picture saved atomically, PNG marked as drawn by pg-edge (pg_edge.outputs)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
 
-    def save(img, name, **kw):
-        img.save(folder / name, **kw)
+    def save(img, name, text: dict | None = None):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", DRAWN_BY)
+        for k, v in (text or {}).items():
+            info.add_text(k, v)
+        with atomic_file(folder / name) as tmp:
+            img.save(tmp, format="PNG", pnginfo=info)
         out.append(folder / name)
 
     save(input_picture(ex.pixel_values, ex.vision["patch_size"]), "input.png")
@@ -148,8 +176,8 @@ def save_all(ex, folder: Path) -> list[Path]:
     for window, mask in sorted(ex.masks.items(), key=lambda kv: kv[0] or 0):
         if window is not None and full is not None and np.array_equal(mask, full):
             continue  # a window longer than this sequence: the same picture as mask.png
-        img, info = mask_picture(mask, kinds, ex.prefix_length, full if window else None, window)
-        save(img, "mask.png" if window is None else f"mask_window{window}.png", pnginfo=info)
+        img, meta = mask_picture(mask, kinds, ex.prefix_length, full if window else None, window)
+        save(img, "mask.png" if window is None else f"mask_window{window}.png", {MASK_KEY: meta})
     if ex.objects:
         save(draw_objects(ex.image, ex.objects), "answer.png")
     return out

@@ -168,3 +168,33 @@ def test_explain_bad_input_errors_like_run(tmp_path, capsys):
     assert rc == 2 and err == "pg-edge explain: error: --top must be from 1 to 20, got 0"
     with pytest.raises(pg_edge.errors.PgEdgeError, match="top_k"):
         explain(pg_edge.load("demo"), SHAPES, "caption en", top_k=50)
+
+
+def test_explain_output_folder_never_overwrites_inputs_or_foreign_pictures(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = photos / "shapes.png"
+    image.write_bytes(SHAPES.read_bytes())
+    argv = ["explain", "demo", "--image", str(image), "--prompt", "caption en", "--max-tokens", "4", "-o"]
+    rc, err = _error(capsys, argv + [str(photos)])  # the folder holding the image
+    assert rc == 2 and "contains the input" in err
+    rc, err = _error(capsys, argv + [str(demo.MODEL_DIR / "pictures")])  # inside the model
+    assert rc == 2 and "lies inside the input" in err
+    rc, err = _error(capsys, argv + [str(image)])
+    assert rc == 2 and "is the input" in err
+    (tmp_path / "notes.txt").write_text("mine")
+    rc, err = _error(capsys, argv + [str(tmp_path / "notes.txt")])
+    assert rc == 2 and "is not a folder" in err and (tmp_path / "notes.txt").read_text() == "mine"
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out / "mask.png")  # someone else's picture
+    before = (out / "mask.png").read_bytes()
+    rc, err = _error(capsys, argv + [str(out)])
+    assert rc == 2 and "not an image pg-edge drew" in err and (out / "mask.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["mask.png"]
+    (out / "mask.png").unlink()
+    assert main(argv + [str(out)]) == 0 and main(argv + [str(out)]) == 0  # its own pictures: replaced
+    assert {p.name for p in out.iterdir()} == {"input.png", "layout.png", "mask.png"}
+    assert not (demo.MODEL_DIR / "pictures").exists()

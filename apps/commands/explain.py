@@ -2,7 +2,8 @@
 
 Prints each stage with its shapes and numbers (pg_edge.explain) and, with `-o DIR`, writes the
 pictures: the model's input with its patch grid, the token layout, the attention mask of this
-input, and the parsed answer (boxes, masks). Bad input gets the one-line errors of `pg-edge run`.
+input, and the parsed answer (boxes, masks). Bad input gets the one-line errors of `pg-edge run`;
+DIR may not be or hold an input, and pictures in it are replaced only if pg-edge drew them.
 """
 from __future__ import annotations
 
@@ -30,19 +31,24 @@ def run(args: argparse.Namespace) -> int:
     import pg_edge
     from pg_edge.errors import PgEdgeError
     from pg_edge.explain import explain
+    from pg_edge.explain_draw import check_folder
+    from pg_edge.outputs import local_input
     from pg_edge.processor import load_image
     from pg_edge.prompt_check import check_max_tokens
 
-    image = load_image(args.image)  # a bad image or setting fails before the model loads
+    image = load_image(args.image)  # a bad image, setting or output fails before the model loads
     check_max_tokens(args.max_tokens)
     if not 1 <= args.top <= 20:
         raise PgEdgeError(f"--top must be from 1 to 20, got {args.top}")
+    inputs = [args.image, local_input(args.model), args.vae]
+    if args.output:  # never an input; replaces only pictures an earlier explain drew
+        check_folder(args.output, inputs)
     pg = pg_edge.load(args.model)
     ex = explain(pg, image, args.prompt, max_tokens=args.max_tokens, top_k=args.top, vae=args.vae,
                  check=not args.no_check)
     ex.model = args.model  # the name as given ("demo", a hub id), not the resolved folder
     print(ex.to_text())
     if args.output:
-        for path in ex.save(args.output):
+        for path in ex.save(args.output, inputs):
             print(f"wrote {path}", file=sys.stderr)
     return 0
