@@ -15,6 +15,10 @@ the model is then run once over that sequence with that mask (teacher forcing) a
 every answer position is compared with what generation chose: the picture is the mask the numbers
 came from. Detection and segmentation answers are parsed and drawn by pg_edge.task_text /
 pg_edge.vae / pg_edge.draw, as `pg-edge detect` / `segment` do.
+
+The taps replace the vision modules of `pg.model` for the duration of the vision call only (and
+put them back, also on an error); another thread using the same `pg` meanwhile runs through them
+unchanged.
 """
 from __future__ import annotations
 
