@@ -189,6 +189,14 @@ def install() -> None:
     for prop in ("T", "mT"):
         getter = getattr(mx.array, prop).fget
         setattr(mx.array, prop, property(_wrap(prop, getter)))
+    real_compile = mx.compile
+
+    def compile_traced(fun=None, **kwargs):  # functions compiled from now on: one fused kernel a call
+        if fun is None:
+            return lambda f: compile_traced(f, **kwargs)
+        return _wrap("compiled." + getattr(fun, "__name__", "fn"), real_compile(fun, **kwargs))
+
+    mx.compile = compile_traced
     for name in COMPILED:  # MLX's activations are mx.compile'd: one fused kernel each
         for mod in (nn, nn.layers.activations):
             if hasattr(mod, name):
@@ -198,6 +206,9 @@ def install() -> None:
 
 # ------------------------------------------------------------------------------------------
 # The three tools on one decoder
+
+install()  # before pg_edge is imported: its compiled functions are made at import
+
 
 def decoder_raw(px: int, layers: int | None) -> dict:
     from random_folder import config_raw
@@ -289,8 +300,8 @@ def run_pg_edge(raw, bits, tokens, kv_bits=None):
     import pg_edge.generate as gen
 
     model = pg_edge_model(raw, bits)
-    kwargs = {"kv_bits": kv_bits} if kv_bits else {}
-    caches = prefill(gen.make_cache(model, padded=False, **kwargs), raw, tokens)
+    model.kv_bits = kv_bits
+    caches = prefill(gen.make_cache(model, padded=False), raw, tokens)
     captured = []
     real_async = mx.async_eval
     gen_make_cache = gen.make_cache
@@ -356,19 +367,12 @@ def minimum_bytes(raw: dict, weights: list, tokens: int) -> int:
 def summarize(graph: list) -> dict:
     kernels = [n for n in graph if n["kind"] == "kernel"]
     by = Counter()
-    big_temp = 0
-    for n in kernels:
-        for _, b in n["reads"]:
-            pass
-    nodes_by_id = graph  # reads refer to global node indices; origins looked up below
     for n in kernels:
         for i, b in n["reads"]:
             origin = T.nodes[i]["origin"]
             by[origin if origin in ("weight", "cache") else "temp"] += b
-    names = Counter(n["name"] for n in kernels)
-    del nodes_by_id, big_temp
     return {"kernels": len(kernels), "read": sum(by.values()), "weight": by["weight"], "cache": by["cache"],
-            "temp": by["temp"], "names": names}
+            "temp": by["temp"], "names": Counter(n["name"] for n in kernels)}
 
 
 def main() -> None:
@@ -381,7 +385,6 @@ def main() -> None:
     ap.add_argument("--tools", nargs="+", default=["pg_edge", "mlx_lm", "mlx_vlm"])
     ap.add_argument("--ops", action="store_true", help="list each tool's kernels by name")
     a = ap.parse_args()
-    install()
     print(f"decode step, Metal path (PG_EDGE_QMM=native), PaliGemma 2 3B decoder, "
           f"{a.layers or 26} layers, weights {a.bits or 16}-bit" + (f", pg_edge KV {a.kv_bits}-bit" if a.kv_bits else ""))
     print("| px | prefix tokens | tool | kernels | read GB | weights GB | KV cache GB | temporaries GB "
@@ -392,11 +395,9 @@ def main() -> None:
         raw = decoder_raw(px, a.layers)
         tokens = (px // 14) ** 2 + a.prompt_tokens
         graphs = {}
-        base = None
-        if "pg_edge" in a.tools or True:
-            g, base = run_pg_edge(raw, a.bits, tokens, a.kv_bits)
-            if "pg_edge" in a.tools:
-                graphs["pg_edge"] = summarize(g)
+        g, base = run_pg_edge(raw, a.bits, tokens, a.kv_bits)  # its weights are the peers' too
+        if "pg_edge" in a.tools:
+            graphs["pg_edge"] = summarize(g)
         weights = lm_weights(base)
         if "mlx_lm" in a.tools:
             graphs["mlx_lm"] = summarize(run_mlx_lm(raw, weights, a.bits, tokens))

@@ -12,7 +12,7 @@ causal and sees the whole prefix.
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import mlx.core as mx
@@ -87,13 +87,35 @@ class RMSNorm(nn.Module):
         self.cpu_ops = False
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.cpu_ops and not self.training:
+        if self.training:
+            return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        if self.cpu_ops:
             return cpu_ops.rms_norm(x, self.weight, self.eps)
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        return mx.fast.rms_norm(x, self.offset_weight(), self.eps)
+
+    def offset_weight(self) -> mx.array:
+        """1 + weight, computed once per weight array (outside the parameters, never saved or
+        trained) rather than by one extra kernel per norm per decode step."""
+        hit = self.__dict__.get("_offset")
+        if hit is None or hit[0] is not self.weight:
+            hit = (self.weight, 1.0 + self.weight)
+            object.__setattr__(self, "_offset", hit)
+        return hit[1]
 
 
 def softcap(x: mx.array, cap: float | None) -> mx.array:
     return x if not cap else mx.tanh(x / cap) * cap
+
+
+@lru_cache(maxsize=None)
+def _float32_softcap(cap: float):
+    return mx.compile(lambda x: mx.tanh(x.astype(mx.float32) / cap) * cap, shapeless=True)
+
+
+def float32_softcap(x: mx.array, cap: float) -> mx.array:
+    """softcap(x in float32, cap) as one compiled function: MLX fuses the cast, the division,
+    the tanh and the product into one elementwise kernel (4 kernels unfused)."""
+    return _float32_softcap(float(cap))(x)
 
 
 class Attention(nn.Module):
@@ -120,8 +142,14 @@ class Attention(nn.Module):
         q, k, v = (self._heads(p(x), n) for p, n in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads),
                                                       (self.v_proj, self.n_kv_heads)))
         q, k = self._rope(q, offset), self._rope(k, offset)
-        if cache is not None:
+        bits = getattr(cache, "bits", None)  # mlx-lm's QuantizedKVCache (pg_edge.generate.make_cache)
+        if bits and T > 1 and cache.offset == 0:
+            cache.update_and_fetch(k, v)  # a prefill attends with its exact keys; decode reads the quantized ones
+        elif cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        if isinstance(k, tuple):
+            o = self._quantized_attention(q, k, v, mask, cache.group_size, bits)
+            return self.o_proj(o.reshape(B, T, -1) if T == 1 else o.transpose(0, 2, 1, 3).reshape(B, T, -1))
         attend = self._attend
         # Long prefill attention split by heads over the CPU streams; decode (T == 1) is never
         # long enough for it, so the hot path skips the call.
@@ -168,12 +196,39 @@ class Attention(nn.Module):
         B, H, T, hd = q.shape
         K, S = k.shape[1], k.shape[2]
         q = (q * self.scale).reshape(B, K, H // K, T, hd)
-        scores = (q @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)  # [B, K, G, T, S]
-        scores = cpu_ops.softcap(scores, self.softcap) if self._lean() else softcap(scores, self.softcap)
+        scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, K, G, T, S]
+        if self._lean():
+            scores = cpu_ops.softcap(scores.astype(mx.float32), self.softcap)
+        elif self.training:
+            scores = softcap(scores.astype(mx.float32), self.softcap)
+        else:
+            scores = float32_softcap(scores, self.softcap)  # one kernel, not a cast and three more
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
         probs = mx.softmax(scores, axis=-1).astype(v.dtype)
         return (probs @ v[:, :, None]).reshape(B, H, T, hd)
+
+    def _quantized_attention(self, q, k, v, mask, group_size: int, bits: int):
+        """Attention over a quantized KV cache, without dequantizing it: the scores and the
+        weighted values are quantized products against the stored keys and values.
+
+        q float[B, H, T, hd]; k, v (data, scales, biases) as mlx-lm's QuantizedKVCache returns
+        them, each [B, K, S, ...]; mask None or bool[B, 1, T, S]. -> float[B, H, T, hd]."""
+        B, H, T, hd = q.shape
+        K = k[0].shape[1]
+        q = (q * self.scale).reshape(B, K, H // K, T, hd)
+        k, v = [tuple(t[:, :, None] for t in kv) for kv in (k, v)]  # one kv head serves its G queries
+        scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # [B, K, G, T, S]
+        if self.softcap:
+            scores = float32_softcap(scores, self.softcap) if not self.training else \
+                softcap(scores.astype(mx.float32), self.softcap)
+        else:
+            scores = scores.astype(mx.float32)
+        if mask is not None:
+            scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
+        probs = mx.softmax(scores, axis=-1).astype(q.dtype)
+        out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+        return out.reshape(B, H, T, hd)
 
 
 class MLP(nn.Module):

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import mlx.core as mx
 
 from .errors import PgEdgeError
-from .mlx_lm_parts import KVCache, RotatingKVCache, make_sampler
+from .mlx_lm_parts import KVCache, QuantizedKVCache, RotatingKVCache, make_sampler
 from .prompt_check import check_max_tokens, check_sampling
 from .gemma import softcap
 from .paligemma import PaliGemmaModel
@@ -83,7 +83,14 @@ def make_cache(model: PaliGemmaModel, padded: bool) -> list:
     """One mlx-lm cache per decoder layer. A sliding-window layer keeps only its last `window`
     keys (RotatingKVCache): a generated token may not look further back, so attention over the
     rotated keys without a mask is exactly the windowed attention. With padded rows the decode
-    mask must line up with every key's validity, so those runs keep every key (KVCache)."""
+    mask must line up with every key's validity, so those runs keep every key (KVCache).
+    With `model.kv_bits` set (8: `pg_edge.load(kv_bits=8)`), every layer keeps every key in mlx-lm's
+    QuantizedKVCache (group size 64, or 32 for
+    heads narrower than 64); a sliding layer then sees its window through the decode
+    mask once a sequence passes it (896 px)."""
+    if model.kv_bits:
+        group = 64 if model.config.text.head_dim % 64 == 0 else 32  # groups split each head's vector
+        return [QuantizedKVCache(group_size=group, bits=model.kv_bits) for _ in model.language_model.model.layers]
     return [RotatingKVCache(max_size=layer.window) if layer.window and not padded else KVCache()
             for layer in model.language_model.model.layers]
 
@@ -123,10 +130,12 @@ def generate_step(
     cap = model.config.text.final_logit_softcapping
 
     def sample(lg):
-        lg = lg.astype(mx.float32)
         if lazy:
-            # -inf bias: a masked id is never the argmax of a row with any finite logit.
-            return mx.argmax(lg + bias, axis=-1), _logprobs(softcap(lg, cap) + bias)
+            # The argmax over the ids that may be emitted (a view of the first `limit`): the
+            # same id as over the -inf-biased float32 logits, in one kernel rather than three.
+            lg32 = lg.astype(mx.float32)
+            return mx.argmax(lg[..., :limit], axis=-1), _logprobs(softcap(lg32, cap) + bias)
+        lg = lg.astype(mx.float32)
         lg = lg + bias
         logprobs = _logprobs(lg)
         tok = sampler(logprobs)

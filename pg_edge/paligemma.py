@@ -40,6 +40,9 @@ class PaliGemmaModel(nn.Module):
         # Decoder activations' dtype; None = the weights' (pg_edge.backend picks float32 for
         # quantized decoders on the CPU backend, where that is the fast quantized kernel).
         self.activation_dtype = None
+        # Bits of the KV cache generation builds (pg_edge.generate.make_cache): None = the
+        # activations' float dtype; 8 = mlx-lm's QuantizedKVCache (`pg_edge.load(kv_bits=8)`).
+        self.kv_bits = None
 
     # -- stages --------------------------------------------------------------------------
     def encode_image(self, pixel_values: mx.array) -> mx.array:
@@ -130,7 +133,11 @@ class PaliGemmaModel(nn.Module):
         """Decode: tokens int[B, T_q] appended causally after the cache; valid bool[B, T_k]
         covers every key including the new ones (None: no padding anywhere); offset: position
         of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V] (capped: as in __call__)."""
-        h = self.embed(tokens, None)
+        # Generated ids are real text ids (never `<image>`): a plain lookup, no remapping.
+        h = self.language_model.model.embed_tokens(tokens)
+        if self.activation_dtype is not None:
+            h = h.astype(self.activation_dtype)
+        h = h * mx.array(self.config.text.hidden_size**0.5, dtype=h.dtype)
         T_k = cache[0].offset + tokens.shape[1]
         # A cache with a max_size (mlx-lm's RotatingKVCache) keeps exactly the keys its window sees.
         bounded = frozenset(layer.window for layer, c in zip(self.language_model.model.layers, cache)

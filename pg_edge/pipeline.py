@@ -29,6 +29,7 @@ import numpy as np
 
 from .config import PaliGemmaConfig
 from .config_schema import check_tokenizer_fits
+from .errors import PgEdgeError
 from . import model_tasks
 from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
 from .folder import resolve
@@ -177,18 +178,28 @@ class PaliGemma:
         return self._worker.call(model_tasks.segment, self, image, objects, vae=vae, **gen)
 
 
+KV_BITS = (None, 8)  # `load(kv_bits=)`: the float cache, or mlx-lm's 8-bit one
+
+
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
-         adapters: str | os.PathLike | None = None, attention: str = "window") -> PaliGemma:
+         adapters: str | os.PathLike | None = None, attention: str = "window",
+         kv_bits: int | None = None) -> PaliGemma:
     """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id);
     `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
-    see pg_edge.gemma.ATTENTION_MODES."""
+    see pg_edge.gemma.ATTENTION_MODES. `kv_bits`: 8 keeps generation's KV cache quantized
+    (mlx-lm's QuantizedKVCache): about half a bf16 cache's memory and reads; docs/performance.md
+    has its measured agreement with the float cache (4 bits agreed too poorly to offer). None
+    (default): the cache in the activations' float dtype."""
+    if kv_bits not in KV_BITS:
+        raise PgEdgeError(f"kv_bits must be 8 or None, got {kv_bits!r}")
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     model.language_model.set_attention(attention)
+    model.kv_bits = kv_bits
     if adapters is not None:
         from .adapters import load_adapters
 

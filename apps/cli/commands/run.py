@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--attention", choices=["window", "global"], default="window",
                    help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
                    "(default, as transformers) or global (as big_vision, which trained them)")
+    p.add_argument("--kv-bits", type=int, choices=[8], default=None,
+                   help="keep the KV cache quantized to 8 bits: about half a bf16 cache's memory "
+                   "and reads (its agreement with the float cache: docs/performance.md)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token ids, timings, peak memory")
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.processor import load_image
 
     image = load_image(args.image)  # a bad image fails before the model loads
-    pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention)
+    pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention, kv_bits=args.kv_bits)
     if args.json:
         result = pg.generate(image, args.prompt, **sampling_kwargs(args))
         print(json.dumps(result.to_dict()))
