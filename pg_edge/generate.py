@@ -79,18 +79,35 @@ def vocab_mask(vocab_size: int, limit: int) -> mx.array:
     return mx.where(mx.arange(vocab_size) < limit, 0.0, -mx.inf)
 
 
+class WindowedQuantizedKVCache(QuantizedKVCache):
+    """mlx-lm's QuantizedKVCache for a sliding-window layer: a one-token decode step gets the
+    last `max_size` (= window) keys and values, views of the stored ones, which are exactly
+    what that token may see, so the step needs no mask (as with RotatingKVCache). Every key
+    stays stored (no rotation: past the window that is a few tokens at 896 px)."""
+
+    def __init__(self, max_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_size = max_size
+
+    def update_and_fetch(self, keys, values):
+        k, v = super().update_and_fetch(keys, values)
+        if keys.shape[2] == 1 and self.offset > self.max_size:
+            k, v = (tuple(t[..., -self.max_size:, :] for t in kv) for kv in (k, v))
+        return k, v
+
+
 def make_cache(model: PaliGemmaModel, padded: bool) -> list:
     """One mlx-lm cache per decoder layer. A sliding-window layer keeps only its last `window`
     keys (RotatingKVCache): a generated token may not look further back, so attention over the
     rotated keys without a mask is exactly the windowed attention. With padded rows the decode
     mask must line up with every key's validity, so those runs keep every key (KVCache).
-    With `model.kv_bits` set (8: `pg_edge.load(kv_bits=8)`), every layer keeps every key in mlx-lm's
-    QuantizedKVCache (group size 64, or 32 for
-    heads narrower than 64); a sliding layer then sees its window through the decode
-    mask once a sequence passes it (896 px)."""
+    With `model.kv_bits` set (8: `pg_edge.load(kv_bits=8)`), every layer keeps its keys in
+    mlx-lm's QuantizedKVCache (group size 64, or 32 for heads narrower than 64); a sliding
+    layer's (unpadded) decode reads its last `window` keys only (WindowedQuantizedKVCache)."""
     if model.kv_bits:
-        group = 64 if model.config.text.head_dim % 64 == 0 else 32  # groups split each head's vector
-        return [QuantizedKVCache(group_size=group, bits=model.kv_bits) for _ in model.language_model.model.layers]
+        q = dict(group_size=64 if model.config.text.head_dim % 64 == 0 else 32, bits=model.kv_bits)
+        return [WindowedQuantizedKVCache(layer.window, **q) if layer.window and not padded else QuantizedKVCache(**q)
+                for layer in model.language_model.model.layers]
     return [RotatingKVCache(max_size=layer.window) if layer.window and not padded else KVCache()
             for layer in model.language_model.model.layers]
 

@@ -142,3 +142,30 @@ def test_decode_step_kernels_and_reads_within_the_targets():
     assert set(rows) == {"pg_edge", "mlx_lm"}, proc.stdout
     assert rows["pg_edge"][0] <= rows["mlx_lm"][0]
     assert rows["pg_edge"][1] <= 1.1
+
+
+def test_windowed_quantized_cache_decodes_as_the_window_mask_does():
+    """A sliding layer's 8-bit cache hands a decode step its last `window` keys: the same
+    attention as every key under the decode mask's window."""
+    from pg_edge.config import TextConfig
+    from pg_edge.gemma import Attention, decode_mask
+    from pg_edge.generate import WindowedQuantizedKVCache
+
+    cfg = TextConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                     intermediate_size=128, vocab_size=100, attn_logit_softcapping=50.0,
+                     query_pre_attn_scalar=64, sandwich_norms=True)
+    att = Attention(cfg)
+    att.eval()
+    window, prefix = 8, 12
+    x = mx.random.normal((1, prefix, 64), key=mx.random.key(2))
+    windowed = WindowedQuantizedKVCache(window, group_size=64, bits=8)
+    full = QuantizedKVCache(group_size=64, bits=8)
+    for cache in (windowed, full):
+        att(x, None, 0, cache)
+    for n in range(3):
+        t = mx.random.normal((1, 1, 64), key=mx.random.key(10 + n))
+        a = att(t, None, prefix + n, windowed)
+        T_k = full.offset + 1
+        b = att(t, decode_mask(mx.ones((1, T_k), dtype=mx.bool_), 1, window), prefix + n, full)
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+    assert windowed.offset == full.offset == prefix + 3
