@@ -53,8 +53,8 @@ def build(vision_layers: int, text_layers: int, dtype_name: str):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     dtype = getattr(mx, dtype_name)
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(config_raw(vision_layers, text_layers)))

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     os.environ["PG_EDGE_CPU_STREAMS"] = str(a.streams)
-    from pg_edge import backend
+    from pg_edge.cpu import products as backend
 
     mx.set_default_device(mx.cpu)
     print(f"{'weight':28s} {'bits':>4s} {'product':34s} {'wall ms':>9s} {'cpu ms':>9s}")

@@ -1,4 +1,4 @@
-"""big_vision's vae-oid.npz -> the MLX mask decoder file read by pg_edge.vae.load_mask_decoder.
+"""big_vision's vae-oid.npz -> the MLX mask decoder file read by pg_edge.model.vae.load_mask_decoder.
 
 vae-oid.npz (gs://big_vision/paligemma/vae-oid.npz) is a PyTorch state dict saved with NumPy:
 
@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.atomic import save_safetensors
 from pg_edge.folder import atomic_file, check_output
-from pg_edge.vae import FORMAT, FORMAT_VERSION, MaskDecoder
+from pg_edge.model.vae import FORMAT, FORMAT_VERSION, MaskDecoder
 
 CODEBOOK_KEY = "_vq_vae._embedding"
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PgEdgeError
 from .safetensors_check import load_safetensors
-from .paligemma import PaliGemmaModel
+from .model.paligemma import PaliGemmaModel
 
 if TYPE_CHECKING:
     from .train.modes import ModeSpec

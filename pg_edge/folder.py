@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import __version__
-from .config import PaliGemmaConfig
+from .model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
-from .config_schema import read_json
+from .model.config_checks import read_json
 from .errors import CheckpointError, PgEdgeError
 from .hub import download, looks_local
 from .safetensors_check import load_safetensors, read_index

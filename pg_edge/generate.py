@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Iterator
 import mlx.core as mx
 
 from .errors import PgEdgeError
-from .mlx_lm_parts import KVCache, RotatingKVCache, make_sampler
+from ._mlx_lm import KVCache, RotatingKVCache, make_sampler
 from .prompt_check import check_max_tokens, check_sampling
-from .gemma import softcap
-from .paligemma import PaliGemmaModel
+from .model.gemma import softcap
+from .model.paligemma import PaliGemmaModel
 
 
 @dataclass(frozen=True)

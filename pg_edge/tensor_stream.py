@@ -155,7 +155,7 @@ def compute_streams() -> list:
     """One CPU stream per core (MLX runs a CPU stream's kernels on one core), made once per
     count. The CPU whatever the default device: the bytes come from files and go to files
     through host buffers, and the result is the same on every machine."""
-    from .backend import stream_count
+    from .cpu.products import stream_count
 
     n = stream_count()
     if n not in _STREAMS:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pg_edge
-import pg_edge.gemma as gemma
+import pg_edge.model.gemma as gemma
 from bench.fixtures.checkpoints import load_hf_model
 from hf_helpers import hf_greedy, rel_diff
 from pg_edge.generate import generate_step

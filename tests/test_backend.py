@@ -1,4 +1,4 @@
-"""pg_edge.backend: the CPU way of computing quantized products gives MLX's own result, in the
+"""pg_edge.cpu.products: the CPU way of computing quantized products gives MLX's own result, in the
 input dtype, and is what a quantized folder gets when loaded on the CPU; `pg-edge bench`."""
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge import backend
+from pg_edge.cpu import products as backend
 
 
 def quantized_linear(bits: int, bias: bool = True) -> nn.QuantizedLinear:

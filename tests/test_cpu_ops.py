@@ -1,5 +1,5 @@
-"""pg_edge.cpu_ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) and the attention
-split by heads over the CPU streams (pg_edge.backend.attention_on_streams) compute exactly what
+"""pg_edge.cpu.ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) and the attention
+split by heads over the CPU streams (pg_edge.cpu.products.attention_on_streams) compute exactly what
 mx.fast and the plain ops compute, a model with them decodes the same tokens, and greedy
 decoding's lazy logprobs equal the sampled path's."""
 import mlx.core as mx
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge import backend, cpu_ops
+from pg_edge.cpu import ops as cpu_ops, products as backend
 from pg_edge.generate import generate_step
 
 
@@ -58,7 +58,7 @@ def sdpa(q, k, v, mask, scale=0.125):
 
 
 def capped(q, k, v, mask):
-    """Gemma2's softcapped GQA attention, as pg_edge.gemma computes it (query head n -> kv
+    """Gemma2's softcapped GQA attention, as pg_edge.model.gemma computes it (query head n -> kv
     head n // (H / K))."""
     B, H, T, hd = q.shape
     K = k.shape[1]
@@ -113,7 +113,7 @@ def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_i
         monkeypatch.setattr(backend, "attention_on_streams", spy)
     pg = pg_edge.load(converted(version=version, dtype="float32"))
     mods = lean_modules(pg.model)
-    assert mods and all(m.cpu_ops for m in mods)  # set by pg_edge.backend on the CPU
+    assert mods and all(m.cpu_ops for m in mods)  # set by pg_edge.cpu.products on the CPU
     lean_logits = pg.logits(sample_images[0], "caption en")
     lean = pg.generate(sample_images[0], "caption en", max_tokens=8).tokens
     for m in mods:

@@ -5,7 +5,7 @@ import pytest
 
 import pg_edge
 from pg_edge.errors import PgEdgeError
-from pg_edge.gemma import LanguageModel
+from pg_edge.model.gemma import LanguageModel
 from pg_edge.generate import Detokenizer, Sampling
 
 

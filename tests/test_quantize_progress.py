@@ -3,7 +3,8 @@ bf16 quantized folder loaded on the CPU gets the backend's fast quantized produc
 import mlx.core as mx
 import numpy as np
 
-from pg_edge import backend, load
+from pg_edge import load
+from pg_edge.cpu import products as backend
 from pg_edge.benchmark import bench_image
 from quantize import quantize
 

@@ -23,9 +23,9 @@ masked or overwritten before it becomes visible.
 
 The prefix-LM mask: the whole prompt (image + `<bos>` + prefix + "\\n") is the bidirectional
 prefix, so in prefill every query attends to every real key (`j < length`) in every layer --
-Gemma2's sliding window never narrows the prefix block (pg_edge.gemma.prefix_lm_mask). A decoded
+Gemma2's sliding window never narrows the prefix block (pg_edge.model.gemma.prefix_lm_mask). A decoded
 token is causal: it sees keys `j <= position`, and on sliding layers only `position - j <
-window` (pg_edge.gemma.decode_mask). logprobs are computed as pg_edge.generate samples from
+window` (pg_edge.model.gemma.decode_mask). logprobs are computed as pg_edge.generate samples from
 them: float32 logits minus their logsumexp, over the real vocabulary only, so no id past it
 can ever be chosen.
 """
@@ -37,7 +37,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 DECODER_PREFIXES = ("language_model.",)

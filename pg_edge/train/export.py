@@ -21,12 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..mlx_lm_parts import LoRALinear
+from .._mlx_lm import LoRALinear
 from .. import __version__
 from ..atomic import save_safetensors
 from ..folder import FolderWriter, atomic_folder, check_output, is_quantized, read_config
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from .modes import ModeSpec, apply_mode, lora_targets
 
 

@@ -29,9 +29,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..mlx_lm_parts import LoRALinear
+from .._mlx_lm import LoRALinear
 from ..errors import PgEdgeError
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 
 MODES = ("attn", "lora", "full")
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

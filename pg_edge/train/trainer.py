@@ -30,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import PgEdgeError
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .data import Dataset, batch_indices, split
 from .evaluate import evaluate

@@ -5,7 +5,7 @@ has no kernel for them: each call expands into its generic fallback graph, 13 op
 RMSNorm and 29 for a RoPE (counted with `mx.export_to_dot`), every one a task scheduled on the
 CPU stream. At the narrow-deep benchmark's widths a decode step is mostly such scheduling (4566
 ops per token for 26 Gemma2 layers, 175 per layer), so the count is the cost. Here the same
-arithmetic in fewer ops, set on the modules by `pg_edge.backend.apply` for the CPU backend:
+arithmetic in fewer ops, set on the modules by `pg_edge.cpu.products.apply` for the CPU backend:
 
 - `rms_norm`: the fallback's exact steps (float32 mean of squares, rsqrt, cast back, times
   1 + w) in one `mx.compile`d function, whose elementwise steps MLX fuses: 3 kernels;

@@ -18,9 +18,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend, cpu_ops
+from ..cpu import ops as cpu_ops, products as backend
 from .config import TextConfig
-from .errors import PgEdgeError
+from ..errors import PgEdgeError
 from .siglip import activation
 
 # Queries per attention chunk in a long prefill: bounds the float32 scores of Gemma2's
@@ -77,8 +77,8 @@ def decode_mask(valid: mx.array, T_q: int = 1, window: int | None = None) -> mx.
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: x / rms(x) * (1 + w). Stored weights are offsets from 1.
 
-    `cpu_ops` (set by pg_edge.backend on the CPU backend): outside training, the same
-    arithmetic as mx.fast.rms_norm's CPU fallback in fewer ops (pg_edge.cpu_ops)."""
+    `cpu_ops` (set by pg_edge.cpu.products on the CPU backend): outside training, the same
+    arithmetic as mx.fast.rms_norm's CPU fallback in fewer ops (pg_edge.cpu.ops)."""
 
     def __init__(self, dims: int, eps: float):
         super().__init__()
@@ -108,9 +108,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, k * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.rope_base = cfg.rope_theta
-        # Set by pg_edge.backend on the CPU backend: RoPE from per-step shared tables and a
-        # fused softcap (pg_edge.cpu_ops), long prefill attention split by heads over the CPU
-        # streams (pg_edge.backend), outside training and tracing.
+        # Set by pg_edge.cpu.products on the CPU backend: RoPE from per-step shared tables and a
+        # fused softcap (pg_edge.cpu.ops), long prefill attention split by heads over the CPU
+        # streams (pg_edge.cpu.products), outside training and tracing.
         self.cpu_ops = False
 
     def __call__(self, x: mx.array, mask: mx.array | None, offset: Any, cache=None) -> mx.array:
@@ -222,7 +222,7 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # Evaluate each layer's output during an inference prefill (set by pg_edge.backend on
+        # Evaluate each layer's output during an inference prefill (set by pg_edge.cpu.products on
         # the CPU backend): its dequantized weight pieces are then freed before the next layer
         # builds its own; in one lazy graph MLX keeps many layers' pieces alive at once.
         self.sync_each_layer = False

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pg_edge.mlx_lm_parts import defer_package_init
+from pg_edge._mlx_lm import defer_package_init
 
 HEAVY = ("transformers", "torch", "mlx_lm.utils", "mlx_lm.tuner.trainer")
 

@@ -37,7 +37,7 @@ class PaliGemmaModel(nn.Module):
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config.vision.hidden_size, config.text.hidden_size)
         self.language_model = LanguageModel(config.text, tie_word_embeddings)
-        # Decoder activations' dtype; None = the weights' (pg_edge.backend picks float32 for
+        # Decoder activations' dtype; None = the weights' (pg_edge.cpu.products picks float32 for
         # quantized decoders on the CPU backend, where that is the fast quantized kernel).
         self.activation_dtype = None
 
@@ -55,7 +55,7 @@ class PaliGemmaModel(nn.Module):
         # `<image>` lies past the embedding of real checkpoints' vocabulary: look up pad instead.
         text_ids = mx.where(is_image, self.config.pad_token_id, input_ids)
         h = self.language_model.model.embed_tokens(text_ids)
-        if self.activation_dtype is not None:  # set by pg_edge.backend for this backend
+        if self.activation_dtype is not None:  # set by pg_edge.cpu.products for this backend
             h = h.astype(self.activation_dtype)
         h = h * mx.array(self.config.text.hidden_size**0.5, dtype=h.dtype)
         if image_features is None:

@@ -32,7 +32,7 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import PgEdgeError
+from ..errors import PgEdgeError
 
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
 DENSE_ROWS = 32
@@ -52,7 +52,7 @@ SPLIT_MIN_ELEMENTS = 2 * 2**20
 # step's backward pass through sliced weights would build full-size zero gradients per piece.
 SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
 # Attention with this many scores (batch x heads x queries x keys) or more is split by heads
-# over the CPU streams (pg_edge.siglip, pg_edge.gemma, via `attention_on_streams`): SigLIP's and
+# over the CPU streams (pg_edge.model.siglip, pg_edge.model.gemma, via `attention_on_streams`): SigLIP's and
 # the decoder's prefill from 448 px on (at 224 px: 16 x 256 x 256 = 1M, left whole). At 896 px
 # one SigLIP layer's attention (16 heads x 4096 x 4096, real widths) took 14.5 s on one stream,
 # 7.4 s on two, bit-identical.
@@ -279,7 +279,7 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
     quantized_decoder = quantized = False
     for path, module in model.named_modules():
         if hasattr(module, "cpu_ops"):
-            # gemma's RMSNorm and Attention: pg_edge.cpu_ops graphs; gemma's and SigLIP's
+            # gemma's RMSNorm and Attention: pg_edge.cpu.ops graphs; gemma's and SigLIP's
             # attention: long ones split by heads (attention_on_streams)
             module.cpu_ops = True
         swap = SWAPS.get(type(module))
@@ -310,7 +310,7 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
 def for_tracing(model: nn.Module):
     """Within: `model` computes as plain MLX graphs that function transformations (`mx.exporter`,
     `mx.compile`) can trace: no per-layer evaluation in its prefill (MLX refuses an eval
-    inside them), no pg_edge.cpu_ops graphs, no attention split over streams (it evaluates
+    inside them), no pg_edge.cpu.ops graphs, no attention split over streams (it evaluates
     round by round) and no cached float32 scales (their per-step
     caches would keep the tracer's arrays). Per thread for the scales."""
     synced = [m for _, m in model.named_modules() if getattr(m, "sync_each_layer", False)]

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config_schema import check_config
-from .errors import CheckpointError
+from .config_checks import check_config
+from ..errors import CheckpointError
 
 IMAGE_TOKEN_INDEX = 257152  # `<image>`; also the size of the real (unpadded) vocabulary
 

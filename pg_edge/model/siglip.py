@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
+from ..cpu import products as backend
 from .config import VisionConfig
 
 
@@ -33,7 +33,7 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=True)
         self.v_proj = nn.Linear(d, d, bias=True)
         self.out_proj = nn.Linear(d, d, bias=True)
-        # Set by pg_edge.backend on the CPU backend: long attentions (448 px and up) split by
+        # Set by pg_edge.cpu.products on the CPU backend: long attentions (448 px and up) split by
         # heads over the CPU streams, outside training and tracing.
         self.cpu_ops = False
 
@@ -86,7 +86,7 @@ class SiglipEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = [SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.sync_each_layer = False  # as GemmaModel's: set by pg_edge.backend on the CPU
+        self.sync_each_layer = False  # as GemmaModel's: set by pg_edge.cpu.products on the CPU
 
     def __call__(self, x: mx.array) -> mx.array:
         sync = self.sync_each_layer and not self.training

@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_INT = 2**31 - 1  # MLX shapes and ids are int32
@@ -28,7 +28,7 @@ QUANT_MODES = {"affine", "mxfp4", "mxfp8", "nvfp4"}
 
 def read_json(path: str | os.PathLike):
     """Parse a JSON file (regular files only, at most 64 MiB); CheckpointError naming it."""
-    from .safetensors_check import open_regular
+    from ..safetensors_check import open_regular
 
     path = Path(path)
     with open_regular(path) as f:
