@@ -74,14 +74,14 @@ def build(vision_layers: int, text_layers: int, dtype_name: str):
 def batch(image_tokens: int = 256, suffix: int = 32, seed: int = 0):
     import numpy as np
 
+    from pg_edge.model.masks import suffix_mask_ar
     from pg_edge.train.data import Batch
 
     rng = np.random.default_rng(seed)
     prompt = [257152] * image_tokens + [2, 4, 5, 6, 108]  # <image> x 256, <bos>, "caption en", "\n"
     ids = np.array([prompt + list(rng.integers(1000, 256000, suffix - 1)) + [1]], dtype=np.int32)
     T = ids.shape[1]
-    mask_ar = np.zeros((1, T), np.int32)
-    mask_ar[0, len(prompt):] = 1
+    mask_ar = suffix_mask_ar(len(prompt), T - len(prompt))[None]
     pixels = rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
     return Batch(ids, mask_ar, np.ones((1, T), bool), mask_ar.astype(bool), pixels, np.zeros(1, np.int64))
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 from . import __version__
 from .model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
-from .model.config_checks import read_json
+from .safetensors_check import read_json
 from .errors import CheckpointError, PgEdgeError
 from .hub import download, looks_local
 from .safetensors_check import load_safetensors, read_index

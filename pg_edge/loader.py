@@ -14,10 +14,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cpu import products
-from .model.config import PaliGemmaConfig
+from . import cpu
 from .errors import CheckpointError
 from .folder import iter_shards, quantization_section, read_config, resolve
+from .model.config import PaliGemmaConfig
 from .model.paligemma import PaliGemmaModel
 from .weights import sanitize
 
@@ -58,7 +58,7 @@ def build_model(config: PaliGemmaConfig, weights: dict) -> PaliGemmaModel:
     except ValueError as err:
         raise CheckpointError(f"weights do not fit the model: {str(err).splitlines()[0][:400]}") from None
     model.eval()
-    products.apply(model)  # quantized layers: this backend's fast product (pg_edge/backend.py)
+    cpu.apply(model)  # on the CPU backend: its variants of the model classes (pg_edge/cpu)
     return model
 
 

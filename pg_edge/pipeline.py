@@ -166,12 +166,12 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
-    see pg_edge.model.gemma.ATTENTION_MODES."""
+    see pg_edge.model.masks.ATTENTION_MODES."""
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
-    model.language_model.set_attention(attention)
+    model.set_attention(attention)
     if adapters is not None:
         from .adapters import load_adapters
 

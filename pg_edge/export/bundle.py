@@ -28,8 +28,7 @@ import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
 from ..folder import atomic_folder, check_output, quantization_section
-from .. import load
-from ..cpu import products
+from .. import cpu, load
 from . import graphs
 
 FORMAT = "pg-edge-bundle"
@@ -95,7 +94,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
-    with products.for_tracing(pg.model):  # tracing: no eval inside the graphs
+    with cpu.for_tracing():  # tracing: no eval inside the graphs
         _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
 
 

@@ -117,7 +117,7 @@ def make_prefill(model: PaliGemmaModel, max_context: int, vocab: int) -> Callabl
         h = model.embed(ids, features)
         real = mx.arange(P)[None, :] < length[:, None]  # bool[1, P]: real keys
         mask = mx.broadcast_to(real[:, None, None, :], (1, 1, P, P))
-        h = lm.model(h, {w: mask for w in lm.windows()}, 0, caches)
+        h = lm.model(h, {w: mask for w in set(model.layer_windows())}, 0, caches)
         last = mx.take(h, (length - 1).astype(mx.int32), axis=1)  # float[1, 1, D]
         pad = [(0, 0), (0, 0), (0, max_context - P), (0, 0)]
         out = [_logprobs(model, last, vocab)]
@@ -141,7 +141,7 @@ def make_decode(model: PaliGemmaModel, max_context: int, vocab: int) -> Callable
         k_idx = mx.arange(max_context)[None, :]
         q_idx = position.astype(mx.int32)[:, None]
         masks = {}
-        for w in lm.windows():
+        for w in set(model.layer_windows()):
             ok = k_idx <= q_idx
             if w is not None:
                 ok = ok & ((q_idx - k_idx) < w)
