@@ -7,7 +7,7 @@ The model is PaliGemma 2 3B-224 at its real widths (SigLIP 1152 / MLP 4304 padde
 the quantizer pads it, Gemma2 2304 / MLP 9216, 8 heads x 256, 4 kv heads, vocabulary 257216)
 with random weights, built in memory (PaliGemmaModel + nn.quantize: no files), quantized with
 the project's default recipe (decoder 4-bit; vision, connector, embeddings 8-bit; group 64),
-with LoRA rank 8 (pg_edge.train.modes, `lora` mode) and AdamW. The batch is the issue's: one
+with LoRA rank 8 (pg_edge.adapters, `lora` mode) and AdamW. The batch is the issue's: one
 224 px image (256 image tokens), "<bos>caption en\\n", 32 suffix tokens (eos included).
 
 Layer counts are cut (27 SigLIP -> --vision-layers, 26 decoder -> --text-layers) so the run
@@ -93,7 +93,7 @@ def measure(vision_layers: int, text_layers: int, dtype: str, freeze_vision: boo
     import mlx.optimizers as optim
 
     from pg_edge.train.loss import loss_inputs, weighted_loss
-    from pg_edge.train.modes import LoraSettings, ModeSpec, apply_mode, count_parameters
+    from pg_edge.adapters import LoraSettings, ModeSpec, apply_mode, count_parameters
 
     t0 = time.perf_counter()
     model = build(vision_layers, text_layers, dtype)

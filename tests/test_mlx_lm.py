@@ -37,10 +37,10 @@ def test_the_runtime_never_loads_transformers_or_torch():
         from mlx_lm import load, stream_generate
         from mlx_lm.models.cache import KVCache
         from mlx_lm.tuner.lora import LoRALinear
-        import pg_edge.model.masks, pg_edge.train.modes
+        import pg_edge.model.masks, pg_edge.adapters
         assert callable(load) and callable(stream_generate) and callable(mlx_lm.tuner.train)
         assert mlx_lm.__version__
-        assert KVCache is pg_edge.model.masks.KVCache and LoRALinear is pg_edge.train.modes.LoRALinear
+        assert KVCache is pg_edge.model.masks.KVCache and LoRALinear is pg_edge.adapters.LoRALinear
         assert "__getattr__" not in vars(mlx_lm) and "__getattr__" not in vars(mlx_lm.tuner)
         print("AFTER", "transformers" in sys.modules)
     """)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .modes import MODES
+from ..adapters import MODES
 
 EXPORTS = ("adapters", "fused", "none")
 # argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
@@ -84,7 +84,7 @@ def add_parser(sub) -> None:
 def _settings(args, saved: dict | None):
     """(ModeSpec, TrainConfig) from the recipe or checkpoint, with the explicit arguments."""
     from ..errors import PgEdgeError
-    from .modes import LoraSettings, ModeSpec
+    from ..adapters import LoraSettings, ModeSpec
     from .trainer import TrainConfig
 
     given = {field: getattr(args, dest) for dest, field in CONFIG_ARGS.items() if getattr(args, dest) is not None}

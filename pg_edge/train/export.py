@@ -25,9 +25,8 @@ from .._mlx_lm import LoRALinear
 from .. import __version__
 from ..atomic import save_safetensors
 from ..folder import FolderWriter, atomic_folder, check_output, is_quantized, read_config
-from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, lora_targets
 from ..model.paligemma import PaliGemmaModel
-from .modes import ModeSpec, apply_mode, lora_targets
 
 
 
