@@ -1,4 +1,4 @@
-"""The CPU kernel measurements behind pg_edge/backend.py, on this machine.
+"""The CPU kernel measurements behind pg_edge/cpu/products.py, on this machine.
 
     python bench/qmm_kernels.py [--rows 1] [--streams 2]
 

@@ -82,7 +82,7 @@ def read_config(folder: Path) -> PaliGemmaConfig:
     f = Path(folder) / "config.json"
     if not f.exists():
         raise CheckpointError(f"missing {f}")
-    return PaliGemmaConfig.from_dict(read_json(f))  # from_dict checks it (pg_edge.config_schema)
+    return PaliGemmaConfig.from_dict(read_json(f))  # from_dict checks it (pg_edge.model.config_checks)
 
 
 def quantization_section(raw: dict) -> dict | None:

@@ -66,12 +66,15 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # Queries in chunks against all keys, so a long prefill's [T, S] scores never exist at
-        # once. Exact: every chunk sees every key its mask rows allow, the prefix included.
-        o = mx.concatenate([
-            self.attend(q[:, :, i:i + PREFILL_CHUNK], k, v, None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
-            for i in range(0, T, PREFILL_CHUNK)
-        ], axis=2) if T > PREFILL_CHUNK else self.attend(q, k, v, mask)
+        if T <= PREFILL_CHUNK:
+            o = self.attend(q, k, v, mask)
+        else:
+            # Long prefill (896 px): queries in chunks against all keys, so the [T, S] scores never
+            # exist at once. Exact: every chunk sees every key its mask rows allow, the prefix included.
+            o = mx.concatenate([
+                self.attend(q[:, :, i:i + PREFILL_CHUNK], k, v, None if mask is None else mask[:, :, i:i + PREFILL_CHUNK])
+                for i in range(0, T, PREFILL_CHUNK)
+            ], axis=2)
         # [B, H, T, E] -> [B, T, H * E]; one token: the same memory, a reshape alone.
         o = o.reshape(B, T, -1) if T == 1 else o.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(o)

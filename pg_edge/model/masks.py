@@ -1,20 +1,20 @@
-"""The prefix-LM mask, the per-window choice and the KV caches: every rule about which key a
+r"""The prefix-LM mask, the per-window choice and the KV caches: every rule about which key a
 query may see, in one place (big_vision's `make_attn_mask` form).
 
 Each token carries `mask_ar`: 0 in the bidirectional prefix (image tokens, `<bos>`, the prefix
-text and its "\\n"), 1 in the causal suffix (the answer). With cum = cumsum(mask_ar):
+text and its "\n"), 1 in the causal suffix (the answer). With cum = cumsum(mask_ar):
 
     attend[i, j] = cum[j] <= cum[i]  and  valid[j]
 
-Worked example: 2 image tokens, `<bos>`, a 1-token prefix, "\\n", a 2-token suffix, one pad:
+Worked example: 2 image tokens, `<bos>`, a 1-token prefix, "\n", a 2-token suffix, one pad:
 
-    token    img img bos  p  \\n  s1  s2 pad        attend (row i = query, column j = key)
-    mask_ar   0   0   0   0   0   1   1   0           img img bos  p  \\n  s1  s2 pad
+    token    img img bos  p  \n  s1  s2 pad        attend (row i = query, column j = key)
+    mask_ar   0   0   0   0   0   1   1   0           img img bos  p  \n  s1  s2 pad
     cum       0   0   0   0   0   1   2   2    img     1   1   1   1   1   0   0   0
     valid     1   1   1   1   1   1   1   0    img     1   1   1   1   1   0   0   0
                                                 bos     1   1   1   1   1   0   0   0
                                                 p       1   1   1   1   1   0   0   0
-                                                \\n      1   1   1   1   1   0   0   0
+                                                \n      1   1   1   1   1   0   0   0
                                                 s1      1   1   1   1   1   1   0   0
                                                 s2      1   1   1   1   1   1   1   0
                                                 pad     1   1   1   1   1   1   1   0
