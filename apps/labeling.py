@@ -13,13 +13,16 @@ masks as COCO uncompressed RLE in `segmentation` with --segment):
 
 `file_name` is the path relative to the folder. Resumable: the file is rewritten atomically
 every few seconds and at the end (also when interrupted); a run with the same output continues
-where it stopped, skipping images already done or already reported. Unreadable images are
+where it stopped, skipping images already done or already reported. The output is never the
+image folder (nor inside it or around it), and an existing file that pg-edge label did not
+write is never replaced, even with --force (`check_label_output`). Unreadable images are
 skipped with a reason; detections whose label is not one of the requested names go to
 `pg_edge.unmatched` instead of `annotations`.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ from pg_edge import model_tasks, task_text
 from pg_edge.atomic import atomic_file
 from pg_edge.errors import PgEdgeError
 from pg_edge.model_tasks import mask_to_rle
+from pg_edge.outputs import inputs_overlap, why_not_ours
 from pg_edge.processor import load_image
 
 SAVE_EVERY_S = 2.0
@@ -50,6 +54,18 @@ def _new(objects: list[str], task: str, model: str) -> dict:
                         "unmatched": []}}
 
 
+def check_label_output(out, inputs, force: bool) -> None:
+    """The labels file is never an input (the image folder, the model folder, the mask decoder),
+    inside one or around one; an existing one must be a labels file pg-edge label wrote, whether
+    it is resumed or, with `force`, replaced (pg_edge.outputs)."""
+    inputs_overlap(Path(out), list(inputs))
+    if os.path.lexists(out):
+        why = why_not_ours(out, "labels")
+        if why is not None:
+            raise PgEdgeError(f"{out} exists and is not a labels file pg-edge label wrote ({why}); "
+                              "pg-edge never replaces it, even with --force: choose another -o")
+
+
 def _resume(out: Path, objects: list[str], task: str, model: str, force: bool) -> dict:
     if force or not out.exists():
         return _new(objects, task, model)
@@ -57,8 +73,7 @@ def _resume(out: Path, objects: list[str], task: str, model: str, force: bool) -
         coco = json.loads(out.read_text())
         meta = coco["pg_edge"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PgEdgeError(f"{out} exists but is not a pg-edge label file ({err}); pass --force "
-                          "to overwrite it") from None
+        raise PgEdgeError(f"{out} exists but is not a pg-edge label file ({err}); choose another -o") from None
     mine = {"task": task, "objects": objects, "model": model}
     theirs = {k: meta.get(k) for k in mine}
     if theirs != mine:
@@ -119,6 +134,7 @@ def label_folder(pg, folder, objects, output, *, segment: bool = False, vae=None
     folder, out = Path(folder), Path(output)
     if not folder.is_dir():
         raise PgEdgeError(f"not a folder: {folder}")
+    check_label_output(out, [folder, getattr(pg, "folder", None), vae], force)
     # task_text.detect validates the names and writes them as "a ; b"; the categories are those.
     names = [n.strip() for n in task_text.detect(objects)[len("detect "):].split(" ; ")]
     task = "segment" if segment else "detect"

@@ -20,6 +20,7 @@ from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
 from pg_edge.folder import HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config, resolve
 from pg_edge.model.paligemma import PaliGemmaModel
+from pg_edge.outputs import check_output, local_input
 from pg_edge.processor import Tokenizer
 from pg_edge.tensor_stream import Source, open_source, plan, write
 
@@ -76,8 +77,9 @@ def open_hf(src: str | Path, dtype: str = "bfloat16") -> Source:
 def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", force: bool = False,
                quiet: bool = False) -> Path:
     """Convert; returns the output folder. Raises CheckpointError / PgEdgeError on bad input."""
+    check_output(out, force, kind="model", inputs=[local_input(src)])  # before the download / reads
     with open_hf(src, dtype) as source:
         planned = plan(source)
-        with FolderWriter(out, force=force, source=str(src), converter="hf") as writer:
+        with FolderWriter(out, force=force, source=str(src), converter="hf", inputs=[source.folder]) as writer:
             write(planned, writer, Progress(len(planned), "convert", quiet))
             return writer.finish(source.raw, source_folder=source.folder)

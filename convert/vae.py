@@ -29,8 +29,9 @@ from mlx.utils import tree_flatten
 
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.atomic import save_safetensors
-from pg_edge.folder import atomic_file, check_output
+from pg_edge.folder import atomic_file
 from pg_edge.model.vae import FORMAT, FORMAT_VERSION, MaskDecoder
+from pg_edge.outputs import check_output
 
 CODEBOOK_KEY = "_vq_vae._embedding"
 
@@ -105,7 +106,7 @@ def convert_vae(npz_path: str | Path, out_path: str | Path, *, force: bool = Fal
     npz_path, out_path = Path(npz_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise PgEdgeError(f"output must end in .safetensors, got {out_path}")
-    check_output(out_path, force)
+    check_output(out_path, force, kind="vae", inputs=[npz_path])
     weights, embed_dim = vae_weights(_read_npz(npz_path))
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "embed_dim": str(embed_dim),
                 "source": npz_path.name}

@@ -11,8 +11,9 @@ This module imports MLX only where it reads or writes tensors, so the NumPy refe
 classic key names), which the loader reads instead of guessing from shapes.
 
 Reading: `resolve` (folder or hub id), `read_config`, `weight_files`, `iter_shards`,
-`is_quantized` (the one "is this folder quantized?" rule). Writing: `check_output` (the one
-"exists: pass --force" rule), `atomic_folder` / `atomic_file` (from pg_edge.atomic: built
+`is_quantized` (the one "is this folder quantized?" rule). Writing: `check_output` (from
+pg_edge.outputs: the one output rule, no overlap with an input, "exists: pass --force", and
+--force replaces only pg-edge's own output), `atomic_folder` / `atomic_file` (from pg_edge.atomic: built
 under a temporary name beside the target, renamed into place only when complete and only over
 what was there at the start, removed on failure or signal) and
 `FolderWriter` (shards, the index, config.json and side files, on top of `atomic_folder`).
@@ -32,6 +33,7 @@ from .model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
 from .safetensors_check import read_json
 from .errors import CheckpointError, PgEdgeError
+from .outputs import check_output
 from .hub import download, looks_local
 from .safetensors_check import load_safetensors, read_index
 
@@ -136,15 +138,6 @@ def iter_shards(folder: Path) -> Iterator[tuple[Path, dict, dict]]:
 
 
 # -- writing ------------------------------------------------------------------------------
-def check_output(out: str | os.PathLike, force: bool, hint: str = "pass --force to overwrite it") -> Path:
-    """The one "exists: pass --force" rule of every tool that writes a folder or file; returns
-    the resolved path."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not force:
-        raise PgEdgeError(f"output {out} exists; {hint}")
-    return out
-
-
 # atomic_folder / atomic_file live in pg_edge.atomic (imported above): temporary name beside the
 # target, swapped in only when complete and only over what was there at the start (a concurrent
 # writer's result is never replaced), removed on any failure or signal.
@@ -192,10 +185,13 @@ class FolderWriter:
     `add_weights(all_tensors)` cuts an in-memory checkpoint into MAX_SHARD_BYTES shards first;
     `open_shard(specs)` gives a shard whose header is written first and whose tensors arrive
     piece by piece (pg_edge.tensor_stream streams converters and the quantizer through it).
-    Leaving the block without `finish()` (an error, an interrupt) leaves nothing behind."""
+    Leaving the block without `finish()` (an error, an interrupt) leaves nothing behind.
+    `inputs`: the paths the folder is made from; an output overlapping one is refused
+    (pg_edge.outputs.check_output)."""
 
-    def __init__(self, out: str | os.PathLike, *, force: bool = False, source: str = "", converter: str = "hf"):
-        self.out = check_output(out, force)
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, source: str = "", converter: str = "hf",
+                 inputs=()):
+        self.out = check_output(out, force, kind="model", inputs=inputs)
         self.metadata = {"format": "mlx", "pg_edge_version": __version__,
                          "pg_edge_source": str(source), "pg_edge_converter": converter}
         self.shards: list[dict[str, tuple]] = []

@@ -98,10 +98,8 @@ def quantize(
     else:
         folder = resolve(src)
         source, name, owned = None, str(src), True
-    out = Path(dst).expanduser().resolve()
-    if out == (source.folder if source else folder).resolve():
-        raise PgEdgeError("the output folder must differ from the source folder")
-    check_output(out, force)
+    inputs = [source.folder if source else folder]
+    out = check_output(dst, force, kind="model", inputs=inputs)  # not the source, nor in or around it
     try:
         if source is None:
             source = open_converted(folder, read_config(folder).raw)
@@ -119,7 +117,7 @@ def quantize(
         for _, items in planned:
             for p in items:
                 sizes.add({p.tensor.key: p.float_spec}, p.outputs)
-        with FolderWriter(out, force=force, source=name, converter="quantize") as writer:
+        with FolderWriter(out, force=force, source=name, converter="quantize", inputs=inputs) as writer:
             write(planned, writer, Progress(len(planned), "quantize", quiet), transform=plan.apply)
             writer.finish(plan.config_dict(), source_folder=source.folder)
     finally:

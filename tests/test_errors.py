@@ -84,8 +84,16 @@ def test_existing_output_needs_force(hf_checkpoint, converted, tmp_path, capsys)
     code, err = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out)
     assert_one_line_error(code, err, "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    code, err = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--force", "--quiet")
+    assert_one_line_error(code, err, "not a pg-edge model output")  # --force replaces only pg-edge's own
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, _ = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--quiet")
+    assert code == 2  # an empty folder exists too
     code, _ = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--force", "--quiet")
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert code == 0 and (out / "config.json").is_file()
+    code, _ = run_cli(capsys, "convert", hf_checkpoint(version=1), "-o", out, "--force", "--quiet")
+    assert code == 0 and (out / "config.json").is_file()  # its own output is replaced
 
 
 def test_missing_model_folder(tmp_path, capsys):

@@ -283,11 +283,11 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(qsrc, recipe_runs, tmp_path,
         (recipe_runs["all8"].output, "already quantized"),
         (hf, "not a converted folder"),
         (tmp_path / "missing", "not found"),
-        (src, "must differ"),
+        (src, "is the input"),
     ]
     for source, message in cases:
-        dst = src if message == "must differ" else out
-        with pytest.raises(CheckpointError if message != "must differ" else PgEdgeError, match=message):
+        dst = src if message == "is the input" else out
+        with pytest.raises(CheckpointError if message != "is the input" else PgEdgeError, match=message):
             quantize(source, dst, probes=0)
         assert main(["quantize", str(source), "-o", str(dst), "--force"]) == 2
         assert message in capsys.readouterr().err

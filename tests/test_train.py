@@ -357,7 +357,7 @@ def test_all_bad_lines_reported_at_once(converted, tmp_path, capsys):
     out = tmp_path / "out"
     assert _cli(folder, "--data", tmp_path / "d", "--valid", data, "--train", "lora", "-o", out, "-q") == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err and not out.exists()
-    assert _cli(folder, "--data", tmp_path, "--train", "lora", "-o", out, "-q") == 2  # no labels.jsonl
+    assert _cli(folder, "--data", tmp_path / "d" / "img", "--train", "lora", "-o", out, "-q") == 2  # no labels.jsonl
     assert "without labels.jsonl" in capsys.readouterr().err and not out.exists()
 
 

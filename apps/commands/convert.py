@@ -86,14 +86,15 @@ def convert_and_quantize(args: argparse.Namespace):
     import shutil
 
     from pg_edge.atomic import clean_stale, temp_path
-    from pg_edge.folder import check_output
+    from pg_edge.outputs import check_output, local_input
     from quantize import quantize
     from quantize.recipes import resolve_settings
 
     settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
                                 recipe=args.recipe)
-    out = check_output(args.output, args.force)
+    out = check_output(args.output, args.force, kind="model",
+                       inputs=[local_input(args.src), local_input(args.tokenizer)])
     quiet = args.quiet or args.json
     if not is_big_vision(args.src):
         from pg_edge.errors import PgEdgeError

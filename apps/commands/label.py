@@ -22,14 +22,15 @@ def add_parser(sub) -> None:
     p.add_argument("--segment", action="store_true", help="masks too (COCO RLE in 'segmentation')")
     p.add_argument("--vae", default=None, help="mask decoder for --segment (default: "
                    "vae.safetensors in the model folder)")
-    p.add_argument("--force", action="store_true", help="start over instead of resuming the output")
+    p.add_argument("--force", action="store_true", help="start over instead of resuming the output "
+                   "(replaces only a labels file pg-edge label wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sampling_args(p)
     p.set_defaults(func=run, max_tokens=128)
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.labeling import label_folder
+    from apps.labeling import check_label_output, label_folder
     from pg_edge import task_text
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     task_text.detect(args.detect)
     if args.vae is not None and not Path(args.vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {args.vae}")
+    from pg_edge.outputs import local_input
+
+    check_label_output(args.output, [args.folder, local_input(args.model), args.vae], args.force)
     pg = load(args.model)
     counts = label_folder(pg, args.folder, args.detect, args.output, segment=args.segment,
                           vae=args.vae, gen=sampling_kwargs(args), force=args.force,

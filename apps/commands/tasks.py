@@ -8,7 +8,8 @@
 
 Text goes to stdout (one line per object for detect/segment: label and box in pixels);
 `--json` prints pg_edge.model_tasks.to_json instead; `-o` saves the image with boxes, labels and
-masks drawn. Inputs are checked (image readable, output format known, VAE present) before the
+masks drawn (atomically; never over the input image, model or VAE, and over an existing file only
+if pg-edge drew it: pg_edge.outputs). Inputs are checked (image readable, output format known, VAE present) before the
 model is loaded.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
         if task in ("detect", "segment"):
             p.add_argument("objects", help='object names separated by ";", e.g. "cat ; dog"')
             p.add_argument("-o", "--output", default=None,
-                           help="save the image with the boxes%s drawn (PNG keeps colours exact)"
+                           help="save the image with the boxes%s drawn (PNG keeps colours exact); "
+                           "never the input image, and an existing file only if pg-edge drew it"
                            % (" and masks" if task == "segment" else ""))
         if task == "segment":
             p.add_argument("--vae", default=None,
@@ -68,11 +70,15 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.pipeline import load
     from pg_edge.processor import load_image
 
+    from pg_edge.outputs import check_output, local_input, save_drawing
+
     image = load_image(args.image)  # a bad image, output name or VAE fails before the model loads
     _check_output(getattr(args, "output", None))
     vae = getattr(args, "vae", None)
     if vae is not None and not Path(vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {vae}")
+    if getattr(args, "output", None):  # never an input; an existing file only if pg-edge drew it
+        check_output(args.output, True, kind="drawing", inputs=[args.image, local_input(args.model), vae])
     pg = load(args.model)
     gen = sampling_kwargs(args)
     if args.task == "caption":
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         result = model_tasks.segment(pg, image, args.objects, vae=vae, **gen)
 
     if getattr(args, "output", None):
-        model_tasks.draw(result, image).save(args.output)
+        save_drawing(model_tasks.draw(result, image), args.output)
     if args.json:
         print(json.dumps(model_tasks.to_json(result)))
     elif args.task in ("detect", "segment"):

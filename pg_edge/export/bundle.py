@@ -13,7 +13,8 @@ folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle
 its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
 The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
-place: an interrupted export leaves nothing) and its --force rule (check_output).
+place: an interrupted export leaves nothing) and pg_edge.outputs' rule (check_output: never the
+model folder, inside it or around it; --force replaces only a pg-edge bundle).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
-from ..folder import atomic_folder, check_output, quantization_section
+from ..folder import atomic_folder, quantization_section
+from ..outputs import check_output, local_input
 from .. import cpu, load
 from . import graphs
 
@@ -79,10 +81,9 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
         raise PgEdgeError(f"--prompt-tokens must be >= 3 (<bos>, a token, \"\\n\"), got {prompt_tokens}")
     if max_tokens < 1:
         raise PgEdgeError(f"--max-tokens must be >= 1, got {max_tokens}")
-    out = check_output(out, force)
+    check_output(out, force, kind="bundle", inputs=[local_input(src)])
     pg = load(src)
-    if pg.folder is not None and out == pg.folder.resolve():
-        raise PgEdgeError("the bundle folder must differ from the model folder")
+    out = check_output(out, force, kind="bundle", inputs=[pg.folder])  # a hub id's folder too
     sp_model = pg.folder / "tokenizer.model"
     if not sp_model.is_file():
         raise CheckpointError(f"{pg.folder} has no tokenizer.model: a bundle needs the SentencePiece "

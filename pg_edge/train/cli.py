@@ -5,7 +5,8 @@
     pg-edge finetune pg2-3b-224 --data train.jsonl --train lora -o run2 --resume run2
 
 Everything that can fail on bad input (model folder, tokenizer, every data line, settings) is
-checked before the output folder is created. OUT receives log.jsonl, checkpoints/step-N
+checked before the output folder is created. OUT may not be, lie inside or contain the model
+folder or the data; --force replaces only a folder pg-edge finetune wrote (pg_edge.outputs). OUT receives log.jsonl, checkpoints/step-N
 (for --resume) and the export: OUT/adapters (adapters.safetensors + adapter_config.json) or
 OUT/model (a converted folder for `pg-edge run` / `pg_edge.load`).
 
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from ..errors import PgEdgeError
-    from ..folder import check_output, read_config, resolve
+    from ..folder import read_config, resolve
+    from ..outputs import check_output
     from ..loader import load_model
     from ..tokenizer import Tokenizer
     from .checkpoint import find_checkpoint, read_state
@@ -129,11 +131,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_len is not None and args.max_len < 1:
         raise PgEdgeError(f"--max-len must be >= 1, got {args.max_len}")
 
-    # All data checks before anything is written.
+    # The output is never the model or the data (nor inside or around them), and --force
+    # replaces only a pg-edge training folder; then all data checks, before anything is written.
+    check_output(out, bool(args.force or ckpt), kind="training", inputs=[folder, args.data, args.valid],
+                 hint=f"pass --resume {out} to continue it or --force to replace it")
     size, n_img = config.vision.image_size, config.num_image_tokens
     train = load_dataset(args.data, tokenizer, size, n_img, args.max_len)
     valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len) if args.valid else None
-    check_output(out, bool(args.force or ckpt), hint=f"pass --resume {out} to continue it or --force to replace it")
     if out.exists() and args.force and not ckpt and group.rank() == 0:
         shutil.rmtree(out)
 
