@@ -1,6 +1,6 @@
-"""The model files (pg_edge/model/siglip.py, gemma.py, paligemma.py) have one code path each:
-they import nothing from the CPU backend (pg_edge.cpu) and hold no backend switch; the CPU
-variants live in pg_edge.cpu and are swapped in as classes. Also: the masks module's worked
+"""The model files (pg_edge/model/siglip.py, gemma.py, paligemma.py, and masks.py) have one code
+path each: they import nothing from the CPU backend (pg_edge.cpu) and hold no backend switch; the
+CPU variants live in pg_edge.cpu and are swapped in as classes. Also: the masks module's worked
 example is what its functions compute."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from pg_edge.model import masks
 
 MODEL = Path(__file__).resolve().parents[1] / "pg_edge" / "model"
-FILES = ("siglip.py", "gemma.py", "paligemma.py")
+FILES = ("siglip.py", "gemma.py", "paligemma.py", "masks.py")
 # Names of the switches and CPU helpers the model classes used to read (set from outside).
 SWITCHES = {"cpu_ops", "sync_each_layer", "activation_dtype", "attention_on_streams", "cpu_streams",
             "stream_count", "on_streams", "tracing", "lean", "_lean", "for_tracing", "policy", "backend"}
@@ -42,7 +42,7 @@ def test_model_files_import_no_backend_code(name):
     assert mods, "the parse found the file's imports"
     bad = {m for m in mods if re.match(r"pg_edge\.(cpu|backend|cpu_ops)(\.|$)", m)}
     assert not bad, f"{name} imports backend code: {sorted(bad)}"
-    assert all(m.startswith(("__future__", "typing", "mlx", "pg_edge.model", "pg_edge.errors", "pg_edge._mlx_lm"))
+    assert all(m.startswith(("__future__", "typing", "mlx", "numpy", "pg_edge.model", "pg_edge.errors", "pg_edge._mlx_lm"))
                for m in mods), sorted(mods)
 
 
@@ -52,7 +52,7 @@ def test_model_files_hold_no_backend_switch(name):
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     names |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert "mx" in names and "__call__" in names  # the walk sees the code
+    assert "mx" in names and len(names) > 40  # the walk sees the code
     assert not names & SWITCHES, f"{name} reads {sorted(names & SWITCHES)}"
     evals = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("eval", "async_eval")]
     assert not evals, f"{name} evaluates inside the model (per-layer evaluation is pg_edge.cpu's)"

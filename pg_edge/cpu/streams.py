@@ -15,7 +15,15 @@ import mlx.core as mx
 
 from ..errors import PgEdgeError
 
-_local = threading.local()  # per thread: each pg_edge worker thread builds and evaluates its own graphs
+
+class _ThreadState(threading.local):
+    """Per thread: each pg_edge worker thread builds and evaluates its own graphs."""
+
+    streams: list | None = None  # this thread's CPU streams
+    tracing: bool = False  # inside tracing_on()
+
+
+_local = _ThreadState()
 _count_cache: dict = {}
 
 
@@ -44,7 +52,7 @@ def cpu_streams() -> list:
     """This thread's CPU streams, `stream_count()` of them (created on first use; one thread
     per stream inside MLX); [None] (the default stream) when there is one."""
     n = stream_count()
-    streams = getattr(_local, "streams", None)
+    streams = _local.streams
     if streams is None or len(streams) != n:
         streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else [None]
         _local.streams = streams
@@ -69,13 +77,13 @@ def on_streams(make, n: int, eager: bool) -> list:
 def tracing() -> bool:
     """True inside `tracing_on()` on this thread: a function transformation (`mx.exporter`,
     `mx.compile`) is tracing, so no eval and no per-step caches of arrays."""
-    return getattr(_local, "tracing", False)
+    return _local.tracing
 
 
 def lean(module) -> bool:
     """Whether a CPU variant may take its CPU path: inference, and no graph being traced
     (training and tracing need the plain MLX ops: gradients, no eval, no per-step caches)."""
-    return not module.training and not tracing()
+    return not module.training and not _local.tracing
 
 
 @contextlib.contextmanager
