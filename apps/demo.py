@@ -95,8 +95,10 @@ def _parameters(pg) -> int:
     scale (its packed uint32 words hold several weights each)."""
     from mlx.utils import tree_flatten
 
+    from pg_edge.folder import quantization_section
+
     tensors = dict(tree_flatten(pg.model.parameters()))
-    group = (pg.config.raw.get("quantization") or {}).get("group_size", 64)
+    group = (quantization_section(pg.config.raw) or {}).get("group_size", 64)
     n = 0
     for k, v in tensors.items():
         if k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] + ".scales" in tensors:

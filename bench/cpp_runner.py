@@ -41,7 +41,7 @@ def synthetic(model: str, layers: int, tokenizer_from: Path, out: Path, q4: bool
                             out / "float")
     if not q4:
         return folder
-    from quantize import quantize
+    from pg_edge.quantize import quantize
 
     quantize(folder, out / "q4", probes=0)
     return out / "q4"
@@ -107,7 +107,7 @@ def bench(folder: Path, image: Path, prompt: str, max_tokens: int, runs: int) ->
         bundle = export_bundle(folder, Path(tmp) / "bundle", max_tokens=max(max_tokens, 256))
         size = sum(f.stat().st_size for f in bundle.iterdir()) / 1e6
         common = ["--image", str(image), "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"]
-        py_cmd = [sys.executable, "-m", "apps.cli", "run", str(folder), *common]
+        py_cmd = [sys.executable, "-m", "pg_edge.cli", "run", str(folder), *common]
         cc_cmd = [str(RUNNER), str(bundle), *common]
         py_runs, cc_runs = [], []
         for _ in range(runs):  # interleaved, so a busy moment hits both alike

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
 from bench.quantize_sizes import config_raw, predicted_bytes  # noqa: E402
-from convert.hf import convert_hf  # noqa: E402
-from quantize import quantize  # noqa: E402
-from quantize.recipes import RECIPES, resolve_settings  # noqa: E402
+from pg_edge.convert.hf import convert_hf  # noqa: E402
+from pg_edge.quantize import quantize  # noqa: E402
+from pg_edge.quantize.recipes import RECIPES, resolve_settings  # noqa: E402
 
 # name -> resolve_settings arguments: the recipes, then all8 with one component at 4 bits
 # (which component's 4 bits cost the most quality), then the default at other group sizes.

@@ -30,8 +30,8 @@ from pg_edge.folder import FolderWriter  # noqa: E402
 from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
 from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 from pg_edge.weights import component  # noqa: E402
-from quantize import QuantPlan, quantize  # noqa: E402
-from quantize.recipes import COMPONENTS, RECIPES, resolve_settings  # noqa: E402
+from pg_edge.quantize import QuantPlan, quantize  # noqa: E402
+from pg_edge.quantize.recipes import COMPONENTS, RECIPES, resolve_settings  # noqa: E402
 
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               patch_size=14, image_size=224, model_type="siglip_vision_model")

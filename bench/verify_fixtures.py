@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 from bench.fixtures.tokenizer import build_tokenizer  # noqa: E402
 from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
-from convert.hf import convert_hf  # noqa: E402
+from pg_edge.convert.hf import convert_hf  # noqa: E402
 from pg_edge.eval.verify import verify  # noqa: E402
-from quantize import quantize  # noqa: E402
+from pg_edge.quantize import quantize  # noqa: E402
 
 RECIPES = ("all8", "decoder4-vision8", "all4")
 
@@ -36,7 +36,7 @@ def main() -> None:
             print(f"PG{v} float32, MLX vs reference: max rel {r.mlx['max_rel_err']:.1e}  "
                   f"top-1 {r.mlx['top1_agreement']:.3f}  KL {r.mlx['mean_kl']:.1e}  greedy {r.greedy_agreement:.0%}")
             for recipe in RECIPES:
-                q = quantize(f, root / f"{recipe}{v}", recipe=recipe, probes=0).output
+                q = quantize(f, root / f"{recipe}{v}", recipe, probes=0).output
                 r = verify(str(q), str(f))
                 m, ref = r.mlx, r.reference
                 print(f"PG{v} {recipe:<17} vs float: MLX top-1 {m['top1_agreement']:.3f} KL {m['mean_kl']:.3f} "

@@ -86,7 +86,7 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
         if RECIPES[prec]:
             folder = work / f"{a.preset}-{tag}-{prec}"
             if not (folder / "config.json").exists():
-                from apps.cli import main
+                from pg_edge.cli import main
 
                 main(["quantize", str(bf16), "-o", str(folder), "--recipe", RECIPES[prec], "--probes", "0",
                       "--quiet", "--force"])

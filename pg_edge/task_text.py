@@ -135,30 +135,6 @@ def segment(objects: str | Sequence[str]) -> str:
     return f"segment {_objects(objects)}"
 
 
-TASKS = ("caption", "cap", "describe", "ocr", "answer", "question", "detect", "segment")
-
-
-def make_prompt(task: str, text: str | Sequence[str] | None = None, lang: str = "en") -> str:
-    """The prefix for `task` (one of TASKS); `text` is the question, answer or object names."""
-    if task in ("caption", "cap", "describe"):
-        if text is not None:
-            raise PgEdgeError(f"task {task!r} takes no text, got {text!r}")
-        return {"caption": caption, "cap": cap, "describe": describe}[task](lang)
-    if task == "ocr":
-        if text is not None:
-            raise PgEdgeError(f"task 'ocr' takes no text, got {text!r}")
-        return ocr()
-    if task in ("answer", "question", "detect", "segment"):
-        if text is None:
-            raise PgEdgeError(f"task {task!r} needs text (a question, an answer or objects)")
-        if task == "answer":
-            return answer(text, lang)
-        if task == "question":
-            return question(text, lang)
-        return detect(text) if task == "detect" else segment(text)
-    raise PgEdgeError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Output cleaning and parsing
 

@@ -148,6 +148,7 @@ class ModelWorker:
 
     @property
     def busy(self) -> bool:
+        """A job is running (pg-edge serve waits for it at shutdown)."""
         return self._current is not None
 
     def _submit(self, fn: Callable, streaming: bool) -> _Job:

@@ -1,6 +1,6 @@
 """`quantize(src, dst)`: a float converted folder -> a quantized converted folder + a report.
 
-    report = quantize("pg2-3b-224", "pg2-3b-224-q", recipe="decoder4-vision8")
+    report = quantize("pg2-3b-224", "pg2-3b-224-q", "decoder4-vision8")    # or a QuantSettings
     print(report.to_text())
 
 Steps: check the source (a pg_edge / mlx-vlm float folder: safetensors marked `format: mlx`,
@@ -11,7 +11,7 @@ one at a time (big ones in row blocks) through the plan into a `FolderWriter`
 (pg_edge.tensor_stream: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
 output); then measure: the float model answers the probes and is scored teacher-forced, it is
 released, and the quantized folder, loaded back exactly as a user would load it, is scored on
-the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `convert.hf.open_hf`
+the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `pg_edge.convert.hf.open_hf`
 instead of a folder: converted and quantized in one pass, and the float model of the report
 is that checkpoint loaded with the same cast.
 """
@@ -32,7 +32,7 @@ from pg_edge.weights import component
 
 from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
-from .recipes import UNSET, QuantSettings, resolve_settings
+from .recipes import QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes
 
 
@@ -64,35 +64,27 @@ def open_converted(folder: Path, raw: dict) -> Source:
 def quantize(
     src: str | os.PathLike | Source,
     dst: str | os.PathLike,
+    settings: QuantSettings | str | None = None,
     *,
-    bits: int | None = None,
-    group_size: int = 64,
-    vision_bits=UNSET,
-    connector_bits=UNSET,
-    embed_bits=UNSET,
-    recipe: str | None = None,
-    settings: QuantSettings | None = None,
     force: bool = False,
     probes: int | list | None = None,
     max_new_tokens: int = 8,
     quiet: bool = True,
 ) -> QuantizeReport:
     """Quantize the float converted folder `src` into `dst`; returns the report. `src` may
-    also be a source opened by `convert.hf.open_hf` (an HF checkpoint, cast as it is read:
+    also be a source opened by `pg_edge.convert.hf.open_hf` (an HF checkpoint, cast as it is read:
     `pg-edge convert -q` in one pass, no float folder written); it is not closed here.
 
-    bits: the decoder's bits (4 or 8; default: the recipe's); group_size: 32, 64 or 128;
-    vision_bits / connector_bits / embed_bits: 4, 8 or None (leave float), default the
-    recipe's; recipe: a name in quantize.recipes.RECIPES (default DEFAULT_RECIPE); settings:
-    a ready QuantSettings instead of all of these. probes: None for the 4 built-in probes, a
+    settings: what to quantize and how, from `resolve_settings(bits=..., group_size=...,
+    vision_bits=..., recipe=...)`; a recipe name (a key of RECIPES) for that recipe as it is;
+    None for DEFAULT_RECIPE. probes: None for the 4 built-in probes, a
     number of them (0: size report only), or a list of probes.Probe; max_new_tokens: greedy
     tokens per probe that both models are then scored on.
     Raises PgEdgeError / CheckpointError on bad settings or a source it cannot quantize.
     """
     t0 = time.perf_counter()
-    if settings is None:
-        settings = resolve_settings(bits=bits, group_size=group_size, vision_bits=vision_bits,
-                                    connector_bits=connector_bits, embed_bits=embed_bits, recipe=recipe)
+    if not isinstance(settings, QuantSettings):
+        settings = resolve_settings(recipe=settings)
     if isinstance(src, Source):
         source, name, owned = src, src.name, False
     else:

@@ -194,10 +194,10 @@ def sample_images(sample_images_by_name) -> list:
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory, hf_checkpoint):
     """Factory: `converted(version=1, dtype="float32", **hf_spec) -> Path` of a pg_edge converted
-    folder, made by `convert.hf.convert_hf` from the matching `hf_checkpoint`. float32 by
+    folder, made by `pg_edge.convert.hf.convert_hf` from the matching `hf_checkpoint`. float32 by
     default so parity tests compare at full precision. Treat it as read-only.
     Built fresh each session (not cached across runs): it must reflect the current converter."""
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     built: dict = {}
 
@@ -216,7 +216,7 @@ def converted(tmp_path_factory, hf_checkpoint):
 def qsrc(tmp_path_factory, tokenizer_dir):
     """Factory: version -> (HF folder, float32 converted folder) of the quantizable fixture
     (widths that divide the group sizes; see bench/fixtures/quantizable.py)."""
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
     from bench.fixtures.quantizable import make_quantizable_checkpoint
 
     built = {}

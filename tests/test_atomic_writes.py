@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.folder import read_config, weight_files
 
 ROOT = Path(__file__).parents[1]
@@ -31,7 +31,7 @@ SLOW_CLI = textwrap.dedent("""
         print("SAVED", count[0], flush=True)
         time.sleep(float(os.environ.get("PG_TEST_SLOW", "0.1")))
     ShardWriter.close = save
-    from apps.cli import main
+    from pg_edge.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 

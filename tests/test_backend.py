@@ -59,7 +59,7 @@ def test_env_override(monkeypatch):
 
 
 def test_pg_edge_bench_json(converted, capsys):
-    from apps.cli import main
+    from pg_edge.cli import main
 
     assert main(["bench", str(converted(version=2)), "--tokens", "3", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -69,7 +69,7 @@ def test_pg_edge_bench_json(converted, capsys):
 
 
 def test_pg_edge_bench_table(converted, capsys):
-    from apps.cli import main
+    from pg_edge.cli import main
 
     assert main(["bench", str(converted(version=1)), "--tokens", "2"]) == 0
     out = capsys.readouterr().out
@@ -77,7 +77,7 @@ def test_pg_edge_bench_table(converted, capsys):
 
 
 def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, capsys, monkeypatch):
-    from apps.cli import main
+    from pg_edge.cli import main
     from pg_edge import benchmark
 
     calls = []
@@ -92,7 +92,7 @@ def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, c
 
 @pytest.mark.parametrize("args", [["--tokens", "0"], ["--tokens", "-3", "--no-warmup"]])
 def test_pg_edge_bench_bad_tokens_is_a_clear_error(converted, capsys, args):
-    from apps.cli import main
+    from pg_edge.cli import main
 
     assert main(["bench", str(converted(version=2)), *args]) != 0
     err = capsys.readouterr().err

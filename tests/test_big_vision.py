@@ -11,9 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from apps.cli import main
-from convert.big_vision import convert_big_vision, hf_config
-from convert.npz import ChainedFile, NpzArchive
+from pg_edge.cli import main
+from pg_edge.convert.big_vision import convert_big_vision, hf_config
+from pg_edge.convert.npz import ChainedFile, NpzArchive
 from pg_edge.errors import CheckpointError
 from pg_edge.pipeline import load
 from tests.bv_writer import bv_arrays, bf16_void_to_f32, to_bf16_void, write_bv_checkpoint, write_npz
@@ -324,7 +324,7 @@ def test_reading_a_layer_reads_only_that_layer(tmp_path, monkeypatch):
 
 
 def test_part_files_are_ordered_by_number(tmp_path):
-    from convert.npz import source_files
+    from pg_edge.convert.npz import source_files
 
     for n in (10, 2, 1, 0):
         (tmp_path / f"m.npz.part{n}").write_bytes(b"")

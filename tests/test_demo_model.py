@@ -52,13 +52,14 @@ def demo_pg():
 def rebuilt(tmp_path_factory):
     """(float folder, quantized folder) made from the repository's HF source with the recorded
     settings: `pg-edge convert` then `pg-edge quantize`, as apps/demo_model/build.py's ship stage."""
-    from convert.hf import convert_hf
-    from quantize import quantize
+    from pg_edge.convert.hf import convert_hf
+    from pg_edge.quantize import quantize, resolve_settings
 
     work = tmp_path_factory.mktemp("demo_rebuild")
     float_dir = convert_hf(HF_SOURCE, work / "float", dtype=RECIPE["convert"]["dtype"], quiet=True)
     q = RECIPE["quantize"]
-    quantize(float_dir, work / "quant", recipe=q["recipe"], group_size=q["group_size"], probes=0, quiet=True)
+    settings = resolve_settings(recipe=q["recipe"], group_size=q["group_size"])
+    quantize(float_dir, work / "quant", settings, probes=0, quiet=True)
     return float_dir, work / "quant"
 
 
@@ -104,7 +105,7 @@ def test_rebuilding_from_the_hf_source_gives_the_shipped_tensors(rebuilt):
 
 
 def test_shipped_mask_decoder_is_the_converted_vae(tmp_path):
-    from convert.vae import convert_vae
+    from pg_edge.convert.vae import convert_vae
 
     out = convert_vae(VAE_SOURCE, tmp_path / "vae.safetensors")
     got, want = mx.load(str(out)), mx.load(str(demo.MODEL_DIR / "vae.safetensors"))
@@ -128,7 +129,7 @@ def test_special_ids_come_from_the_tokenizer_files(demo_pg):
 def test_cli_caption_and_detect_by_name(capsys, demo_pg):
     """`pg-edge caption demo --image X` and `pg-edge detect demo --image X circle` print what
     the Python API gives for the same image."""
-    from apps.cli import main
+    from pg_edge.cli import main
 
     sample = demo.SAMPLES[-1]
     assert main(["caption", "demo", "--image", str(sample)]) == 0
@@ -149,7 +150,7 @@ def test_make_demo_writes_annotated_pictures(tmp_path, demo_pg):
     from pg_edge.draw import color_for, line_width
 
     make = (ROOT / "Makefile").read_text()
-    assert "demo: setup\n\t$(PY) -m apps.demo\n" in make
+    assert "demo: runtime\n\t$(PY) -m apps.demo\n" in make
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "apps.demo", "--out", str(out)], cwd=tmp_path, env=env,

@@ -83,7 +83,7 @@ def test_desktop_window(monkeypatch):
             click_widget(display, app.task_buttons["detect"])
             pump(root, lambda: app.text_var.get() == "cat")
             app.text_var.set(objects)
-            origin = app.image_origin()
+            origin = app.canvas.winfo_rootx(), app.canvas.winfo_rooty()  # the image's top-left pixel
             before = screenshot(display)
             click_widget(display, app.run_button)
             pump(root, lambda: not app.busy and not isinstance(app.result, str))

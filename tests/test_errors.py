@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from apps.cli import main
+from pg_edge.cli import main
 
 
 def copy_folder(src, dst):

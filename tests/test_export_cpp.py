@@ -35,11 +35,11 @@ def _converted(**spec):
 
 def _quantized(version: int):
     def build(request):
-        from quantize import quantize
+        from pg_edge.quantize import quantize
 
         _, src = request.getfixturevalue("qsrc")(version)
         out = request.getfixturevalue("tmp_path_factory").mktemp("q4") / f"pg{version}_all4"
-        quantize(src, out, recipe="all4", probes=0)
+        quantize(src, out, "all4", probes=0)
         return out
 
     return build
@@ -157,7 +157,7 @@ def test_sliding_window_is_active_and_matches(runner, model, images):
 
 def test_pg_edge_run_json_and_the_cpp_runner_agree(runner, model, images):
     folder, bundle = model("pg2_window8")
-    cli = subprocess.run([sys.executable, "-m", "apps.cli", "run", str(folder), "--image", str(images / "cat.jpg"),
+    cli = subprocess.run([sys.executable, "-m", "pg_edge.cli", "run", str(folder), "--image", str(images / "cat.jpg"),
                           "--prompt", "caption en", "--max-tokens", str(MAX_TOKENS), "--json"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     want = json.loads(cli.stdout)
@@ -267,7 +267,7 @@ def test_bad_bundles_give_one_line_errors(runner, model, images, tmp_path):
 
 
 def test_export_refuses_an_existing_output_and_writes_nothing_on_error(model, tmp_path, capsys):
-    from apps.cli import main
+    from pg_edge.cli import main
     from pg_edge.errors import PgEdgeError
 
     folder, bundle = model("pg1")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pg_edge
-from apps.cli import main
+from pg_edge.cli import main
 
 
 @pytest.fixture

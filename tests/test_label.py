@@ -2,8 +2,8 @@
 import json
 import pytest
 
-from apps.cli import main
-from convert.vae import convert_vae
+from pg_edge.cli import main
+from pg_edge.convert.vae import convert_vae
 from pg_edge.model_tasks import rle_to_mask
 from pg_edge.generate import GenerationResult
 from pg_edge.pipeline import PaliGemma
@@ -37,7 +37,7 @@ def model(converted):
 
 
 def run_label(folder, model, out, *extra):
-    return main(["label", str(folder), "--model", model, "--detect", "cat ; dog", "-o", str(out),
+    return main(["label", model, str(folder), "--detect", "cat ; dog", "-o", str(out),
                  "--max-tokens", "4", *extra])
 
 
@@ -110,7 +110,7 @@ def test_resume_after_an_interruption(folder, model, tmp_path, monkeypatch, caps
     assert len(coco["pg_edge"]["skipped"]) == 1  # broken.jpg reported once, not retried
     assert "2 images" in capsys.readouterr().err
 
-    assert main(["label", str(folder), "--model", model, "--detect", "cat", "-o", str(out)]) == 2
+    assert main(["label", model, str(folder), "--detect", "cat", "-o", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     calls[:] = []
     assert run_label(folder, model, out, "--force") == 0 and len(calls) == 3
@@ -118,15 +118,15 @@ def test_resume_after_an_interruption(folder, model, tmp_path, monkeypatch, caps
 
 def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     out = str(tmp_path / "o.json")
-    assert main(["label", str(tmp_path / "nope"), "--model", "x", "--detect", "cat", "-o", out]) == 2
+    assert main(["label", "x", str(tmp_path / "nope"), "--detect", "cat", "-o", out]) == 2
     assert "not a folder" in capsys.readouterr().err
-    assert main(["label", str(tmp_path), "--model", "x", "--detect", "cat ; ", "-o", out]) == 2
+    assert main(["label", "x", str(tmp_path), "--detect", "cat ; ", "-o", out]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
 
 
-def test_label_defaults_to_the_demo_model(tmp_path):
-    """No --model: the built-in demo model labels its own sample images (real boxes, in pixels)."""
+def test_label_with_the_demo_model(tmp_path):
+    """MODEL demo: the built-in demo model labels its own sample images (real boxes, in pixels)."""
     import shutil
 
     from pg_edge.demo import SAMPLES
@@ -136,7 +136,7 @@ def test_label_defaults_to_the_demo_model(tmp_path):
     for f in SAMPLES:
         shutil.copy(f, d / f.name)
     out = tmp_path / "shapes.json"
-    assert main(["label", str(d), "--detect", "circle ; square ; triangle", "-o", str(out), "--quiet"]) == 0
+    assert main(["label", "demo", str(d), "--detect", "circle ; square ; triangle", "-o", str(out), "--quiet"]) == 0
     coco = json.loads(out.read_text())
     assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle"]
     assert len(coco["images"]) == len(SAMPLES)

@@ -24,7 +24,7 @@ def test_the_runtime_never_loads_transformers_or_torch():
     out = run_python(f"""
         import sys
         from PIL import Image, ImageDraw
-        import pg_edge, pg_edge.train, apps.server
+        import pg_edge, pg_edge.train, pg_edge.server
         pg = pg_edge.load("demo")
         image = Image.new("RGB", (224, 224), "white")
         ImageDraw.Draw(image).ellipse((40, 40, 180, 180), fill="red")

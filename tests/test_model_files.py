@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from apps.cli import main
+from pg_edge.cli import main
 from fuzz_cases import _join, _split
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.cli import main
-from convert.vae import convert_vae
+from pg_edge.cli import main
+from pg_edge.convert.vae import convert_vae
 import pg_edge
 from pg_edge import model_tasks
 from pg_edge.draw import color_for

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.errors import PgEdgeError
 from pg_edge.outputs import check_output, why_not_ours
 from tests.vae_writer import write_fake_vae
@@ -48,7 +48,7 @@ def photos(tmp_path, _sample_images_cache):
 # -- label ------------------------------------------------------------------------------------
 def test_label_never_writes_over_its_folder(photos, tmp_path, capsys):
     before = snapshot(photos)
-    label = ["label", photos, "--detect", "cat", "--quiet"]
+    label = ["label", "demo", photos, "--detect", "cat", "--quiet"]
     refused(capsys, [*label, "-o", photos, "--force"], "is the input")  # the case
     refused(capsys, [*label, "-o", photos], "is the input")
     refused(capsys, [*label, "-o", photos / "labels.json", "--force"], "inside the input")
@@ -60,7 +60,7 @@ def test_label_never_writes_over_its_folder(photos, tmp_path, capsys):
 
 
 def test_label_force_replaces_only_a_labels_file(photos, tmp_path, capsys):
-    label = ["label", photos, "--detect", "cat", "--quiet", "--max-tokens", "2"]
+    label = ["label", "demo", photos, "--detect", "cat", "--quiet", "--max-tokens", "2"]
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"images": [], "annotations": []}))  # JSON, but not pg-edge's
     other = tmp_path / "folder"
@@ -85,7 +85,7 @@ def test_finetune_never_writes_over_its_data_or_model(converted, tmp_path, capsy
     shutil.copytree(converted(version=1), model)
     data = write_colour_set(tmp_path / "data", 2, seed=0).parent
     before = {p: snapshot(p) for p in (model, data)}
-    ft = ["finetune", model, "--data", data, "--train", "attn", "--steps", 1, "--batch-size", 2, "-q"]
+    ft = ["finetune", model, "--data", data, "--train", "attn", "--steps", 1, "--batch-size", 2, "--quiet"]
     refused(capsys, [*ft, "-o", data, "--force"], "is the input")  # the cases
     refused(capsys, [*ft, "-o", model, "--force"], "is the input")
     refused(capsys, [*ft, "-o", data / "run", "--force"], "inside the input")

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 from bench.fixtures.quantizable import make_quantizable_checkpoint
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.folder import read_config
@@ -19,10 +19,18 @@ from pg_edge.loader import build_model, load_model, load_weights
 from pg_edge.eval.metrics import compare_logits
 from pg_edge.pipeline import load
 from pg_edge.weights import component
-from quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
-from quantize.plan import pad_vision_mlp
+from pg_edge.quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
+from pg_edge.quantize.plan import pad_vision_mlp
 from pg_edge.eval.probes import shapes_image, stripes_image
-from quantize.recipes import COMPONENTS, settings_from_dict
+from pg_edge.quantize.recipes import COMPONENTS, Quant, QuantSettings, resolve_settings
+
+
+def settings_from_dict(d) -> QuantSettings:
+    """Inverse of `QuantSettings.as_dict` (what a quantized folder's config.json records)."""
+    quants = {c: (Quant(int(d[c]["bits"]), int(d[c]["group_size"])) if d.get(c) else None)
+              for c in COMPONENTS}
+    return QuantSettings(**quants, recipe=str(d.get("recipe", "custom")))
+
 
 BITS = {  # recipe -> bits of vision, connector, decoder, embed (None: float)
     "decoder4-vision8": (8, 8, 4, 8),
@@ -37,7 +45,7 @@ def recipe_runs(qsrc, tmp_path_factory):
     """Every recipe applied to the PG1 fixture, quality measured on 3 probes: {recipe: report}."""
     _, src = qsrc(1)
     root = tmp_path_factory.mktemp("recipes")
-    return {r: quantize(src, root / r, recipe=r, probes=3, max_new_tokens=4) for r in RECIPES}
+    return {r: quantize(src, root / r, r, probes=3, max_new_tokens=4) for r in RECIPES}
 
 
 def model_inputs(pg, image=None, prompt="caption en"):
@@ -144,7 +152,7 @@ def test_8bit_stays_closer_to_float_than_4bit(recipe_runs):
 
 def test_group_size_32_pads_to_96_and_round_trips(qsrc, tmp_path):
     _, src = qsrc(1)
-    report = quantize(src, tmp_path / "g32", group_size=32, probes=0)
+    report = quantize(src, tmp_path / "g32", resolve_settings(group_size=32), probes=0)
     assert report.vision_mlp_width == (72, 96) and not report.left_float
     pg = load(tmp_path / "g32")
     fc2 = pg.model.vision_tower.vision_model.encoder.layers[1].mlp.fc2
@@ -154,7 +162,7 @@ def test_group_size_32_pads_to_96_and_round_trips(qsrc, tmp_path):
 
 def test_bfloat16_source_gives_bfloat16_scales_and_the_bits_bench_assumes(qsrc, tmp_path):
     """bench/quantize_sizes.py counts 8 + 2*16/64 = 8.5 and 4.5 bits per weight at group 64."""
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     hf, _ = qsrc(1)
     src = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)
@@ -230,7 +238,7 @@ def test_mlx_vlm_quantized_folder_loads_in_pg_edge(qsrc, tmp_path):
 
     hf, src = qsrc(1)
     convert(hf_path=str(hf), mlx_path=str(tmp_path / "vlm"), quantize=True, q_bits=4, q_group_size=64)
-    quantize(src, tmp_path / "ours", recipe="decoder4", probes=0)
+    quantize(src, tmp_path / "ours", "decoder4", probes=0)
     theirs_w = load_weights(tmp_path / "vlm", read_config(tmp_path / "vlm"))
     ours_w = load_weights(tmp_path / "ours", read_config(tmp_path / "ours"))
     assert set(theirs_w) == set(ours_w)
@@ -272,7 +280,7 @@ def test_bad_settings_fail_cleanly_and_leave_nothing(qsrc, tmp_path, capsys, arg
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     with pytest.raises(PgEdgeError, match=message):
-        quantize(src, tmp_path / "q", **kwargs)
+        quantize(src, tmp_path / "q", resolve_settings(**kwargs))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -302,7 +310,7 @@ def test_convert_and_quantize_in_one_step_equals_two_steps(qsrc, tmp_path, capsy
     assert main(["convert", str(hf), "-o", str(tmp_path / "one"), "--dtype", "float32", "-q", "4",
                  "--probes", "0", "--quiet"]) == 0
     assert "bits" in capsys.readouterr().out  # the quantization report is printed
-    quantize(src, tmp_path / "two", bits=4, probes=0)
+    quantize(src, tmp_path / "two", resolve_settings(bits=4), probes=0)
     a, b = load(tmp_path / "one"), load(tmp_path / "two")
     ca = json.loads((tmp_path / "one" / "config.json").read_text())
     cb = json.loads((tmp_path / "two" / "config.json").read_text())

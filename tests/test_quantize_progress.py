@@ -8,11 +8,11 @@ from pg_edge import cpu, load
 from pg_edge.cpu.layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
 from pg_edge.cpu.products import CpuQuantizedLinear
 from pg_edge.benchmark import bench_image
-from quantize import quantize
+from pg_edge.quantize import quantize
 
 
 def test_quality_report_progress_and_share(qsrc, tmp_path, capsys, monkeypatch):
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     hf, _ = qsrc(2)
     src = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)

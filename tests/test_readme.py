@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apps.cli import build_parser
+from pg_edge.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,7 +77,7 @@ def test_readme_use_and_tasks_sections_run_on_a_fixture(hf_checkpoint, sample_im
     names they use are fixtures: google/paligemma2-3b-mix-224 is a tiny random PaliGemma 2 in
     the HF layout, cat.jpg and friends are sample images, vae-oid.npz a random mask decoder.
     (Quantize, verify and fine-tune have their own tests; their flags are checked above.)"""
-    from apps.cli import main
+    from pg_edge.cli import main
     from tests.vae_writer import write_fake_vae
 
     shutil.copytree(hf_checkpoint(version=2), tmp_path / "google" / "paligemma2-3b-mix-224")

@@ -30,7 +30,7 @@ def served(converted, tmp_path, _sample_images_cache):
     command = readme_block("bash", "pg-edge serve").split("#")[0].split()
     assert command[:3] == ["pg-edge", "serve", "pg2-3b-224"] and command[-2:] == ["--port", "8080"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "apps.cli", *command[1:-1], "0"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", *command[1:-1], "0"], cwd=tmp_path, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
@@ -76,7 +76,7 @@ def test_readme_curl_and_openai_snippets(served, converted):
 
 
 def test_other_hosts_need_an_api_key(capsys):
-    from apps.cli import main
+    from pg_edge.cli import main
 
     assert main(["serve", "no-such-model", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err  # refused before any model is loaded
@@ -84,7 +84,7 @@ def test_other_hosts_need_an_api_key(capsys):
 
 def test_serve_takes_the_attention_mode_and_refuses_others(capsys):
     """`--attention window|global` as on `pg-edge run` (PaliGemma 2 at 896 px); others: exit 2."""
-    from apps.cli import build_parser
+    from pg_edge.cli import build_parser
 
     args = build_parser("serve").parse_args(["serve", "some-model", "--attention", "global"])
     assert args.attention == "global"

@@ -4,14 +4,16 @@ import base64
 import http.client
 import io
 import json
+import socket
 import threading
+import time
 
 import openai
 import pytest
 
 import pg_edge
-from apps.cli import main
-from apps.server import make_server
+from pg_edge.cli import main
+from pg_edge.server import make_server
 
 MAX_TOKENS = 6
 
@@ -39,7 +41,7 @@ def cat(_sample_images_cache):
 
 @pytest.fixture(scope="module")
 def server(pg, tmp_path_factory):
-    from convert.vae import convert_vae
+    from pg_edge.convert.vae import convert_vae
     from tests.vae_writer import write_fake_vae
 
     d = tmp_path_factory.mktemp("vae")
@@ -222,14 +224,28 @@ def test_files_and_remote_urls_when_the_server_allows_them(pg, cat, tmp_path):
         for url in [str(tmp_path / "outside.png"), "../outside.png"]:
             status, _, reply = raw(srv, "POST", "/v1/chat/completions", _chat(messages=user("caption en", url)))
             assert status == 400 and reply["error"]["code"] == "file_path_refused", url
-        # Past max_connections a new connection gets a 503 at once, not a wait.
+        # Past max_connections the longest-idle connection makes room for a new one...
         idle = [http.client.HTTPConnection(*srv.server_address[:2], timeout=5) for _ in range(2)]
         for c in idle:
             c.connect()
-        status, headers, reply = raw(srv, "GET", "/health")
-        assert status == 503 and headers["Retry-After"] == "1" and reply["error"]["code"] == "server_busy"
+        assert raw(srv, "GET", "/health")[0] == 200
+        assert idle[0].sock.recv(1) == b""  # the oldest was closed for it
         for c in idle:
             c.close()
+        # ...and when every connection holds a whole request (one generating, one waiting for
+        # the model), a new one gets a 503 at once.
+        body = _chat(messages=user("caption en", data_url(cat)), max_tokens=512)
+        inside = [socket.create_connection(srv.server_address[:2], timeout=5) for _ in range(2)]
+        for s in inside:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 5
+        while sum(c.busy for c in srv._conns.values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, reply = raw(srv, "GET", "/health")
+        assert status == 503 and headers["Retry-After"] == "1" and reply["error"]["code"] == "server_busy"
+        for s in inside:
+            s.close()
     finally:
         for s in (files, srv):
             s.shutdown()

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 import pg_edge
-from apps.server import make_server
+from pg_edge.server import make_server
 
 CLIENTS, REQUESTS = 16, 3
 

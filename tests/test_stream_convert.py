@@ -11,17 +11,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from apps.cli import main
-import convert.hf
-from convert.hf import convert_hf
+from pg_edge.cli import main
+import pg_edge.convert.hf
+from pg_edge.convert.hf import convert_hf
 from pg_edge import safetensors_stream, tensor_stream
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.folder import iter_shards, read_config, weight_files
 from pg_edge.reference.safetensors_np import SafetensorsFile
 from pg_edge.safetensors_stream import SafetensorsReader
 from pg_edge.weights import sanitize
-from quantize import quantize, quantize_weights
-from quantize.recipes import resolve_settings
+from pg_edge.quantize import quantize, quantize_weights
+from pg_edge.quantize.recipes import resolve_settings
 
 
 def raw_bytes(x: mx.array) -> bytes:
@@ -85,7 +85,7 @@ def test_row_blocks_give_the_bytes_of_whole_tensors(qsrc, tmp_path, monkeypatch)
     assert main(["convert", str(hf), "-o", str(tmp_path / "qwhole"), "-q", "4", "--recipe", "all4",
                  "--probes", "0", "--quiet"]) == 0
     # jobs_of's blocks tile every tensor's rows, none over the block size unless one row is
-    with convert.hf.open_hf(hf) as source:
+    with pg_edge.convert.hf.open_hf(hf) as source:
         for _, items in tensor_stream.plan(source):
             for p in items:
                 spans = list(tensor_stream.jobs_of(p, 1000))
@@ -226,9 +226,9 @@ def test_convert_q_scores_against_the_checkpoint_cast_as_it_converts(qsrc, tmp_p
     same cast, so its scores are those of quantizing the converted bf16 folder."""
     hf, _ = qsrc(1)
     converted = convert_hf(hf, tmp_path / "bf16", dtype="bfloat16", quiet=True)
-    two_steps = quantize(converted, tmp_path / "two", bits=4, probes=1, max_new_tokens=2)
-    with convert.hf.open_hf(hf, "bfloat16") as source:
-        one_pass = quantize(source, tmp_path / "one", bits=4, probes=1, max_new_tokens=2)
+    two_steps = quantize(converted, tmp_path / "two", resolve_settings(bits=4), probes=1, max_new_tokens=2)
+    with pg_edge.convert.hf.open_hf(hf, "bfloat16") as source:
+        one_pass = quantize(source, tmp_path / "one", resolve_settings(bits=4), probes=1, max_new_tokens=2)
     assert one_pass.source == str(hf) and one_pass.probes[0]["tokens"] == two_steps.probes[0]["tokens"]
     assert one_pass.quality == two_steps.quality and one_pass.quality["top1_agreement"] > 0
     a, b = folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two")  # metadata names the sources

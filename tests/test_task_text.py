@@ -33,9 +33,8 @@ def test_prompt_forms():
     assert tasks.detect(["cat", "black dog"]) == "detect cat ; black dog"
     assert tasks.detect("cat;dog") == "detect cat ; dog"  # typed on a command line
     assert tasks.segment("cat ; dog") == "segment cat ; dog"
-    assert tasks.make_prompt("answer", "why?", lang="it") == "answer it why?"
-    assert tasks.make_prompt("segment", ["car"]) == "segment car"
-    assert tasks.make_prompt("ocr") == "ocr"
+    assert tasks.answer("why?", lang="it") == "answer it why?"
+    assert tasks.segment(["car"]) == "segment car"
 
 
 @pytest.mark.parametrize("call,match", [
@@ -48,9 +47,6 @@ def test_prompt_forms():
     (lambda: tasks.detect(["cat;dog"]), "separator"),
     (lambda: tasks.detect([]), "at least one"),
     (lambda: tasks.segment("a <image> b"), "special-token"),
-    (lambda: tasks.make_prompt("count", "cats"), "unknown task"),
-    (lambda: tasks.make_prompt("detect"), "needs text"),
-    (lambda: tasks.make_prompt("caption", "x"), "takes no text"),
 ])
 def test_prompt_validation(call, match):
     with pytest.raises(PgEdgeError, match=match):

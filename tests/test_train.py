@@ -318,7 +318,7 @@ def test_exports_reproduce_the_trained_model(converted, tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------
 def _cli(*argv) -> int:
-    from apps.cli import main
+    from pg_edge.cli import main
 
     return main(["finetune", *map(str, argv)])
 
@@ -337,7 +337,7 @@ def test_bad_data_line_is_named_and_nothing_is_written(bad, reason, converted, t
     bad = bad if isinstance(bad, (str, dict)) else json.dumps(bad)
     data = write_jsonl(tmp_path / "d" / "train.jsonl", [good, good, bad, good])
     out = tmp_path / "out"
-    assert _cli(folder, "--data", data, "--train", "attn", "-o", out, "-q") == 2
+    assert _cli(folder, "--data", data, "--train", "attn", "-o", out, "--quiet") == 2
     err = capsys.readouterr().err
     assert f"train.jsonl:3: {reason}" in err and "Traceback" not in err, err
     assert not out.exists()
@@ -355,9 +355,9 @@ def test_all_bad_lines_reported_at_once(converted, tmp_path, capsys):
     assert "3 bad line(s)" in msg and "bad.jsonl:1:" in msg and "bad.jsonl:2:" in msg and "bad.jsonl:4:" in msg
     # A bad --valid file is also refused before anything is written.
     out = tmp_path / "out"
-    assert _cli(folder, "--data", tmp_path / "d", "--valid", data, "--train", "lora", "-o", out, "-q") == 2
+    assert _cli(folder, "--data", tmp_path / "d", "--valid", data, "--train", "lora", "-o", out, "--quiet") == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err and not out.exists()
-    assert _cli(folder, "--data", tmp_path / "d" / "img", "--train", "lora", "-o", out, "-q") == 2  # no labels.jsonl
+    assert _cli(folder, "--data", tmp_path / "d" / "img", "--train", "lora", "-o", out, "--quiet") == 2  # no labels.jsonl
     assert "without labels.jsonl" in capsys.readouterr().err and not out.exists()
 
 
@@ -367,11 +367,11 @@ def test_cli_trains_checkpoints_resumes_and_exports(converted, tmp_path):
     folder = converted(version=1)
     data = write_colour_set(tmp_path / "d", 6, seed=0).parent
     out = tmp_path / "run"
-    common = ["--data", data, "--batch-size", 2, "--lr", 1e-3, "-o", out, "-q"]
+    common = ["--data", data, "--batch-size", 2, "--lr", 1e-3, "-o", out, "--quiet"]
     assert _cli(folder, "--train", "attn", "--steps", 2, *common) == 0
     assert (out / "checkpoints" / "step-000002" / "state.json").is_file() and (out / "model" / "config.json").is_file()
     assert _cli(folder, "--train", "attn", "--steps", 2, *common) == 2  # exists: needs --resume / --force
-    assert _cli(folder, "--steps", 3, "--resume", out, *common) == 0
+    assert _cli(folder, "--train", "attn", "--steps", 3, "--resume", out, *common) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     pg_edge.load(out / "model")  # the fused export is a normal converted folder

@@ -118,7 +118,7 @@ def test_huge_top_k_and_tiny_temperature_never_emit_ids_past_the_vocabulary(conv
 def test_cli_bad_text_and_flags_are_one_line_each(converted, tmp_path, capsys):
     from PIL import Image
 
-    from apps.cli import main
+    from pg_edge.cli import main
 
     img = tmp_path / "i.png"
     Image.new("RGB", (16, 16)).save(img)
@@ -141,7 +141,7 @@ def test_cli_invalid_utf8_argv_bytes(converted, tmp_path):
 
     img = tmp_path / "i.png"
     Image.new("RGB", (16, 16)).save(img)
-    cmd = [sys.executable, "-m", "apps.cli", "run", str(converted(version=1)), "--image", str(img),
+    cmd = [sys.executable, "-m", "pg_edge.cli", "run", str(converted(version=1)), "--image", str(img),
            "--prompt", b"caption \xff\xfe", "--max-tokens", "2"]
     env = {"PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
     p = subprocess.run(cmd, capture_output=True, timeout=120, env=env)

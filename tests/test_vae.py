@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.vae import convert_vae
+from pg_edge.convert.vae import convert_vae
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.task_text import decode_box, DetectedObject
 from pg_edge.model.vae import MaskDecoder, add_masks, box_mask, load_mask_decoder

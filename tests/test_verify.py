@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from apps.cli import main
+from pg_edge.cli import main
 from pg_edge.eval.verify import verify
 
 
@@ -64,18 +64,18 @@ def test_corrupted_conversion_fails_naming_the_figure(hf_checkpoint, converted, 
 
 
 def test_against_float_source_through_mlx_and_reference(qsrc, tmp_path, capsys):
-    from quantize import quantize
+    from pg_edge.quantize import quantize
 
     _, src = qsrc(1)
     q8 = tmp_path / "q8"
-    quantize(src, q8, recipe="all8", probes=0)
+    quantize(src, q8, "all8", probes=0)
     code, out, _ = run_cli(capsys, "verify", q8, "--against", src, "--json", "--probes", "3")
     r8 = json.loads(out)
     assert code == 0 and r8["passed"] and r8["reference"] is not None
     # MLX and the reference see the same quantized weights: they measure the same loss
     assert abs(r8["mlx"]["mean_kl"] - r8["reference"]["mean_kl"]) <= 1e-3 + 0.05 * r8["mlx"]["mean_kl"]
     q4 = tmp_path / "q4"
-    quantize(src, q4, recipe="all4", probes=0)
+    quantize(src, q4, "all4", probes=0)
     r4 = verify(str(q4), str(src), probes=3)
     assert r4.mlx["mean_kl"] > r8["mlx"]["mean_kl"]
     # a strict limit makes the 4-bit model fail, naming the figure

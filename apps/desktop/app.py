@@ -137,10 +137,6 @@ class App:
         self.canvas.delete("all")
         self.canvas.create_image(0, 0, anchor="nw", image=self._photo)
 
-    def image_origin(self) -> tuple[int, int]:
-        """Screen position of the image's top-left pixel (for tests and screenshots)."""
-        return self.canvas.winfo_rootx(), self.canvas.winfo_rooty()
-
     # -- actions -------------------------------------------------------------------------
     def choose_image(self) -> None:
         path = filedialog.askopenfilename(title="Open image", filetypes=[

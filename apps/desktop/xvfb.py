@@ -67,11 +67,6 @@ def click_widget(display: str, widget) -> None:
           widget.winfo_rooty() + widget.winfo_height() // 2)
 
 
-def type_text(display: str, text: str) -> None:
-    """Type text into the focused widget, key by key."""
-    xdotool(display, "type", "--delay", "5", text)
-
-
 def screenshot(display: str, box: tuple[int, int, int, int] | None = None) -> Image.Image:
     """The screen (or box = left, top, right, bottom of it) as an RGB image."""
     shot = ImageGrab.grab(xdisplay=display).convert("RGB")

@@ -10,7 +10,7 @@ the suffix only, and a choice of what trains.
     evaluate.py    validation loss, exact match / box IoU of greedy outputs
     checkpoint.py  atomic checkpoints and exact resume
     export.py      adapters, or a fused converted folder
-    cli.py         `pg-edge finetune`
+    (`pg-edge finetune` is pg_edge.cli.commands.finetune, apps/cli/commands/finetune.py)
 
     from pg_edge.loader import load_model
     from pg_edge.tokenizer import Tokenizer

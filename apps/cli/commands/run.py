@@ -6,8 +6,9 @@ import json
 import sys
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens to generate (default {max_tokens})")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default 0 = off)")

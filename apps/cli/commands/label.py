@@ -1,21 +1,20 @@
-"""`pg-edge label FOLDER [--model MODEL] --detect "cat ; dog" -o labels.json [--segment]`:
-auto-label a folder of images into COCO JSON (apps/labeling.py), resumable."""
+"""`pg-edge label MODEL FOLDER --detect "cat ; dog" -o labels.json [--segment]`:
+auto-label a folder of images into COCO JSON (pg_edge/labeling.py), resumable."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from apps.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="auto-label a folder of images into COCO JSON",
                        description="Detect (or segment) the named objects in every image of a "
                        "folder and write COCO JSON; a rerun with the same -o resumes.")
+    p.add_argument("model", help="converted folder, mlx-community folder, or hub id (demo: the built-in model)")
     p.add_argument("folder", help="folder of images (searched recursively)")
-    p.add_argument("--model", default="demo",
-                   help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
     p.add_argument("--detect", required=True, metavar="OBJECTS",
                    help='object names separated by ";", e.g. "cat ; dog" (the COCO categories)')
     p.add_argument("-o", "--output", required=True, help="COCO JSON file to write (or resume)")
@@ -25,12 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="start over instead of resuming the output "
                    "(replaces only a labels file pg-edge label wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_sampling_args(p)
-    p.set_defaults(func=run, max_tokens=128)
+    add_sampling_args(p, max_tokens=128)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from apps.labeling import check_label_output, label_folder
+    from pg_edge.labeling import check_label_output, label_folder
     from pg_edge import task_text
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load

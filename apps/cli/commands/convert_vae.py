@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .vae import convert_vae
+    from pg_edge.convert.vae import convert_vae
 
     out = convert_vae(args.src, args.output, force=args.force)
     print(f"wrote {out}")

@@ -1,6 +1,6 @@
 """`pg-edge convert SRC -o DIR [-q BITS]`: official checkpoints -> a pg_edge converted folder.
 
-The command composes the two packages, which do not import each other. Without -q, convert/
+The command composes the two packages, which do not import each other. Without -q (--bits), convert/
 writes the float folder. With -q, an HF checkpoint is opened and checked by convert/
 (`open_hf`) and quantize/ streams it straight into the quantized folder, tensor by tensor (no
 float copy on disk; the quality report's float model is the checkpoint loaded with the same
@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from convert.npz import PART_RE
+from pg_edge.convert.npz import PART_RE
 
 
 def is_big_vision(src: str) -> bool:
@@ -35,16 +35,18 @@ def add_parser(sub) -> None:
     )
     p.add_argument("src", help="HF folder, hub id (google/paligemma2-3b-pt-224), or FILE.npz / FILE.npz.part0")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the written weights")
     p.add_argument("--tokenizer", default=None,
                    help="big_vision only: tokenizer.model / paligemma_tokenizer.model (or a folder "
                    "with one); default: one of those names beside the .npz")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     q = p.add_argument_group("quantize in the same step (as `pg-edge quantize`)")
-    q.add_argument("-q", "--quantize", type=int, metavar="BITS", default=None,
-                   help="decoder bits, 4 or 8: write a quantized folder (the float one is not kept)")
-    from quantize.cli import add_mix_args
+    q.add_argument("-q", "--bits", "--quantize", dest="bits", type=int, metavar="BITS", default=None,
+                   help="decoder bits, 4 or 8: write a quantized folder (the float one is not kept); "
+                   "as `pg-edge quantize -q`")
+    from pg_edge.cli.commands.quantize import add_mix_args
 
     add_mix_args(q)
     q.add_argument("--json", action="store_true", help="with -q: print the quantization report as JSON")
@@ -56,19 +58,19 @@ def convert_any(src: str, out, *, dtype: str, force: bool, tokenizer, quiet: boo
     from pg_edge.errors import PgEdgeError
 
     if is_big_vision(src):
-        from convert.big_vision import convert_big_vision
+        from pg_edge.convert.big_vision import convert_big_vision
 
         return convert_big_vision(src, out, dtype=dtype, force=force, tokenizer=tokenizer, quiet=quiet)
     if tokenizer is not None:
         raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     return convert_hf(src, out, dtype=dtype, force=force, quiet=quiet)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if args.quantize is None:
+    if args.bits is None:
         out = convert_any(args.src, args.output, dtype=args.dtype, force=args.force,
                           tokenizer=args.tokenizer, quiet=args.quiet)
         if not args.quiet:
@@ -87,10 +89,10 @@ def convert_and_quantize(args: argparse.Namespace):
 
     from pg_edge.atomic import clean_stale, temp_path
     from pg_edge.outputs import check_output, local_input
-    from quantize import quantize
-    from quantize.recipes import resolve_settings
+    from pg_edge.quantize import quantize
+    from pg_edge.quantize.recipes import resolve_settings
 
-    settings = resolve_settings(bits=args.quantize, group_size=args.group_size, vision_bits=args.vision_bits,
+    settings = resolve_settings(bits=args.bits, group_size=args.group_size, vision_bits=args.vision_bits,
                                 connector_bits=args.connector_bits, embed_bits=args.embed_bits,
                                 recipe=args.recipe)
     out = check_output(args.output, args.force, kind="model",
@@ -101,7 +103,7 @@ def convert_and_quantize(args: argparse.Namespace):
 
         if args.tokenizer is not None:
             raise PgEdgeError("--tokenizer is for big_vision .npz checkpoints; an HF checkpoint brings its own tokenizer")
-        from convert.hf import open_hf
+        from pg_edge.convert.hf import open_hf
 
         with open_hf(args.src, args.dtype) as source:
             return quantize(source, out, settings=settings, force=args.force, probes=args.probes, quiet=quiet)

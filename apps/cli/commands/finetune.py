@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..adapters import MODES
+from pg_edge.adapters import MODES
 
 EXPORTS = ("adapters", "fused", "none")
 # argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
@@ -47,16 +47,17 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="converted (or quantized, for lora) model folder or hub id")
     p.add_argument("--data", required=True, help="training JSONL file, or a folder with labels.jsonl")
     p.add_argument("--valid", default=None, help="validation JSONL / folder: loss and exact match / box IoU")
-    p.add_argument("--train", dest="mode", choices=MODES, default=None,
+    p.add_argument("--train", dest="mode", choices=MODES, required=True,
                    help="attn: decoder attention only (big_vision's recipe); lora: adapters on the "
-                   "decoder, connector (and vision unless --freeze-vision); full: everything")
+                   "decoder, connector (and vision unless --freeze-vision); full: everything "
+                   "(with --resume: the checkpoint's mode)")
     p.add_argument("--freeze-vision", action="store_true", default=None,
                    help="keep SigLIP frozen (lora: no vision adapters; full: vision not trained)")
     g = p.add_argument_group("optimisation (default: the mode's recipe)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     g.add_argument("--batch-size", type=int, default=None, help="examples per step, all processes together (default 8)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="the update rule")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0)")
     g.add_argument("--weight-decay", type=float, default=None, help="decoupled, multiplied by lr")
@@ -65,9 +66,9 @@ def add_parser(sub) -> None:
     g.add_argument("--loss-norm", choices=("example", "token"), default=None,
                    help="mean per example, then over examples (big_vision, default) or over all tokens")
     g.add_argument("--seed", type=int, default=None, help="data order, adapter init, dropout (default 0)")
-    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-rank", type=int, default=8, help="rank of each LoRA adapter")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--max-len", type=int, default=None, help="truncate suffixes to this many tokens per row")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", required=True, help="training folder (log, checkpoints, export)")
@@ -78,24 +79,22 @@ def add_parser(sub) -> None:
     o.add_argument("--max-new-tokens", type=int, default=None, help="greedy validation length")
     o.add_argument("--resume", default=None, help="continue from a checkpoint folder or a training folder")
     o.add_argument("--force", action="store_true", help="replace an existing output folder")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    o.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
 
 def _settings(args, saved: dict | None):
     """(ModeSpec, TrainConfig) from the recipe or checkpoint, with the explicit arguments."""
-    from ..errors import PgEdgeError
-    from ..adapters import LoraSettings, ModeSpec
-    from .trainer import TrainConfig
+    from pg_edge.adapters import LoraSettings, ModeSpec
+    from pg_edge.errors import PgEdgeError
+    from pg_edge.train.trainer import TrainConfig
 
     given = {field: getattr(args, dest) for dest, field in CONFIG_ARGS.items() if getattr(args, dest) is not None}
     lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout)
     if saved is None:
-        if args.mode is None:
-            raise PgEdgeError("--train attn|lora|full is required (unless resuming)")
         return ModeSpec(args.mode, bool(args.freeze_vision), lora), TrainConfig.for_mode(args.mode, **given)
     spec = ModeSpec.from_dict(saved["mode"])
-    if args.mode is not None and args.mode != spec.mode:
+    if args.mode != spec.mode:
         raise PgEdgeError(f"the checkpoint trains --train {spec.mode}, not {args.mode}")
     if args.freeze_vision and not spec.freeze_vision:
         raise PgEdgeError("the checkpoint was trained without --freeze-vision")
@@ -106,15 +105,15 @@ def _settings(args, saved: dict | None):
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from ..errors import PgEdgeError
-    from ..folder import read_config, resolve
-    from ..outputs import check_output
-    from ..loader import load_model
-    from ..tokenizer import Tokenizer
-    from .checkpoint import find_checkpoint, read_state
-    from .data import load_dataset
-    from .export import save_adapters, save_fused
-    from .trainer import Trainer
+    from pg_edge.errors import PgEdgeError
+    from pg_edge.folder import read_config, resolve
+    from pg_edge.outputs import check_output
+    from pg_edge.loader import load_model
+    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.train.checkpoint import find_checkpoint, read_state
+    from pg_edge.train.data import load_dataset
+    from pg_edge.train.export import save_adapters, save_fused
+    from pg_edge.train.trainer import Trainer
 
     t0 = time.perf_counter()
     folder = resolve(args.model)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from apps.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
 
 TASKS = {
     "caption": "a short caption of the image",

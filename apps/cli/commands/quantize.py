@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .recipes import DEFAULT_RECIPE, RECIPES, UNSET
+from pg_edge.quantize.recipes import DEFAULT_RECIPE, RECIPES, UNSET
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("src", help="float converted folder (from `pg-edge convert`)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--bits", type=int, default=None, help="decoder bits, 4 or 8 (default: the recipe's)")
+    p.add_argument("-q", "--bits", type=int, default=None, metavar="BITS",
+                   help="decoder bits, 4 or 8 (default: the recipe's)")
     add_mix_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
@@ -39,12 +40,13 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .folder import quantize
+    from pg_edge.quantize.folder import quantize
+    from pg_edge.quantize.recipes import resolve_settings
 
-    report = quantize(
-        args.src, args.output, bits=args.bits, group_size=args.group_size,
-        vision_bits=args.vision_bits, connector_bits=args.connector_bits, embed_bits=args.embed_bits,
-        recipe=args.recipe, force=args.force, probes=args.probes, quiet=args.quiet or args.json,
-    )
+    settings = resolve_settings(bits=args.bits, group_size=args.group_size, vision_bits=args.vision_bits,
+                                connector_bits=args.connector_bits, embed_bits=args.embed_bits,
+                                recipe=args.recipe)
+    report = quantize(args.src, args.output, settings, force=args.force, probes=args.probes,
+                      quiet=args.quiet or args.json)
     print(report.to_json() if args.json else report.to_text())
     return 0
