@@ -53,7 +53,11 @@ def run(images: list[Path], out: Path) -> int:
     from pg_edge import demo
     from pg_edge.processor import load_image
     from pg_edge.model_tasks import find_vae
+    from pg_edge.outputs import inputs_overlap
 
+    for path in images:  # the pictures written are never one of those given
+        for kind in ("detect", "segment"):
+            inputs_overlap(out / f"{Path(path).stem}_{kind}.png", images)
     t0 = time.perf_counter()
     pg = pg_edge.load(demo.NAME)
     decoder = find_vae(pg)

@@ -2,7 +2,8 @@
 
     ADAPTERS/  (written by `pg-edge finetune --export adapters`, pg_edge.train.export)
         adapters.safetensors   what trained: LoRA's lora_a/lora_b, or the trained weights
-        adapter_config.json    format, mode (lora/attn/full), LoRA rank/scale/targets, base model
+        adapter_config.json    format, mode (lora/attn/full), LoRA rank/alpha/scale/targets, base
+                               model name and architecture fingerprint (`base_fingerprint`)
 
 The runtime applies them with `load_adapters` (`pg_edge.load(model, adapters=ADAPTERS)`): the
 same `apply_mode` the trainer starts from, then the saved weights. The LoRA layers are mlx-lm's
@@ -33,6 +34,7 @@ steps of lr * grad are far below bf16's resolution of a weight. Exports cast the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,20 +181,82 @@ def base_dtype(model: PaliGemmaModel) -> mx.Dtype:
     return lin.bias.dtype
 
 
+# config.json fields that do not change what the weights mean: left out of the base fingerprint
+# (a QLoRA adapter trained on a quantized base applies to its float base too).
+_NOT_ARCHITECTURE = ("torch_dtype", "_name_or_path", "transformers_version", "architectures",
+                     "quantization", "quantization_config")
+
+
+def base_fingerprint(model: PaliGemmaModel) -> str:
+    """16 hex digits identifying the base's architecture (config.json without dtype, names and
+    quantization): adapters record it and are refused on a base with another one."""
+    raw = {k: v for k, v in model.config.raw.items() if k not in _NOT_ARCHITECTURE}
+    for sub in ("text_config", "vision_config"):
+        if isinstance(raw.get(sub), dict):
+            raw[sub] = {k: v for k, v in raw[sub].items() if k not in _NOT_ARCHITECTURE}
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_spec(folder: Path, config) -> ModeSpec:
+    """The ModeSpec of adapter_config.json, its LoRA settings checked (rank, alpha, dropout, and
+    the recorded scale equal to alpha / rank); one-line PgEdgeError otherwise."""
+    where = folder / ADAPTER_CONFIG
+    if not isinstance(config, dict) or config.get("format") != "pg_edge-adapters":
+        raise PgEdgeError(f"{where} is not a pg-edge adapter config (no \"format\": \"pg_edge-adapters\")")
+    lora = config.get("lora") or {}
+    if not isinstance(lora, dict):
+        raise PgEdgeError(f"{where}: \"lora\" must be an object, got {type(lora).__name__}")
+    settings = {k: v for k, v in lora.items() if k != "scale"}
+    for k, v in settings.items():
+        if k not in ("rank", "alpha", "dropout") or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PgEdgeError(f"{where}: unexpected LoRA setting {k}={v!r}")
+    try:
+        spec = ModeSpec.from_dict({**config, "lora": settings})
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise PgEdgeError(f"{where}: not a valid adapter config ({type(err).__name__}: {err})") from None
+    except PgEdgeError as err:
+        raise PgEdgeError(f"{where}: {err}") from None
+    scale = lora.get("scale")
+    if spec.mode == "lora" and scale is not None and (
+            not isinstance(scale, (int, float)) or abs(float(scale) - spec.lora.scale) > 1e-6 * abs(spec.lora.scale)):
+        raise PgEdgeError(f"{where}: LoRA scale {scale!r} is not alpha / rank = {spec.lora.alpha} / "
+                          f"{spec.lora.rank} (the file was edited?)")
+    return spec
+
+
 def load_adapters(model: PaliGemmaModel, folder: str | Path) -> ModeSpec:
-    """Apply saved adapters (or trained weights) to a freshly loaded copy of their base model."""
+    """Apply saved adapters (or trained weights) to a freshly loaded copy of their base model.
+
+    Checked before the model changes: the config (format, mode, LoRA rank/alpha/dropout, scale
+    = alpha / rank), the base's architecture fingerprint when recorded, then every tensor's name,
+    shape and dtype against what the mode puts in this model (LoRA's a/b of the recorded rank)."""
     folder = Path(folder)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         weights, _ = load_safetensors(folder / ADAPTER_FILE)  # header checked in Python first
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, RecursionError) as err:
         raise PgEdgeError(f"cannot read adapters in {folder}: {str(err).splitlines()[0]}") from None
-    lora = {k: v for k, v in (config.get("lora") or {}).items() if k != "scale"}
-    spec = ModeSpec.from_dict({**config, "lora": lora})
+    spec = _read_spec(folder, config)
+    theirs, mine = config.get("base_fingerprint"), base_fingerprint(model)
+    if theirs is not None and theirs != mine:
+        raise PgEdgeError(f"adapters in {folder} were made for another base model "
+                          f"({config.get('base_model') or 'unnamed'}, architecture {theirs}; this model's is "
+                          f"{mine}); load them on the base they were trained on")
     trainable = set(apply_mode(model, spec))
     if set(weights) != trainable:
-        raise PgEdgeError(f"{folder / ADAPTER_FILE} does not fit this model "
-                          f"({len(set(weights) - trainable)} unexpected, {len(trainable - set(weights))} missing)")
+        extra, missing = sorted(set(weights) - trainable), sorted(trainable - set(weights))
+        raise PgEdgeError(f"{folder / ADAPTER_FILE} does not fit this model ({len(extra)} unexpected, "
+                          f"{len(missing)} missing, e.g. {(extra or missing)[0]}); made for another base?")
+    have = dict(tree_flatten(model.trainable_parameters()))
+    for k in sorted(weights):
+        w, h = weights[k], have[k]
+        if tuple(w.shape) != tuple(h.shape):
+            raise PgEdgeError(f"{folder / ADAPTER_FILE}: {k} has shape {tuple(w.shape)}, this model needs "
+                              f"{tuple(h.shape)} (adapters of another base, or rank {spec.lora.rank} "
+                              "in the config does not match the weights)")
+        if not mx.issubdtype(w.dtype, mx.floating) and w.dtype != h.dtype:
+            raise PgEdgeError(f"{folder / ADAPTER_FILE}: {k} has dtype {w.dtype}, this model needs {h.dtype}")
     model.load_weights(list(weights.items()), strict=False)
     model.freeze()
     model.eval()

@@ -70,6 +70,32 @@ def check_size(img: Image.Image, name: str) -> None:
         raise _too_big(w, h, name)
 
 
+def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone: a regular file, a supported
+    format, within the pixel limit; ImageError otherwise. Nothing is decoded."""
+    from .safetensors_check import open_regular
+
+    if not Path(path).exists():
+        raise ImageError(f"image not found: {name}")
+    try:
+        fp = open_regular(path)
+    except Exception as err:  # CheckpointError from open_regular: say "image" instead
+        raise ImageError(f"cannot read image {name}: {str(err).split(': ', 1)[-1]}") from None
+    try:
+        with Image.open(fp, formats=FORMATS) as img:
+            check_size(img, name)
+            return img.size
+    except Image.DecompressionBombError:
+        raise ImageError(f"image {name} is larger than the limit of {_limit[0]:,} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {name}: not an image in a supported format "
+                         f"({', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(f"cannot read image {name}: {str(err)[:200] or type(err).__name__}") from None
+    finally:
+        fp.close()
+
+
 def open_image(image, name: str) -> Image.Image:
     """Path or bytes -> a decoded PIL image (first frame, EXIF orientation applied)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -128,8 +154,11 @@ def from_array(a: np.ndarray) -> Image.Image:
     """HxW or HxWxC (C in 1, 3, 4) uint8 array -> PIL image, within the pixel limit."""
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageError(f"image array must be uint8 HxW or HxWxC with C 1, 3 or 4; got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    if w < 1 or h < 1:
+        raise ImageError(f"image <array> is empty ({w}x{h})")
+    if w * h > _limit[0]:  # from the shape: nothing copied yet (a broadcast view costs no memory)
+        raise _too_big(w, h, "<array>")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    img = Image.fromarray(np.ascontiguousarray(a))
-    check_size(img, "<array>")
-    return img
+    return Image.fromarray(np.ascontiguousarray(a))

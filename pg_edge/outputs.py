@@ -38,7 +38,7 @@ from typing import Iterable
 from .errors import PgEdgeError
 
 DRAWN_BY = "pg-edge"  # the marker `save_drawing` puts in an image's metadata
-MAX_MARKER_BYTES = 64 << 20  # a labels/manifest JSON read to recognise it; larger is not ours
+MAX_MARKER_BYTES = 64 << 20  # a manifest / adapter config read to recognise it; larger is not ours
 TRAINING_NAMES = {"log.jsonl", "checkpoints", "adapters", "model"}
 _TEMP = re.compile(r"^\.[^/]+\.(partial|float|old)-\d+-[0-9a-f]{8}(\.\w+)?$")  # pg_edge.atomic names
 
@@ -83,8 +83,8 @@ def inputs_overlap(out: Path, inputs: Iterable) -> None:
             raise PgEdgeError(f"the output {out} contains the input {given}; choose an output that does not")
 
 
-def _read_json(path: Path):
-    if not path.is_file() or path.stat().st_size > MAX_MARKER_BYTES:
+def _read_json(path: Path, max_bytes: int | None = MAX_MARKER_BYTES):
+    if not path.is_file() or (max_bytes is not None and path.stat().st_size > max_bytes):
         return None
     try:
         return json.loads(path.read_bytes())
@@ -133,7 +133,7 @@ def _vae(p: Path) -> str | None:
 def _labels(p: Path) -> str | None:
     if not p.is_file():
         return "it is not a file"
-    coco = _read_json(p)
+    coco = _read_json(p, None)  # read whole, as a resume does: a big dataset's file is still ours
     meta = coco.get("pg_edge") if isinstance(coco, dict) else None
     ok = isinstance(meta, dict) and "task" in meta and isinstance(meta.get("done"), list)
     return None if ok else "it is not a labels file written by pg-edge label"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -50,6 +51,10 @@ class PaliGemma:
         self._vision_cache: OrderedDict[str, mx.array] = OrderedDict()
         self._vision_cache_size = vision_cache_size
         self._worker = ModelWorker()  # owns every model call (see pg_edge/worker.py)
+        # Dropped without close(): the thread is parked all the same (it never refers back here).
+        # Not at interpreter exit: the thread must then stay blocked on its queue (a thread still
+        # running Python when the interpreter finalizes is ended, and MLX aborts).
+        weakref.finalize(self, self._worker.close).atexit = False
         # MLX evaluates a lazy graph only on the thread that built it: make the weights concrete
         # here, so the worker thread can use them.
         mx.eval(model.parameters())
@@ -57,6 +62,18 @@ class PaliGemma:
     def cancel(self) -> bool:
         """Stop the generation running now (any thread may call this); True if one was."""
         return self._worker.cancel()
+
+    def close(self) -> None:
+        """Release the model's worker thread: the running generation stops (finish_reason
+        "cancelled"), queued and later calls raise PgEdgeError. Also on leaving a `with` block;
+        a PaliGemma dropped without close() releases it when garbage-collected."""
+        self._worker.close()
+
+    def __enter__(self) -> "PaliGemma":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- stages --------------------------------------------------------------------------
     @serialized

@@ -282,3 +282,138 @@ def test_export_refuses_an_existing_output_and_writes_nothing_on_error(model, tm
     with pytest.raises(PgEdgeError, match="tokenizer.model"):
         export_bundle(no_sp, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+# -- issue 23 items 9-11: a runner that checks its manifest and its files; export's bounds ------
+def _limited():
+    """Child processes: at most 4 GB of address space (a runaway allocation fails, not the machine)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def _run_limited(runner, bundle, *args, timeout=60):
+    return subprocess.run([str(runner), str(bundle), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_limited)
+
+
+def _edited(good, tmp_path, name, change):
+    b = tmp_path / name
+    shutil.copytree(good, b)
+    m = json.loads((b / "manifest.json").read_text())
+    change(m, b)
+    (b / "manifest.json").write_text(json.dumps(m))
+    return b
+
+
+MANIFEST_EDITS = {
+    # item 9: sizes past what the graphs were traced for, ids past the vocabulary
+    "max_context doubled": (lambda m, b: m["cache"].update(max_context=m["cache"]["max_context"] * 2), "max_context"),
+    "max_context and cache shape": (lambda m, b: (m["cache"].update(max_context=999),
+                                                  m["cache"]["shape"].__setitem__(2, 999)), "max_context"),
+    "image size 0": (lambda m, b: m["image"].update(size=0), "image_size"),
+    "image size 40000": (lambda m, b: m["image"].update(size=40000), "image_size"),
+    "bos past the vocabulary": (lambda m, b: m["tokenizer"].update(bos_id=10**6), "bos_id"),
+    "pad negative": (lambda m, b: m["tokenizer"].update(pad_id=-1), "pad_id"),
+    "image id past": (lambda m, b: m["tokenizer"].update(image_id=300_000), "image_id"),
+    "newline past": (lambda m, b: m["tokenizer"].update(newline_ids=[10**9]), "newline_ids"),
+    "eos past": (lambda m, b: m["tokenizer"].update(eos_id=2**31 - 1), "eos_id"),
+    "vocab past the embedding": (lambda m, b: m["tokenizer"].update(vocab_size=10**7), "vocab_size"),
+    "id too big for int": (lambda m, b: m["tokenizer"].update(bos_id=2**40), "must be an integer (32-bit)"),
+    "prompt lengths": (lambda m, b: m["functions"]["prefill"].update(
+        prompt_lengths=[x + 1 for x in m["functions"]["prefill"]["prompt_lengths"]]), "prompt_lengths"),
+    "prompt lengths and max": (lambda m, b: (m["prompt"].update(max_prompt_tokens=5000),
+                                             m["functions"]["prefill"]["prompt_lengths"].append(5000)), "max_prompt_tokens"),
+    # item 10: files outside the bundle, devices, FIFOs
+    "tokenizer ..": (lambda m, b: m["tokenizer"].update(file="../tokenizer.model"), "not a plain file name"),
+    "tokenizer /dev/zero": (lambda m, b: m["tokenizer"].update(file="/dev/zero"), "not a plain file name"),
+    "weights path": (lambda m, b: m["weights"].update(file="../../weights.safetensors"), "not a plain file name"),
+    "graph path": (lambda m, b: m["functions"]["encode"].update(file="/etc/passwd"), "not a plain file name"),
+    "file name a number": (lambda m, b: m["tokenizer"].update(file=7), "must be a file name"),
+    "tokenizer a device": (lambda m, b: ((b / "tokenizer.model").unlink(),
+                                         (b / "tokenizer.model").symlink_to("/dev/zero")), "not a regular file"),
+    "tokenizer a FIFO": (lambda m, b: ((b / "tokenizer.model").unlink(), os.mkfifo(b / "tokenizer.model")),
+                         "not a regular file"),
+    "tokenizer outside": (lambda m, b: ((b / "tokenizer.model").rename(b.parent / f"{b.name}.sp"),
+                                        (b / "tokenizer.model").symlink_to(b.parent / f"{b.name}.sp")),
+                          "leads out of the bundle"),
+    "manifest a FIFO": (lambda m, b: None, "not a regular file"),  # replaced below
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_EDITS))
+def test_edited_manifests_and_files_are_refused_in_one_line(runner, model, images, tmp_path, case):
+    _, good = model("pg1")
+    change, words = MANIFEST_EDITS[case]
+    b = _edited(good, tmp_path, "b", change)
+    if case == "manifest a FIFO":
+        (b / "manifest.json").unlink()
+        os.mkfifo(b / "manifest.json")
+    proc = _run_limited(runner, b, "--image", images / "cat.jpg", "--prompt", "caption en", "--max-tokens", 2)
+    line = _one_line_error(proc)
+    assert words in line and len(line) < 500, line
+
+
+def test_images_that_are_no_regular_files_are_refused(runner, model, tmp_path):
+    _, good = model("pg1")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    for image in (fifo, "/dev/zero", tmp_path):
+        line = _one_line_error(_run_limited(runner, good, "--image", image, "--prompt", "caption en", timeout=30))
+        assert "not a regular file" in line, line
+
+
+def test_mutated_manifests_never_crash_the_runner(runner, model, images, tmp_path):
+    """Random edits of the manifest's numbers, strings and lists (seeded, 60 cases, each within
+    60 s and 4 GB): the runner answers (exit 0) or refuses in one line (exit 2), never a signal."""
+    import random
+    import time
+
+    _, good = model("pg1")
+    base = json.loads((good / "manifest.json").read_text())
+    rng = random.Random(23)
+
+    def leaves(x, path=()):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from leaves(v, path + (k,))
+        elif isinstance(x, list) and x and not isinstance(x[0], (dict, list)):
+            yield path, x
+            for i, v in enumerate(x):
+                yield from leaves(v, path + (i,))
+        else:
+            yield path, x
+
+    spots = [(p, v) for p, v in leaves(base) if "tensors" not in p or rng.random() < 0.02]
+    values = [0, -1, 1, 2**31 - 1, 2**31, -(2**31) - 1, 10**12, 1.5, "", "x", None, True, [], {}, [0], "../x"]
+    t0 = time.monotonic()
+    outcomes = {0: 0, 2: 0}
+    for n in range(60):
+        path, old = rng.choice(spots)
+        new = rng.choice(values + ([old * 2, old + 1, -old] if isinstance(old, int) and not isinstance(old, bool) else []))
+        m = json.loads(json.dumps(base))
+        target = m
+        for k in path[:-1]:
+            target = target[k]
+        target[path[-1]] = new
+        b = tmp_path / f"m{n}"
+        shutil.copytree(good, b)
+        (b / "manifest.json").write_text(json.dumps(m))
+        proc = _run_limited(runner, b, "--image", images / "cat.jpg", "--prompt", "caption en", "--max-tokens", 3)
+        assert proc.returncode in (0, 2), (path, new, proc.returncode, proc.stderr[-500:])
+        if proc.returncode == 2:
+            _one_line_error(proc)
+        outcomes[proc.returncode] += 1
+        shutil.rmtree(b)
+    assert outcomes[2] > 10 and time.monotonic() - t0 < 600, outcomes
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens", "--prompt-tokens"])
+def test_export_bounds_its_sizes_by_the_context(converted, tmp_path, capsys, flag):
+    from pg_edge.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", str(converted(version=1)), "-o", str(out), flag, "1000000000", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "past the model's context of 8192 tokens" in err[0], err
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -168,6 +168,11 @@ def test_export_never_writes_over_its_model(converted, tmp_path, capsys):
     shutil.copytree(model, other)  # a model folder is not a bundle
     refused(capsys, ["export", model, "-o", other, "--force", "--quiet"], "not a pg-edge bundle output")
     assert snapshot(model) == before and snapshot(other) == before
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(model), "-o", str(bundle), "--quiet", "--max-tokens", "4"]) == 0
+    first = json.loads((bundle / "manifest.json").read_text())["bundle_id"]
+    assert main(["export", str(model), "-o", str(bundle), "--quiet", "--max-tokens", "4", "--force"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["bundle_id"] != first  # its own: replaced
 
 
 def test_demo_model_is_an_input_too(tmp_path, capsys):
@@ -224,3 +229,15 @@ def test_check_output_rule(converted, tmp_path):
     (training / "cat.png").write_bytes(b"x")
     assert "cat.png" in why_not_ours(training, "training")
     assert os.path.exists(training / "cat.png")
+
+
+def test_demo_app_never_draws_over_a_given_picture(tmp_path, capsys):
+    from apps.demo import main as demo_main
+    from pg_edge.demo import SAMPLES
+
+    shutil.copy(SAMPLES[0], tmp_path / "x.png")
+    shutil.copy(SAMPLES[0], tmp_path / "x_detect.png")  # what x.png's detect picture would be named
+    before = snapshot(tmp_path)
+    assert demo_main([str(tmp_path / "x.png"), str(tmp_path / "x_detect.png"), "--out", str(tmp_path)]) == 1
+    assert "is the input" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

@@ -26,6 +26,7 @@ COMMAND_MODULES = {
     "ask": ("tasks", "answer a question about the image"),
     "detect": ("tasks", "boxes around the named objects"),
     "segment": ("tasks", "boxes and masks of the named objects"),
+    "explain": ("explain", "one generation stage by stage: shapes, tokens, attention mask, top candidates"),
     "serve": ("serve", "serve a model over HTTP (OpenAI chat format)"),
     "label": ("label", "auto-label a folder of images into COCO JSON"),
     "verify": ("verify", "check a model against the NumPy reference, or the checkpoint it came from"),

@@ -9,8 +9,9 @@
       tokenizer.model      SentencePiece model of the source folder
 
 The graphs take the weights as inputs (pg_edge.export.graphs), so the bundle is the size of the
-folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle's random id in
-its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
+folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle's random id and
+the sizes it was traced for (image size, image tokens, prompt lengths, cache length, vocabulary,
+cache shape) in its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
 The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
 place: an interrupted export leaves nothing) and pg_edge.outputs' rule (check_output: never the
@@ -31,10 +32,11 @@ from ..errors import CheckpointError, PgEdgeError
 from ..folder import atomic_folder, quantization_section
 from ..outputs import check_output, local_input
 from .. import cpu, load
+from ..prompt_check import context_length
 from . import graphs
 
 FORMAT = "pg-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each graph's metadata carries the sizes it was traced for ("shapes")
 FUNCTIONS = ("encode", "prefill", "decode")
 
 
@@ -75,7 +77,9 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
     """Export the converted folder (or hub id) `src` into the bundle folder `out`.
 
     prompt_tokens: text tokens a prompt may have after the image tokens (`<bos>` and the "\\n"
-    included); max_tokens: generated tokens the cache holds. Returns the bundle path.
+    included); max_tokens: generated tokens the cache holds; image tokens + both must fit the
+    model's context (max_position_embeddings, 8192), checked before anything is written.
+    Returns the bundle path.
     """
     if prompt_tokens < 3:
         raise PgEdgeError(f"--prompt-tokens must be >= 3 (<bos>, a token, \"\\n\"), got {prompt_tokens}")
@@ -84,6 +88,13 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
     check_output(out, force, kind="bundle", inputs=[local_input(src)])
     pg = load(src)
     out = check_output(out, force, kind="bundle", inputs=[pg.folder])  # a hub id's folder too
+    # The cache holds image tokens + prompt + generated tokens: within the model's context, or
+    # the graphs (and the runner's cache) would be sized past what the model can address.
+    n_img, context = pg.config.num_image_tokens, context_length(pg.config)
+    if n_img + prompt_tokens + max_tokens > context:
+        raise PgEdgeError(f"--prompt-tokens {prompt_tokens} + --max-tokens {max_tokens} + {n_img} image tokens "
+                          f"= {n_img + prompt_tokens + max_tokens} is past the model's context of {context} "
+                          f"tokens; keep the two at most {context - n_img} together")
     sp_model = pg.folder / "tokenizer.model"
     if not sp_model.is_file():
         raise CheckpointError(f"{pg.folder} has no tokenizer.model: a bundle needs the SentencePiece "
@@ -135,10 +146,14 @@ def _write_traced(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens:
     }
     functions = {}
     buckets = prompt_buckets(N, prompt_tokens)
+    # The sizes the graphs were traced for, saved inside each (checksummed) graph: a runner
+    # checks the manifest's against them before running anything.
+    shapes = {"image_size": S, "num_image_tokens": N, "max_prompt_tokens": P, "prompt_lengths": buckets,
+              "max_context": L, "vocab_size": vocab, "cache_shape": list(cache[0].shape)}
     for name, (fun, args, w, outs) in calls.items():
         _say(quiet, f"export {name}.mlxfn")
         f = dst / f"{name}.mlxfn"
-        meta = json.dumps({"format": FORMAT, "bundle_id": bundle_id, "function": name})
+        meta = json.dumps({"format": FORMAT, "bundle_id": bundle_id, "function": name, "shapes": shapes})
         with mx.exporter(str(f), fun, metadata=meta) as export:
             # prefill: one trace per prompt bucket (the example arrays are the longest's).
             for p in (buckets if name == "prefill" else [None]):

@@ -91,6 +91,10 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipEmbeddings(nn.Module):
+    """Patch convolution + one learned position row per grid cell ((S / patch)^2 rows): what
+    ties a checkpoint to its resolution (docs/architecture.md, "Why 448 and 896 need their own
+    checkpoints")."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(

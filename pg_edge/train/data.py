@@ -7,8 +7,10 @@ Sources:
     folder        a folder holding `labels.jsonl` in that same form, images beside it or below.
 
 Every line is checked before any training starts (the file is JSON, the keys are there and are
-strings, the suffix is not empty, the image exists and is an image); all bad lines are reported
-at once, each by file and line number, as one `DataError`.
+strings, the suffix is not empty, the image exists and is an image within the pixel limit, from
+its header); all bad lines are reported at once, each by file and line number, as one
+`DataError`. With the model's context length (`context`, as `pg-edge finetune` and the Trainer
+pass it), every example must fit it too.
 
 One example becomes one row (big_vision's layout, and the one inference uses):
 
@@ -32,9 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from ..errors import PgEdgeError
+from ..errors import ImageError, PgEdgeError
+from ..image_limits import check_header
 from ..model.masks import suffix_mask_ar
 from ..processor import preprocess_image
 from ..tokenizer import Tokenizer
@@ -84,6 +85,8 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         return f"not valid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return "JSON nested too deeply (expected one flat object)"
     if not isinstance(obj, dict):
         return f"expected a JSON object with keys {', '.join(REQUIRED_KEYS)}, got {type(obj).__name__}"
     missing = [k for k in REQUIRED_KEYS if k not in obj]
@@ -101,10 +104,9 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
     if not path.is_file():
         return f"image not found: {path}"
     try:
-        with Image.open(path) as im:  # reads the header only: cheap, and catches non-images
-            im.size
-    except (UnidentifiedImageError, OSError) as err:
-        return f"cannot read image {path}: {err}"
+        check_header(path, str(path))  # the header only: cheap; non-images, FIFOs, pixel limit
+    except ImageError as err:
+        return str(err)
     return Example(path, obj["prefix"], obj["suffix"], where)
 
 
@@ -147,7 +149,8 @@ class Dataset:
     the whole set fits in CACHE_BYTES, else decoded again each epoch)."""
 
     def __init__(self, examples: Sequence[Example], tokenizer: Tokenizer, image_size: int,
-                 num_image_tokens: int, max_len: int | None = None, cache_images: bool | None = None):
+                 num_image_tokens: int, max_len: int | None = None, cache_images: bool | None = None,
+                 context: int | None = None):
         self.examples = list(examples)
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -165,12 +168,26 @@ class Dataset:
                 suffix = suffix[:max_len - len(prompt)]
             self.prompts.append(prompt)
             self.suffixes.append(suffix)
+        if context is not None:
+            self.check_context(context)
         if cache_images is None:
             cache_images = len(self.examples) * image_size * image_size * 3 * 4 <= CACHE_BYTES
         self._pixels: dict[int, np.ndarray] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def check_context(self, context: int) -> None:
+        """DataError naming every example whose row (image tokens, prompt, suffix, eos) is longer
+        than the model's `context` tokens: refused before any compute, not in the gradient step."""
+        long = [(ex.where, len(p) + len(s)) for ex, p, s in zip(self.examples, self.prompts, self.suffixes)
+                if len(p) + len(s) > context]
+        if long:
+            listed = "; ".join(f"{w}: {n:,} tokens" for w, n in long[:MAX_REPORTED])
+            more = f" (and {len(long) - MAX_REPORTED} more)" if len(long) > MAX_REPORTED else ""
+            raise DataError(f"{len(long)} example(s) longer than the model's context of {context:,} tokens "
+                            f"(image tokens, prompt, suffix and eos): {listed}{more}; shorten them or "
+                            f"pass --max-len (at most {context:,})")
 
     def loss_tokens(self, index: Sequence[int]) -> np.ndarray:
         """int[len(index)]: suffix tokens (eos included) each example is trained on."""
@@ -213,9 +230,10 @@ class Dataset:
 
 
 def load_dataset(source: str | Path, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
-                 max_len: int | None = None) -> Dataset:
-    """read_examples + tokenization: everything that can fail on bad data, before training."""
-    return Dataset(read_examples(source), tokenizer, image_size, num_image_tokens, max_len)
+                 max_len: int | None = None, context: int | None = None) -> Dataset:
+    """read_examples + tokenization: everything that can fail on bad data, before training
+    (with `context`, the model's context length, also every example's length)."""
+    return Dataset(read_examples(source), tokenizer, image_size, num_image_tokens, max_len, context=context)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .._mlx_lm import LoRALinear
 from .. import __version__
 from ..atomic import save_safetensors
-from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, lora_targets
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, base_fingerprint, lora_targets
 from ..folder import FolderWriter, atomic_folder, is_quantized, read_config
 from ..model.paligemma import PaliGemmaModel
 from ..outputs import check_output
@@ -50,6 +50,7 @@ def save_adapters(model: PaliGemmaModel, spec: ModeSpec, out: str | Path, *, bas
         params = _cast(params, base_dtype)
     config = {
         "format": "pg_edge-adapters", "pg_edge_version": __version__, "base_model": base_model,
+        "base_fingerprint": base_fingerprint(model),
         "base_dtype": _dtype_name(base_dtype), "step": step, **spec.to_dict(),
     }
     if spec.mode == "lora":

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.errors import PgEdgeError
     from pg_edge.folder import read_config, resolve
     from pg_edge.outputs import check_output
+    from pg_edge.prompt_check import context_length
     from pg_edge.loader import load_model
     from pg_edge.tokenizer import Tokenizer
     from pg_edge.train.checkpoint import find_checkpoint, read_state
@@ -127,16 +128,18 @@ def run(args: argparse.Namespace) -> int:
     export = args.export or ("adapters" if spec.mode == "lora" else "fused")
     if spec.mode == "attn" and spec.freeze_vision and not args.quiet:
         print("note: --train attn never trains the vision tower; --freeze-vision changes nothing", file=sys.stderr)
-    if args.max_len is not None and args.max_len < 1:
-        raise PgEdgeError(f"--max-len must be >= 1, got {args.max_len}")
+    context = context_length(config)  # every example must fit it (a longer row crashes the step)
+    if args.max_len is not None and not 1 <= args.max_len <= context:
+        raise PgEdgeError(f"--max-len must be between 1 and the model's context of {context} tokens, "
+                          f"got {args.max_len}")
 
     # The output is never the model or the data (nor inside or around them), and --force
     # replaces only a pg-edge training folder; then all data checks, before anything is written.
     check_output(out, bool(args.force or ckpt), kind="training", inputs=[folder, args.data, args.valid],
                  hint=f"pass --resume {out} to continue it or --force to replace it")
     size, n_img = config.vision.image_size, config.num_image_tokens
-    train = load_dataset(args.data, tokenizer, size, n_img, args.max_len)
-    valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len) if args.valid else None
+    train = load_dataset(args.data, tokenizer, size, n_img, args.max_len, context=context)
+    valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len, context=context) if args.valid else None
     if out.exists() and args.force and not ckpt and group.rank() == 0:
         shutil.rmtree(out)
 

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -20,10 +21,24 @@
 namespace pgedge {
 namespace {
 
+constexpr uintmax_t kMaxImageBytes = 1ull << 30;
+
+// A regular file only (a FIFO would block, /dev/zero never ends), of at most kMaxImageBytes,
+// checked before it is opened.
 std::vector<uint8_t> read_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw std::runtime_error("image not found: " + path);
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw std::runtime_error("cannot read image " + path + ": not a regular file (a FIFO, device or folder?)");
+  uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec || size > kMaxImageBytes)
+    throw std::runtime_error("cannot read image " + path + ": " + (ec ? ec.message() : "larger than 1 GiB"));
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("image not found: " + path);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  if (!f) throw std::runtime_error("cannot read image " + path);
+  std::vector<uint8_t> data(static_cast<size_t>(size));
+  f.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(size));
+  if (static_cast<uintmax_t>(f.gcount()) != size) throw std::runtime_error("cannot read image " + path + ": it changed while being read");
+  return data;
 }
 
 // Pillow's AlphaComposite.c with a white, opaque destination: out = src over white.
