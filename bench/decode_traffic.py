@@ -222,15 +222,15 @@ def quantize(model, bits: int | None):
 
 
 def pg_edge_model(raw: dict, bits: int | None):
-    from pg_edge import backend
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge import cpu
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))
     model.set_dtype(mx.bfloat16)
     quantize(model.language_model, bits)
     model.eval()
-    assert backend.apply(model) == "native"
+    assert cpu.apply(model) == "native"  # no CPU variants: the classes Metal and CUDA run
     return model
 
 
@@ -301,11 +301,10 @@ def run_pg_edge(raw, bits, tokens, kv_bits=None):
 
     model = pg_edge_model(raw, bits)
     model.kv_bits = kv_bits
-    caches = prefill(gen.make_cache(model, padded=False), raw, tokens)
+    caches = prefill(model.make_cache(padded=False), raw, tokens)
     captured = []
     real_async = mx.async_eval
-    gen_make_cache = gen.make_cache
-    gen.make_cache = lambda *a, **k: caches
+    model.make_cache = lambda *a, **k: caches  # generate_step gets the filled caches
     mx.async_eval = lambda *arrays: captured.append(arrays)
     try:
         steps = gen.generate_step(model, mx.array([[2]]), None, max_tokens=10**6)
@@ -318,7 +317,7 @@ def run_pg_edge(raw, bits, tokens, kv_bits=None):
         step()  # the 1-token "prefill" on top of the filled caches
         return trace(step, model, caches), model
     finally:
-        gen.make_cache = gen_make_cache
+        del model.make_cache
         mx.async_eval = real_async
 
 

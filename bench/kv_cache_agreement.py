@@ -23,13 +23,12 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pg_edge  # noqa: E402
-from pg_edge.generate import make_cache  # noqa: E402
 
 
 def run(model, ids, feats, bits, steps, forced=None):
     """Logits float32[steps + 1, V] of a greedy run (or of `forced` tokens) with a `bits` cache."""
     model.kv_bits = bits
-    cache = make_cache(model, padded=False)
+    cache = model.make_cache(padded=False)
     logits = model(ids, image_features=feats, cache=cache, last_only=True)[:, -1].astype(mx.float32)
     out, tokens = [logits], []
     offset = ids.shape[1]

@@ -15,9 +15,8 @@ import pg_edge
 from pg_edge.cli import main
 from pg_edge.demo import SAMPLES
 from pg_edge.errors import PgEdgeError
-from pg_edge.gemma import RMSNorm, float32_softcap, softcap
-from pg_edge.generate import make_cache
-from pg_edge.mlx_lm_parts import KVCache, QuantizedKVCache
+from pg_edge._mlx_lm import KVCache, QuantizedKVCache
+from pg_edge.model.gemma import RMSNorm, float32_softcap, softcap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +47,7 @@ def _features(pg, image):
 
 
 def _teacher_forced(model, ids, feats, tokens):
-    cache = make_cache(model, padded=False)
+    cache = model.make_cache(padded=False)
     out = [model(ids, image_features=feats, cache=cache, last_only=True)[:, -1]]
     for n, t in enumerate(tokens):
         out.append(model.step(mx.array([[t]]), None, ids.shape[1] + n, cache)[:, -1])
@@ -77,8 +76,8 @@ def test_kv_bits_8_agrees_with_the_float_cache_on_the_demo_samples():
     from PIL import Image
 
     float_pg, q_pg = pg_edge.load("demo"), pg_edge.load("demo", kv_bits=8)
-    assert all(isinstance(c, QuantizedKVCache) and c.bits == 8 for c in make_cache(q_pg.model, padded=False))
-    assert all(not isinstance(c, QuantizedKVCache) for c in make_cache(float_pg.model, padded=False))
+    assert all(isinstance(c, QuantizedKVCache) and c.bits == 8 for c in q_pg.model.make_cache(padded=False))
+    assert all(not isinstance(c, QuantizedKVCache) for c in float_pg.model.make_cache(padded=False))
     for path in SAMPLES:
         image = Image.open(path).convert("RGB")
         a = float_pg.generate(image, "caption en", max_tokens=24)
@@ -95,8 +94,8 @@ def test_kv_bits_8_agrees_with_the_float_cache_on_the_demo_samples():
 
 
 def test_quantized_attention_matches_float_attention_on_the_same_keys():
-    from pg_edge.config import TextConfig
-    from pg_edge.gemma import Attention
+    from pg_edge.model.config import TextConfig
+    from pg_edge.model.gemma import Attention
 
     cfg = TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      intermediate_size=128, vocab_size=100, attn_logit_softcapping=50.0,
@@ -147,9 +146,9 @@ def test_decode_step_kernels_and_reads_within_the_targets():
 def test_windowed_quantized_cache_decodes_as_the_window_mask_does():
     """A sliding layer's 8-bit cache hands a decode step its last `window` keys: the same
     attention as every key under the decode mask's window."""
-    from pg_edge.config import TextConfig
-    from pg_edge.gemma import Attention, decode_mask
-    from pg_edge.generate import WindowedQuantizedKVCache
+    from pg_edge.model.config import TextConfig
+    from pg_edge.model.gemma import Attention
+    from pg_edge.model.masks import WindowedQuantizedKVCache, decode_mask
 
     cfg = TextConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                      intermediate_size=128, vocab_size=100, attn_logit_softcapping=50.0,
