@@ -28,7 +28,7 @@ import mlx.core as mx
 from ._mlx_lm import make_sampler
 from .errors import PgEdgeError
 from .model.paligemma import PaliGemmaModel
-from .prompt_check import check_max_tokens, check_sampling
+from .inputs.checks import check_max_tokens, check_sampling
 
 
 @dataclass(frozen=True)

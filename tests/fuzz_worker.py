@@ -17,9 +17,9 @@ import mlx.core as mx
 
 def run_case(i: int, folder: str) -> None:
     from pg_edge.errors import PgEdgeError
-    from pg_edge.folder import weight_files
-    from pg_edge.loader import load_model
-    from pg_edge.safetensors_check import check_safetensors
+    from pg_edge.checkpoint.folder import weight_files
+    from pg_edge.checkpoint.loader import load_model
+    from pg_edge.checkpoint.safetensors_check import check_safetensors
 
     try:
         model, config, _ = load_model(folder)

@@ -16,7 +16,7 @@ import pytest
 
 import pg_edge
 from pg_edge.errors import ImageError, PgEdgeError
-from pg_edge.processor import load_image
+from pg_edge.inputs.images import load_image
 
 IMAGE = "pg_edge/demo/samples/shapes_1.png"
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from pg_edge.cli import main
-from pg_edge.folder import read_config, weight_files
+from pg_edge.checkpoint.folder import read_config, weight_files
 
 ROOT = Path(__file__).parents[1]
 # The real CLI with every safetensors file completed reported and slowed, so a test can signal
 # it at an exact point ("SAVED 3": the third file is on disk, the run not yet finished).
 SLOW_CLI = textwrap.dedent("""
     import os, sys, time
-    from pg_edge.safetensors_stream import ShardWriter
+    from pg_edge.checkpoint.safetensors_io import ShardWriter
     real, count = ShardWriter.close, [0]
     def save(*a, **k):
         real(*a, **k)
@@ -144,9 +144,9 @@ def test_force_onto_a_regular_file_leaves_it_and_no_debris(hf_checkpoint, tmp_pa
 
 
 def test_swap_primitives(tmp_path):
-    """pg_edge.atomic directly: a changed target is never replaced; debris of dead writers is
+    """pg_edge.checkpoint.atomic directly: a changed target is never replaced; debris of dead writers is
     removed, a live writer's is kept, a set-aside previous output is put back."""
-    from pg_edge import atomic
+    from pg_edge.checkpoint import atomic
     from pg_edge.errors import PgEdgeError
 
     out = tmp_path / "out"

@@ -20,7 +20,7 @@ import pytest
 
 import pg_edge
 from pg_edge import demo
-from pg_edge import task_text as tasks
+from pg_edge.tasks import parse
 from pg_edge.demo import score, shapes as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_make_demo_writes_annotated_pictures(tmp_path, demo_pg):
     from PIL import Image
 
     from apps import demo as demo_app
-    from pg_edge.draw import color_for, line_width
+    from pg_edge.tasks.draw import color_for, line_width
 
     make = (ROOT / "Makefile").read_text()
     assert "demo: runtime\n\t$(PY) -m apps.demo\n" in make
@@ -167,7 +167,7 @@ def test_make_demo_writes_annotated_pictures(tmp_path, demo_pg):
         pic = np.asarray(Image.open(out / f"{sample.stem}_detect.png").convert("RGB"))
         big = (image.width * demo_app.SCALE, image.height * demo_app.SCALE)
         assert pic.shape == (big[1] + demo_app.FOOTER, big[0], 3)
-        objects = tasks.parse_objects(det.text, big).objects  # as the demo draws them
+        objects = parse.parse_objects(det.text, big).objects  # as the demo draws them
         lw = line_width(big)
         checked = 0
         for i, obj in enumerate(objects):

@@ -16,8 +16,8 @@ import mlx.core as mx
 import pytest
 
 import pg_edge
-from pg_edge import model_tasks
-from pg_edge.draw import color_for, line_width
+from pg_edge.tasks import calls
+from pg_edge.tasks.draw import color_for, line_width
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Xvfb is the Linux way to get a screen")
 
@@ -74,7 +74,7 @@ def test_desktop_window(monkeypatch):
             # 1. caption, clicked in the window: the model's text, as the API gives it.
             click_widget(display, app.run_button)
             pump(root, lambda: app.result is not None and not app.busy)
-            assert app.result == model_tasks.caption(pg, shapes, max_tokens=96).text
+            assert app.result == calls.caption(pg, shapes, max_tokens=96).text
             assert app.result.startswith("a ")
             assert app.status.cget("text").startswith("done")
 
@@ -88,7 +88,7 @@ def test_desktop_window(monkeypatch):
             click_widget(display, app.run_button)
             pump(root, lambda: not app.busy and not isinstance(app.result, str))
             root.update()
-            want = model_tasks.detect(pg, shapes, objects, max_tokens=96)
+            want = calls.detect(pg, shapes, objects, max_tokens=96)
             assert [(o.label, o.box) for o in app.result.objects] == [(o.label, o.box) for o in want.objects]
             assert app.result.objects, f"the demo model found nothing: {app.result.text!r}"
             obj = app.result.objects[0]
@@ -129,8 +129,8 @@ def test_rendered_scales_boxes_and_masks_to_the_canvas():
     from PIL import Image
 
     from apps.desktop.app import CANVAS, rendered
-    from pg_edge.task_text import DetectedObject
-    from pg_edge.model_tasks import TaskResult
+    from pg_edge.tasks.parse import DetectedObject
+    from pg_edge.tasks.calls import TaskResult
 
     image = Image.new("RGB", (1024, 768), (255, 255, 255))  # twice the canvas: shown at 0.5
     mask = np.zeros((768, 1024), bool)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pg_edge.draw import color_for, draw_objects, line_width
-from pg_edge.model_tasks import mask_to_rle, rle_to_mask
+from pg_edge.tasks.draw import color_for, draw_objects, line_width
+from pg_edge.tasks.calls import mask_to_rle, rle_to_mask
 from pg_edge.errors import PgEdgeError
-from pg_edge.task_text import encode_box, parse_objects
+from pg_edge.tasks.parse import encode_box, parse_objects
 
 GREY = (128, 128, 128)
 W, H = 300, 200  # non-square on purpose

@@ -1,4 +1,4 @@
-"""`pg-edge explain` / pg_edge.explain on the demo model and on PG1 and PG2 fixtures: the shapes it
+"""`pg-edge explain` / pg_edge.tasks.explain on the demo model and on PG1 and PG2 fixtures: the shapes it
 prints are the model's, its mask pictures read back to the mask builder's output, the top candidate
 at every step is the generated token, and bad input gets `pg-edge run`'s one-line errors."""
 
@@ -9,8 +9,8 @@ import pytest
 import pg_edge
 from pg_edge.cli import main
 from pg_edge import demo
-from pg_edge.explain import explain
-from pg_edge.explain_draw import PREFIX_ATTEND, SUFFIX_ATTEND, WINDOW_CUT, read_mask_picture
+from pg_edge.tasks.explain import explain
+from pg_edge.tasks.explain_draw import PREFIX_ATTEND, SUFFIX_ATTEND, WINDOW_CUT, read_mask_picture
 from pg_edge.model.masks import prefix_lm_mask  # the mask builder the model uses
 
 SHAPES = demo.SAMPLES[2]

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 import pg_edge
-import pg_edge.folder
+import pg_edge.checkpoint.folder
 from pg_edge.export import export_bundle
 from pg_edge.export.bundle import fnv1a64
-from pg_edge.processor import preprocess_image
+from pg_edge.inputs.images import preprocess_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "pg_edge" / "assets"
@@ -53,7 +53,7 @@ MODELS = {
     "pg2_window8_bf16": _converted(version=2, dtype="bfloat16", sliding_window=8),  # what convert writes
     "pg1_q4": _quantized(1),
     "pg2_q4": _quantized(2),
-    "demo": lambda request: pg_edge.folder.resolve("demo"),  # shipped 8-bit, non-Gemma token ids
+    "demo": lambda request: pg_edge.checkpoint.folder.resolve("demo"),  # shipped 8-bit, non-Gemma token ids
 }
 # (image file, prompt): a JPEG, an RGBA PNG (composited onto white), a grayscale PNG, an
 # EXIF-rotated JPEG.
@@ -190,7 +190,7 @@ def test_bundle_stores_the_weights_once(model, name):
 
 
 def test_detect_prints_the_boxes_pg_edge_parses(runner, model, images):
-    from pg_edge.task_text import parse_objects
+    from pg_edge.tasks.parse import parse_objects
 
     _, bundle = model("pg1")
     text = ("<loc0100><loc0200><loc0512><loc1023> cat ; <loc0001><loc0002><loc0003> half ; "

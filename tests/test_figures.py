@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pg_edge import variants
-from pg_edge.explain_draw import read_mask_picture
+from pg_edge.model import variants
+from pg_edge.tasks.explain_draw import read_mask_picture
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"

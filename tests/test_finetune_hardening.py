@@ -12,8 +12,8 @@ import pytest
 
 import pg_edge
 from pg_edge.errors import PgEdgeError
-from pg_edge.loader import load_model
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.checkpoint.loader import load_model
+from pg_edge.inputs.tokenizer import Tokenizer
 from pg_edge.train import LoraSettings, ModeSpec, TrainConfig, Trainer, load_dataset
 from pg_edge.train.data import DataError, Dataset, read_examples
 from pg_edge.train.export import save_adapters

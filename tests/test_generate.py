@@ -41,7 +41,7 @@ def test_stream_pieces_concatenate_to_the_final_text(pg, sample_images):
 
 def test_detokenizer_holds_back_a_split_multibyte_character(tokenizer_dir):
     """Stopping inside a character made of byte-fallback tokens, and on <loc>/<seg> tokens."""
-    from pg_edge.processor import Tokenizer
+    from pg_edge.inputs.processor import Tokenizer
 
     tok = Tokenizer(tokenizer_dir)
     text = "box <loc0012><loc0034><seg007> café 日本"

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from pg_edge.errors import CheckpointError
-from pg_edge.loader import resolve
+from pg_edge.checkpoint.loader import resolve
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""Hostile and unusual images (pg_edge.image_limits): each generated here, each with the outcome
+"""Hostile and unusual images (pg_edge.inputs.images): each generated here, each with the outcome
 pg_edge promises: decoded correctly, or refused with one ImageError sentence, never a traceback,
 a hang or gigabytes of memory."""
 import io
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pg_edge import image_limits
+from pg_edge.inputs import images
 from pg_edge.errors import ImageError
-from pg_edge.processor import load_image, preprocess_image
+from pg_edge.inputs.images import load_image, preprocess_image
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -60,7 +60,7 @@ def test_pixel_bombs_are_refused_before_decoding_with_small_peak_memory(tmp_path
     script = textwrap.dedent("""
         import resource, sys
         from pg_edge.errors import ImageError
-        from pg_edge.processor import load_image, preprocess_image
+        from pg_edge.inputs.images import load_image, preprocess_image
         preprocess_image(__import__("numpy").zeros((8, 8, 3), "uint8"), 4)  # warm up every import
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for f in sys.argv[1:]:
@@ -90,17 +90,17 @@ def test_pixel_bombs_are_refused_before_decoding_with_small_peak_memory(tmp_path
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, pg_edge refuses
 def test_pixel_limit_is_configurable(tmp_path):
     f = save(Image.new("RGB", (50, 40)), tmp_path / "x.png")
-    old = image_limits.max_image_pixels()
+    old = images.max_image_pixels()
     try:
-        image_limits.set_max_image_pixels(1999)
+        images.set_max_image_pixels(1999)
         with pytest.raises(ImageError, match="2,000 pixels, past the limit of 1,999"):
             load_image(f)
         with pytest.raises(ImageError, match="limit"):
             load_image(np.zeros((50, 40, 3), np.uint8))  # arrays and PIL images too
-        image_limits.set_max_image_pixels(2000)
+        images.set_max_image_pixels(2000)
         assert load_image(f).size == (50, 40)
     finally:
-        image_limits.set_max_image_pixels(old)
+        images.set_max_image_pixels(old)
 
 
 def test_metadata_bomb_truncated_and_foreign_files_are_refused(tmp_path):

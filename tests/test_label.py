@@ -4,10 +4,10 @@ import pytest
 
 from pg_edge.cli import main
 from pg_edge.convert.vae import convert_vae
-from pg_edge.model_tasks import rle_to_mask
+from pg_edge.tasks.calls import rle_to_mask
 from pg_edge.generate import GenerationResult
 from pg_edge.pipeline import PaliGemma
-from pg_edge.task_text import decode_box
+from pg_edge.tasks.parse import decode_box
 from tests.vae_writer import write_fake_vae
 
 

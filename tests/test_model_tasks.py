@@ -14,9 +14,9 @@ from PIL import Image
 from pg_edge.cli import main
 from pg_edge.convert.vae import convert_vae
 import pg_edge
-from pg_edge import model_tasks
-from pg_edge.draw import color_for
-from pg_edge.model_tasks import rle_to_mask
+from pg_edge.tasks import calls
+from pg_edge.tasks.draw import color_for
+from pg_edge.tasks.calls import rle_to_mask
 from pg_edge.errors import PgEdgeError
 from pg_edge.generate import GenerationResult
 from pg_edge.pipeline import PaliGemma, load
@@ -63,25 +63,25 @@ def vae_file(tmp_path_factory):
 
 def test_text_tasks_build_the_prompt_and_clean_the_text(image):
     pg = FakePg("a cat on a mat<eos>")
-    assert model_tasks.caption(pg, image, "es", max_tokens=7).text == "a cat on a mat"
-    assert model_tasks.ocr(pg, image).task == "ocr"
-    r = model_tasks.ask(pg, image, "what is  this?")
+    assert calls.caption(pg, image, "es", max_tokens=7).text == "a cat on a mat"
+    assert calls.ocr(pg, image).task == "ocr"
+    r = calls.ask(pg, image, "what is  this?")
     assert [c[1] for c in pg.calls] == ["caption es", "ocr", "answer en what is this?"]
     assert pg.calls[0][2] == {"max_tokens": 7} and pg.calls[0][0] == (W, H)
     assert r.objects == [] and r.image_size == (W, H) and r.generation.tokens == [5, 6]
     with pytest.raises(PgEdgeError):
-        model_tasks.ask(pg, image, "two\nlines")
+        calls.ask(pg, image, "two\nlines")
 
 
 def test_detect_boxes_in_original_pixels(image):
     pg = FakePg(DETECT_OUT)
-    r = model_tasks.detect(pg, image, ["cat", "black dog"])
+    r = calls.detect(pg, image, ["cat", "black dog"])
     assert pg.calls[0][1] == "detect cat ; black dog"
     assert [o.label for o in r.objects] == ["cat", "black dog"]
     np.testing.assert_allclose(r.objects[0].box, (0, 0, W, 511 / 1023 * H))
     np.testing.assert_allclose(r.objects[1].box, (256 / 1023 * W, 512 / 1023 * H, 767 / 1023 * W, H))
     assert len(r.skipped) == 1 and "junk" in r.skipped[0].text
-    out = json.loads(json.dumps(model_tasks.to_json(r)))
+    out = json.loads(json.dumps(calls.to_json(r)))
     assert out["objects"][1]["box"] == [round(256 / 1023 * W, 2), round(512 / 1023 * H, 2), round(767 / 1023 * W, 2), H]
     assert out["objects"][0]["loc"] == [0, 0, 511, 1023] and "mask" not in out["objects"][0]
     assert out["image_size"] == [W, H] and out["skipped"][0]["reason"]
@@ -89,37 +89,37 @@ def test_detect_boxes_in_original_pixels(image):
 
 
 def test_segment_masks_inside_their_box_and_rle(image, vae_file, tmp_path):
-    r = model_tasks.segment(FakePg(SEGMENT_OUT), image, "cat", vae=vae_file)
+    r = calls.segment(FakePg(SEGMENT_OUT), image, "cat", vae=vae_file)
     (obj,) = r.objects
     assert obj.mask.shape == (H, W) and obj.mask.dtype == bool and obj.mask.any()
     x1, y1, x2, y2 = (int(v) for v in obj.box)
     outside = obj.mask.copy()
     outside[y1:y2, x1:x2] = False
     assert not outside.any()
-    rle = model_tasks.to_json(r)["objects"][0]["mask"]
+    rle = calls.to_json(r)["objects"][0]["mask"]
     assert rle["size"] == [H, W] and (rle_to_mask(rle) == obj.mask).all()
     # Same masks with the decoder given as an object, or found as vae.safetensors in the folder.
     shutil.copy(vae_file, tmp_path / "vae.safetensors")
     for pg, vae in [(FakePg(SEGMENT_OUT), load_mask_decoder(vae_file)), (FakePg(SEGMENT_OUT, tmp_path), None)]:
-        assert (model_tasks.segment(pg, image, "cat", vae=vae).objects[0].mask == obj.mask).all()
+        assert (calls.segment(pg, image, "cat", vae=vae).objects[0].mask == obj.mask).all()
 
 
 def test_segment_without_decoder_fails_before_generating(image, tmp_path):
     pg = FakePg(SEGMENT_OUT, folder=tmp_path)
     with pytest.raises(PgEdgeError, match="convert-vae"):
-        model_tasks.segment(pg, image, "cat")
+        calls.segment(pg, image, "cat")
     with pytest.raises(PgEdgeError, match="not found"):
-        model_tasks.segment(pg, image, "cat", vae=tmp_path / "nope.safetensors")
+        calls.segment(pg, image, "cat", vae=tmp_path / "nope.safetensors")
     assert pg.calls == []
 
 
 def test_draw_marks_the_box_in_the_object_colour(image):
-    r = model_tasks.detect(FakePg(DETECT_OUT), image, "cat ; black dog")
-    drawn = np.asarray(model_tasks.draw(r, image))
+    r = calls.detect(FakePg(DETECT_OUT), image, "cat ; black dog")
+    drawn = np.asarray(calls.draw(r, image))
     x1, y1, x2, y2 = (int(v) for v in r.objects[1].box)
     assert tuple(drawn[(y1 + y2) // 2, x1]) == color_for(1)  # left edge of the dog's box
     with pytest.raises(PgEdgeError):
-        model_tasks.draw(r, image.resize((10, 10)))
+        calls.draw(r, image.resize((10, 10)))
 
 
 # --- the commands ----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_real_tiny_model_runs_every_command(model_dir, image_file, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("{") and json.loads(out[-1])["task"] == "detect"
     # Same text as calling the function directly (the command adds nothing of its own).
-    direct = model_tasks.caption(pg, image_file, "de", max_tokens=4).text
+    direct = calls.caption(pg, image_file, "de", max_tokens=4).text
     assert out[0] == direct
 
 
@@ -198,5 +198,5 @@ def test_tasks_are_methods_of_the_loaded_model(model_dir, image, monkeypatch):
     pg = pg_edge.load(model_dir)
     r = pg.detect(image, "cat ; black dog")
     assert [o.label for o in r.objects] == ["cat", "black dog"]
-    assert r.objects[0].box == model_tasks.detect(pg, image, "cat ; black dog").objects[0].box
+    assert r.objects[0].box == calls.detect(pg, image, "cat ; black dog").objects[0].box
     assert pg.caption(image).prompt == "caption en"

@@ -1,5 +1,5 @@
 """Data loss: no writing command writes over one of its inputs, and `--force` replaces only an
-output pg-edge wrote (pg_edge.outputs). Each case: non-zero exit, one error line, every input
+output pg-edge wrote (pg_edge.checkpoint.output_check). Each case: non-zero exit, one error line, every input
 byte-for-byte as before; and --force still replaces the command's own previous output."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from pg_edge.cli import main
 from pg_edge.errors import PgEdgeError
-from pg_edge.outputs import check_output, why_not_ours
+from pg_edge.checkpoint.output_check import check_output, why_not_ours
 from tests.vae_writer import write_fake_vae
 from train_helpers import write_colour_set
 

@@ -123,7 +123,7 @@ def test_wheel_holds_pg_edge_alone(wheel):
     assert {n.split("/")[0] for n in names} == {"pg_edge", wheel.name.split("-py")[0] + ".dist-info"}
     assert {n for n in names if n.startswith("pg_edge/")} == expected_files()
     assert not [n for n in names if re.search(r"demo_model|desktop|cpp/|tests/|bench/", n)]
-    assert {"pg_edge/demo/model/model.safetensors", "pg_edge/labeling.py", "pg_edge/cli/commands/finetune.py",
+    assert {"pg_edge/demo/model/model.safetensors", "pg_edge/tasks/label.py", "pg_edge/cli/commands/finetune.py",
             "pg_edge/server/http_server.py", "pg_edge/convert/hf.py", "pg_edge/quantize/plan.py"} <= set(names)
     dist = wheel.name.split("-py")[0] + ".dist-info"
     with zipfile.ZipFile(wheel) as z:

@@ -105,8 +105,8 @@ def test_sliding_window_matches_transformers(hf_checkpoint, converted, sample_im
 @pytest.mark.parametrize("layout", ["v452", "flat"])
 def test_every_key_layout_converts_to_the_same_model(layout, converted):
     """The hub's classic names, transformers 4.52's and transformers 5's flattened SigLIP."""
-    from pg_edge.folder import read_config
-    from pg_edge.loader import load_weights
+    from pg_edge.checkpoint.folder import read_config
+    from pg_edge.checkpoint.loader import load_weights
 
     base = converted(version=2, layout="classic", dtype="float32")
     other = converted(version=2, layout=layout, dtype="float32")

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pg_edge.processor import Processor, Tokenizer, preprocess_image
+from pg_edge.inputs.processor import Processor, Tokenizer
+from pg_edge.inputs.images import preprocess_image
 
 PROMPTS = [
     "caption en",

@@ -14,11 +14,11 @@ from bench.fixtures.quantizable import make_quantizable_checkpoint
 from pg_edge.cli import main
 from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import read_config
-from pg_edge.loader import build_model, load_model, load_weights
+from pg_edge.checkpoint.folder import read_config
+from pg_edge.checkpoint.loader import build_model, load_model, load_weights
 from pg_edge.eval.metrics import compare_logits
 from pg_edge.pipeline import load
-from pg_edge.weights import component
+from pg_edge.checkpoint.weights import component
 from pg_edge.quantize import DEFAULT_RECIPE, RECIPES, padded_width, quantize, quantize_weights
 from pg_edge.quantize.plan import pad_vision_mlp
 from pg_edge.eval.probes import shapes_image, stripes_image

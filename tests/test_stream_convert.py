@@ -1,4 +1,4 @@
-"""Tensor-by-tensor conversion (pg_edge.tensor_stream, pg_edge.safetensors_stream): the streamed
+"""Tensor-by-tensor conversion (pg_edge.checkpoint.stream_convert, pg_edge.checkpoint.safetensors_io): the streamed
 folders hold what the whole-shard path wrote, tensor for tensor and byte for byte; row blocks
 give the same bytes as whole tensors; a failure or an interrupt mid-write leaves nothing; a
 corrupt or duplicated source tensor gets its one-line error."""
@@ -14,12 +14,12 @@ import pytest
 from pg_edge.cli import main
 import pg_edge.convert.hf
 from pg_edge.convert.hf import convert_hf
-from pg_edge import safetensors_stream, tensor_stream
+from pg_edge.checkpoint import safetensors_io, stream_convert
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import iter_shards, read_config, weight_files
+from pg_edge.checkpoint.folder import iter_shards, read_config, weight_files
 from pg_edge.reference.safetensors_np import SafetensorsFile
-from pg_edge.safetensors_stream import SafetensorsReader
-from pg_edge.weights import sanitize
+from pg_edge.checkpoint.safetensors_io import SafetensorsReader
+from pg_edge.checkpoint.weights import sanitize
 from pg_edge.quantize import quantize, quantize_weights
 from pg_edge.quantize.recipes import resolve_settings
 
@@ -86,9 +86,9 @@ def test_row_blocks_give_the_bytes_of_whole_tensors(qsrc, tmp_path, monkeypatch)
                  "--probes", "0", "--quiet"]) == 0
     # jobs_of's blocks tile every tensor's rows, none over the block size unless one row is
     with pg_edge.convert.hf.open_hf(hf) as source:
-        for _, items in tensor_stream.plan(source):
+        for _, items in stream_convert.plan(source):
             for p in items:
-                spans = list(tensor_stream.jobs_of(p, 1000))
+                spans = list(stream_convert.jobs_of(p, 1000))
                 if spans != [(None, None)]:
                     row = p.tensor.entry.spec.nbytes // p.tensor.entry.spec.shape[0]
                     assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]]
@@ -106,7 +106,7 @@ def test_row_blocks_give_the_bytes_of_whole_tensors(qsrc, tmp_path, monkeypatch)
             blocks.append(r0)
             yield r0, min(n, r0 + step)
 
-    monkeypatch.setattr(tensor_stream, "jobs_of", odd_blocks)
+    monkeypatch.setattr(stream_convert, "jobs_of", odd_blocks)
     convert_hf(hf, tmp_path / "blocks", dtype="bfloat16", quiet=True)
     assert main(["convert", str(hf), "-o", str(tmp_path / "qblocks"), "-q", "4", "--recipe", "all4",
                  "--probes", "0", "--quiet"]) == 0
@@ -132,15 +132,15 @@ def writer_threads():
 def test_a_write_failure_mid_file_is_one_line_and_leaves_nothing(qsrc, tmp_path, monkeypatch, capsys):
     hf, src = qsrc(1)
     calls = []
-    real_write = safetensors_stream.ShardWriter.write
+    real_write = safetensors_io.ShardWriter.write
 
     def failing_write(self, name, data, at=0):
         calls.append(name)
         if len(calls) == 5:  # what a full disk does to os.pwrite, in the writer thread
-            raise safetensors_stream.write_error(self.path, OSError(errno.ENOSPC, "No space left on device"))
+            raise safetensors_io.write_error(self.path, OSError(errno.ENOSPC, "No space left on device"))
         return real_write(self, name, data, at)
 
-    monkeypatch.setattr(safetensors_stream.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", failing_write)
     for argv in (["convert", str(hf)], ["convert", str(hf), "-q", "4", "--probes", "0"], ["quantize", str(src)]):
         calls.clear()
         parent = tmp_path / argv[0] / str(len(argv))
@@ -155,7 +155,7 @@ def test_a_write_failure_mid_file_is_one_line_and_leaves_nothing(qsrc, tmp_path,
 def test_an_interrupt_mid_tensor_leaves_nothing(qsrc, tmp_path, monkeypatch):
     hf, _ = qsrc(1)
     jobs = []
-    real_job = tensor_stream.run_job
+    real_job = stream_convert.run_job
 
     def interrupted(*a):
         jobs.append(1)
@@ -163,20 +163,20 @@ def test_an_interrupt_mid_tensor_leaves_nothing(qsrc, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_job(*a)
 
-    monkeypatch.setattr(tensor_stream, "run_job", interrupted)
+    monkeypatch.setattr(stream_convert, "run_job", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_hf(hf, tmp_path / "out", quiet=True)
     assert leftovers(tmp_path) == [] and writer_threads() == []
 
 
 def test_shard_writer_refuses_an_incomplete_file(tmp_path):
-    spec = safetensors_stream.Spec("F32", (4, 2))
-    w = safetensors_stream.ShardWriter(tmp_path / "a.safetensors", {"x": spec, "y": spec})
+    spec = safetensors_io.Spec("F32", (4, 2))
+    w = safetensors_io.ShardWriter(tmp_path / "a.safetensors", {"x": spec, "y": spec})
     w.write("x", np.zeros(8, np.float32))
     w.write("y", np.ones(4, np.float32), at=16)  # the second half of y only
     with pytest.raises(PgEdgeError, match="tensor y was not written completely"):
         w.close()
-    w = safetensors_stream.ShardWriter(tmp_path / "b.safetensors", {"x": spec})
+    w = safetensors_io.ShardWriter(tmp_path / "b.safetensors", {"x": spec})
     with pytest.raises(ValueError, match="outside"):
         w.write("x", np.zeros(9, np.float32))
     w.abort()

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pg_edge import task_text as tasks
+from pg_edge.tasks import parse, prompts
 from pg_edge.errors import PgEdgeError
-from pg_edge.task_text import encode_box, parse_objects
+from pg_edge.tasks.parse import encode_box, parse_objects
 
 
 def loc(*bins):
@@ -22,31 +22,31 @@ SEG16 = seg(*range(0, 128, 8))  # 16 codes
 # --- prompts -----------------------------------------------------------------------------------
 
 def test_prompt_forms():
-    assert tasks.caption() == "caption en"
-    assert tasks.caption("es") == "caption es"
-    assert tasks.cap("de") == "cap de"
-    assert tasks.describe("pt-BR") == "describe pt-BR"
-    assert tasks.ocr() == "ocr"
-    assert tasks.answer("  what is   this? ", "fr") == "answer fr what is this?"
-    assert tasks.question("a red car") == "question en a red car"
-    assert tasks.detect("cat") == "detect cat"
-    assert tasks.detect(["cat", "black dog"]) == "detect cat ; black dog"
-    assert tasks.detect("cat;dog") == "detect cat ; dog"  # typed on a command line
-    assert tasks.segment("cat ; dog") == "segment cat ; dog"
-    assert tasks.answer("why?", lang="it") == "answer it why?"
-    assert tasks.segment(["car"]) == "segment car"
+    assert prompts.caption() == "caption en"
+    assert prompts.caption("es") == "caption es"
+    assert prompts.cap("de") == "cap de"
+    assert prompts.describe("pt-BR") == "describe pt-BR"
+    assert prompts.ocr() == "ocr"
+    assert prompts.answer("  what is   this? ", "fr") == "answer fr what is this?"
+    assert prompts.question("a red car") == "question en a red car"
+    assert prompts.detect("cat") == "detect cat"
+    assert prompts.detect(["cat", "black dog"]) == "detect cat ; black dog"
+    assert prompts.detect("cat;dog") == "detect cat ; dog"  # typed on a command line
+    assert prompts.segment("cat ; dog") == "segment cat ; dog"
+    assert prompts.answer("why?", lang="it") == "answer it why?"
+    assert prompts.segment(["car"]) == "segment car"
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: tasks.caption("english"), "language"),
-    (lambda: tasks.caption(""), "language"),
-    (lambda: tasks.answer("line one\nline two"), "one line"),
-    (lambda: tasks.answer("   "), "empty"),
-    (lambda: tasks.question("<loc0001>"), "special-token"),
-    (lambda: tasks.detect(["cat", ""]), "empty"),
-    (lambda: tasks.detect(["cat;dog"]), "separator"),
-    (lambda: tasks.detect([]), "at least one"),
-    (lambda: tasks.segment("a <image> b"), "special-token"),
+    (lambda: prompts.caption("english"), "language"),
+    (lambda: prompts.caption(""), "language"),
+    (lambda: prompts.answer("line one\nline two"), "one line"),
+    (lambda: prompts.answer("   "), "empty"),
+    (lambda: prompts.question("<loc0001>"), "special-token"),
+    (lambda: prompts.detect(["cat", ""]), "empty"),
+    (lambda: prompts.detect(["cat;dog"]), "separator"),
+    (lambda: prompts.detect([]), "at least one"),
+    (lambda: prompts.segment("a <image> b"), "special-token"),
 ])
 def test_prompt_validation(call, match):
     with pytest.raises(PgEdgeError, match=match):
@@ -138,10 +138,10 @@ def test_prompt_echo_eos_and_trailing_text():
 
 
 def test_clean_output_for_text_tasks():
-    assert tasks.clean_output("caption en\na cat on a mat<eos>") == "a cat on a mat"
-    assert tasks.clean_output("answer en why?\nbecause<eos>", "answer en why?") == "because"
-    assert tasks.clean_output("ocr\nHELLO") == "HELLO"
-    assert tasks.clean_output("a dog\nand a cat") == "a dog\nand a cat"  # no echo: untouched
+    assert parse.clean_output("caption en\na cat on a mat<eos>") == "a cat on a mat"
+    assert parse.clean_output("answer en why?\nbecause<eos>", "answer en why?") == "because"
+    assert parse.clean_output("ocr\nHELLO") == "HELLO"
+    assert parse.clean_output("a dog\nand a cat") == "a dog\nand a cat"  # no echo: untouched
 
 
 def test_empty_and_garbage_never_crash():

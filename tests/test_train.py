@@ -18,8 +18,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from pg_edge.errors import PgEdgeError
-from pg_edge.loader import load_model
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.checkpoint.loader import load_model
+from pg_edge.inputs.tokenizer import Tokenizer
 from pg_edge.train import LoraSettings, ModeSpec, TrainConfig, Trainer, load_dataset
 from pg_edge.train.data import DataError, batch_indices
 from pg_edge.adapters import load_adapters
@@ -168,7 +168,7 @@ def test_step_updates_exactly_the_trained_parameters(mode, freeze, converted, tm
 def _quantized_folder(folder, out):
     """The tiny model with o_proj 4-bit (the only width a group size divides), written as a
     quantized converted folder (the `quantization` section + `.scales`/`.biases`)."""
-    from pg_edge.folder import SIDE_FILES
+    from pg_edge.checkpoint.folder import SIDE_FILES
 
     model = load_model(folder)[0]
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p.endswith("o_proj"))

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(model_dir, data_dir, group=None):
     """A Trainer in attention mode with a batch of 4 in 2 micro-batches, token-normalised: the
     shards of a micro-batch hold different numbers of suffix tokens ("red" vs "blue")."""
-    from pg_edge.loader import load_model
-    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.checkpoint.loader import load_model
+    from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train import ModeSpec, TrainConfig, Trainer, load_dataset
 
     data = load_dataset(data_dir, Tokenizer(model_dir), 28, 16)

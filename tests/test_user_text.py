@@ -12,7 +12,7 @@ import pytest
 import pg_edge
 from pg_edge import pipeline
 from pg_edge.errors import PgEdgeError
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.inputs.tokenizer import Tokenizer
 
 SPECIALS = "caption <image><image> <bos>x<eos> <pad><image>" + "<image>" * 40
 

@@ -1,9 +1,9 @@
-"""pg_edge.weights.sanitize: every HF layout -> the converted layout, and sanitize twice == once."""
+"""pg_edge.checkpoint.weights.sanitize: every HF layout -> the converted layout, and sanitize twice == once."""
 import numpy as np
 import pytest
 
-from pg_edge.folder import iter_shards
-from pg_edge.weights import sanitize
+from pg_edge.checkpoint.folder import iter_shards
+from pg_edge.checkpoint.weights import sanitize
 from bench.fixtures.checkpoints import LAYOUTS
 
 

@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:  # with the usage of the command they were given to, not the top level's
         command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
-    from pg_edge.atomic import Terminated, signals_raise
+    from pg_edge.checkpoint.atomic import Terminated, signals_raise
     from pg_edge.errors import PgEdgeError
 
     debug = args.debug or os.environ.get("PG_EDGE_DEBUG") not in (None, "", "0")
-    # pg_edge refuses over-large images itself (pg_edge.image_limits), with the numbers.
+    # pg_edge refuses over-large images itself (pg_edge.inputs.images), with the numbers.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
     try:

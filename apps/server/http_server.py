@@ -190,7 +190,7 @@ class PgEdgeServer(ThreadingHTTPServer):
     # -- the model's extras ----------------------------------------------------------------
     def mask_decoder(self):
         """The VAE for /v1/segment, loaded on first use (PgEdgeError when there is none)."""
-        from pg_edge.model_tasks import find_vae
+        from pg_edge.tasks.calls import find_vae
 
         with self._vae_lock:
             if self._decoder is None:

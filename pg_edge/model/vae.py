@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.safetensors_check import load_safetensors
-from pg_edge.task_text import SEG_CODES, SEG_PER_OBJECT, DetectedObject
+from pg_edge.checkpoint.safetensors_check import load_safetensors
+from pg_edge.tasks.parse import SEG_CODES, SEG_PER_OBJECT, DetectedObject
 
 FORMAT = "pg_edge.mask_decoder"  # safetensors metadata "format" of a converted file
 FORMAT_VERSION = "1"

@@ -15,19 +15,27 @@ What happens to each kind of image (see docs/hardening.md for the full table):
   or array handed over by an app is used as it is;
 - 16-bit and 32-bit grey (`I;16*`, `I`, `F`): scaled to 8 bits (a plain convert would clip
   them to white); CMYK and YCbCr: Pillow's conversion to RGB (ICC profiles are not applied);
-  palette and transparency: composited onto white by the processor;
+  palette and transparency: composited onto white (`to_rgb`);
 - 1x1 images and extreme aspect ratios (1x20000): accepted; the model input is a square resize.
+
+`preprocess_image` then does what Hugging Face's SiglipImageProcessor (PIL backend) does, step for
+step, so pixels agree within float rounding: transparency composited onto white, RGB, square
+resize with PIL bicubic (no aspect ratio kept), x/255 in float64 then float32,
+(x - 0.5) / 0.5 -> [-1, 1]. Output is NHWC (MLX convolution layout), not HF's NCHW.
+
+This module imports no MLX: the NumPy reference path and the tools share it.
 """
 from __future__ import annotations
 
 import io
 import os
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from ..errors import ImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 Image.init()  # register every plugin, then keep the ones listed (AVIF only where Pillow has it)
@@ -73,7 +81,7 @@ def check_size(img: Image.Image, name: str) -> None:
 def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
     """(width, height) of an image file from its header alone: a regular file, a supported
     format, within the pixel limit; ImageError otherwise. Nothing is decoded."""
-    from .safetensors_check import open_regular
+    from ..checkpoint.safetensors_check import open_regular
 
     if not Path(path).exists():
         raise ImageError(f"image not found: {name}")
@@ -101,7 +109,7 @@ def open_image(image, name: str) -> Image.Image:
     if isinstance(image, (bytes, bytearray, memoryview)):
         fp = io.BytesIO(bytes(image))
     else:
-        from .safetensors_check import open_regular
+        from ..checkpoint.safetensors_check import open_regular
 
         path = Path(image)
         if not path.exists():
@@ -162,3 +170,40 @@ def from_array(a: np.ndarray) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     return Image.fromarray(np.ascontiguousarray(a))
+
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A path, raw bytes, a PIL image or an HWC uint8 array -> PIL image (not yet RGB).
+
+    Files and bytes go through `open_image`: pixel limit checked before decoding, known
+    formats only, first frame, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
+    if isinstance(image, Image.Image):
+        check_size(image, "<PIL image>")
+        return normalise_mode(image, "<PIL image>")
+    if isinstance(image, np.ndarray):
+        return from_array(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return open_image(image, "<bytes>")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageError(f"an image must be a path, bytes, a PIL image or a uint8 array, got {type(image).__name__}")
+    return open_image(image, str(image))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (what transformers does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess_image(image: ImageInput, size: int) -> np.ndarray:
+    """Any image -> float32[size, size, 3] in [-1, 1]."""
+    img = to_rgb(load_image(image))
+    img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+    x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (x - np.float32(0.5)) / np.float32(0.5)

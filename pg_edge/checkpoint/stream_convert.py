@@ -8,9 +8,9 @@ what `pg-edge convert` and `pg-edge quantize` (and `convert -q` in one pass) are
     write(planned, folder_writer, progress) # read, transform, write; memory: a few blocks
 
 Each source tensor is read with positioned reads into a reused buffer (no memory map, no whole
-shard in memory), renamed and laid out as `pg_edge.weights.sanitize` does, cast, passed
+shard in memory), renamed and laid out as `pg_edge.checkpoint.weights.sanitize` does, cast, passed
 through `transform` ({key: float[...]} -> {name: array}, e.g. `QuantPlan.apply`) and each
-output's bytes written at its offset in an output shard (pg_edge.safetensors_stream) whose
+output's bytes written at its offset in an output shard (pg_edge.checkpoint.safetensors_io) whose
 header was written first. A tensor over `block_bytes` whose outputs all keep its leading
 dimension is done in row blocks (sanitize's transpose, casts, MLX's group-wise quantization
 and the SigLIP fc2 padding all act on each row alone, so blocks give the same bytes); the
@@ -32,10 +32,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .cpu.streams import cpu_streams
-from .errors import CheckpointError
+from ..cpu.streams import cpu_streams
+from ..errors import CheckpointError
 from .folder import MAX_SHARD_BYTES, weight_files
-from .safetensors_stream import Entry, SafetensorsReader, ShardWriter, Spec
+from .safetensors_io import Entry, SafetensorsReader, ShardWriter, Spec
 from .weights import sanitize
 
 BLOCK_BYTES = 32 << 20  # row blocks of big tensors; also the size of each pooled read buffer
@@ -237,8 +237,8 @@ def cut_shards(items: list[Planned], max_bytes: int = MAX_SHARD_BYTES) -> list[l
 
 def write(planned, folder_writer, progress=None, transform: Callable[[dict], dict] | None = None,
           block_bytes: int | None = None) -> None:
-    """Compute and write every planned tensor into `folder_writer` (a pg_edge.folder.FolderWriter,
-    inside its `with`); `transform` as given to `plan`. progress: a pg_edge.folder.Progress
+    """Compute and write every planned tensor into `folder_writer` (a pg_edge.checkpoint.folder.FolderWriter,
+    inside its `with`); `transform` as given to `plan`. progress: a pg_edge.checkpoint.folder.Progress
     with one step per source file."""
     block_bytes = block_bytes or BLOCK_BYTES
     # One CPU stream per core (pg_edge.cpu's pool), the CPU whatever the default device: the

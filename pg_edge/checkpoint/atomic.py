@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import PgEdgeError
+from ..errors import PgEdgeError
 
 KINDS = ("partial", "float", "old")
 

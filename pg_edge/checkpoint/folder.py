@@ -12,8 +12,8 @@ classic key names), which the loader reads instead of guessing from shapes.
 
 Reading: `resolve` (folder or hub id), `read_config`, `weight_files`, `iter_shards`,
 `is_quantized` (the one "is this folder quantized?" rule). Writing: `check_output` (from
-pg_edge.outputs: the one output rule, no overlap with an input, "exists: pass --force", and
---force replaces only pg-edge's own output), `atomic_folder` / `atomic_file` (from pg_edge.atomic: built
+pg_edge.checkpoint.output_check: the one output rule, no overlap with an input, "exists: pass --force", and
+--force replaces only pg-edge's own output), `atomic_folder` / `atomic_file` (from pg_edge.checkpoint.atomic: built
 under a temporary name beside the target, renamed into place only when complete and only over
 what was there at the start, removed on failure or signal) and
 `FolderWriter` (shards, the index, config.json and side files, on top of `atomic_folder`).
@@ -28,19 +28,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from . import __version__
-from .model.config import PaliGemmaConfig
+from .. import __version__
+from ..model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
 from .safetensors_check import read_json
-from .errors import CheckpointError, PgEdgeError
-from .outputs import check_output
+from ..errors import CheckpointError, PgEdgeError
+from .output_check import check_output
 from .hub import download, looks_local
 from .safetensors_check import load_safetensors, read_index
 
 if TYPE_CHECKING:
     import mlx.core as mx
 
-    from .safetensors_stream import ShardWriter
+    from .safetensors_io import ShardWriter
 
 # What a converted or HF folder needs; everything else on the hub is skipped when downloading.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -68,15 +68,15 @@ def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
         return p
     s = str(path_or_id)
     if s == "demo":  # the built-in demo model shipped inside the package (pg_edge/demo)
-        from .demo import MODEL_DIR
+        from ..demo import MODEL_DIR
 
         return MODEL_DIR
-    if looks_local(s):  # not owner/name, or its first part is a folder here (pg_edge.hub)
+    if looks_local(s):  # not owner/name, or its first part is a folder here (pg_edge.checkpoint.hub)
         first = s.split("/", 1)[0]
         why = (f" ({first} is a local folder, so this is a path, not a hub id)"
                if "/" in s and Path(first).expanduser().is_dir() else "")
         raise CheckpointError(f"model folder not found: {s}{why}")
-    return download(s, allow_patterns)  # each hub failure is one sentence (pg_edge.hub)
+    return download(s, allow_patterns)  # each hub failure is one sentence (pg_edge.checkpoint.hub)
 
 
 def read_config(folder: Path) -> PaliGemmaConfig:
@@ -106,7 +106,7 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
         return files
-    # vae.safetensors (the segmentation mask decoder, see model_tasks.VAE_FILE) may sit beside
+    # vae.safetensors (the segmentation mask decoder, see tasks.calls.VAE_FILE) may sit beside
     # the weights; it is no part of the model.
     files = sorted(f for f in folder.glob("*.safetensors") if f.name != "vae.safetensors")
     if not files:
@@ -122,7 +122,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_shard(f: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of one safetensors file, its header checked in Python first
-    (pg_edge.safetensors_check), with a one-line error when corrupt."""
+    (pg_edge.checkpoint.safetensors_check), with a one-line error when corrupt."""
     return load_safetensors(f)
 
 
@@ -138,7 +138,7 @@ def iter_shards(folder: Path) -> Iterator[tuple[Path, dict, dict]]:
 
 
 # -- writing ------------------------------------------------------------------------------
-# atomic_folder / atomic_file live in pg_edge.atomic (imported above): temporary name beside the
+# atomic_folder / atomic_file live in pg_edge.checkpoint.atomic (imported above): temporary name beside the
 # target, swapped in only when complete and only over what was there at the start (a concurrent
 # writer's result is never replaced), removed on any failure or signal.
 
@@ -184,10 +184,10 @@ class FolderWriter:
 
     `add_weights(all_tensors)` cuts an in-memory checkpoint into MAX_SHARD_BYTES shards first;
     `open_shard(specs)` gives a shard whose header is written first and whose tensors arrive
-    piece by piece (pg_edge.tensor_stream streams converters and the quantizer through it).
+    piece by piece (pg_edge.checkpoint.stream_convert streams converters and the quantizer through it).
     Leaving the block without `finish()` (an error, an interrupt) leaves nothing behind.
     `inputs`: the paths the folder is made from; an output overlapping one is refused
-    (pg_edge.outputs.check_output)."""
+    (pg_edge.checkpoint.output_check.check_output)."""
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, source: str = "", converter: str = "hf",
                  inputs=()):
@@ -212,10 +212,10 @@ class FolderWriter:
         self.tmp = None
 
     def open_shard(self, specs: dict) -> "ShardWriter":
-        """A new shard whose tensors ({name: safetensors_stream.Spec}) are written piece by
-        piece (pg_edge.tensor_stream); named at finish, when the count is known. The caller
+        """A new shard whose tensors ({name: safetensors_io.Spec}) are written piece by
+        piece (pg_edge.checkpoint.stream_convert); named at finish, when the count is known. The caller
         closes it."""
-        from .safetensors_stream import ShardWriter
+        from .safetensors_io import ShardWriter
 
         name = f"shard-{len(self.shards):05d}.safetensors"
         shard = ShardWriter(self.tmp / name, specs, self.metadata)  # full disk -> PgEdgeError
@@ -225,7 +225,7 @@ class FolderWriter:
 
     def add_shard(self, tensors: dict[str, mx.array]) -> None:
         """Save one shard of in-memory (or lazy) tensors now, evaluated one at a time."""
-        from .safetensors_stream import Spec, fill
+        from .safetensors_io import Spec, fill
 
         if tensors:
             fill(self.open_shard({k: Spec.of(v) for k, v in tensors.items()}), tensors)

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # The hub's repo-id rule: owner/name, letters, digits, "-", "_", "."; no "--" or "..".
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")

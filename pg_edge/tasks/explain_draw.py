@@ -1,4 +1,4 @@
-"""What `pg_edge.explain` shows: the terminal report and the pictures.
+"""What `pg_edge.tasks.explain` shows: the terminal report and the pictures.
 
     input.png        the pixels the model sees (S x S, de-normalised) with the patch grid
     layout.png       the token sequence, coloured by kind, each token's block (prefix / suffix)
@@ -7,7 +7,7 @@
     answer.png       detect / segment answers: boxes, labels, masks on the original image
 
 Each is saved atomically and marked as drawn by pg-edge, so a later run may replace it and
-nothing else (`check_folder`, pg_edge.outputs).
+nothing else (`check_folder`, pg_edge.checkpoint.output_check).
 
 A mask picture is a grid of T x T cells of `scale` pixels, row i = the query token, column j
 = the key token, after a band on the top and left edge coloured by token kind. Its PNG text
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from .atomic import atomic_file
+from ..checkpoint.atomic import atomic_file
 from .draw import draw_objects
-from .errors import PgEdgeError
-from .outputs import DRAWN_BY, check_output, inputs_overlap
+from ..errors import PgEdgeError
+from ..checkpoint.output_check import DRAWN_BY, check_output, inputs_overlap
 
 PREFIX_ATTEND = (0, 130, 200)  # prefix query -> prefix key: both ways
 SUFFIX_ATTEND = (245, 130, 48)  # suffix query -> any key it sees
@@ -145,7 +145,7 @@ PICTURES = re.compile(r"^(input|layout|mask|mask_window\d+|answer)\.png$")  # wh
 
 def check_folder(folder, inputs) -> None:
     """Before anything runs: `folder` may hold only what an earlier explain drew under the names
-    save_all writes (pg_edge.outputs: never an input, never a picture pg-edge did not draw)."""
+    save_all writes (pg_edge.checkpoint.output_check: never an input, never a picture pg-edge did not draw)."""
     folder = Path(folder)
     inputs_overlap(folder, inputs)
     if os.path.lexists(folder) and not folder.is_dir():
@@ -157,7 +157,7 @@ def check_folder(folder, inputs) -> None:
 
 
 def save_all(ex, folder: Path) -> list[Path]:
-    """Each picture saved atomically, PNG marked as drawn by pg-edge (pg_edge.outputs)."""
+    """Each picture saved atomically, PNG marked as drawn by pg-edge (pg_edge.checkpoint.output_check)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
 

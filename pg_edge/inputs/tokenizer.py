@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import CheckpointError, PgEdgeError
-from .safetensors_check import read_json
-from .prompt_check import check_text
+from ..errors import CheckpointError, PgEdgeError
+from ..checkpoint.safetensors_check import read_json
+from .checks import check_text
 
 
 class _SentencePiece:

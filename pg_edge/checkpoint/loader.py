@@ -1,7 +1,7 @@
 """One load pipeline: folder or hub id -> config -> model -> sanitize -> quantize skeleton ->
 load_weights(strict=True).
 
-Reading the folder (files, config, shards) is pg_edge.folder's; this module builds the model.
+Reading the folder (files, config, shards) is pg_edge.checkpoint.folder's; this module builds the model.
 Loads pg_edge's converted folders, mlx-vlm / mlx-community folders (same layout) and, for
 convenience, original Hugging Face checkpoints (converted in memory: keys renamed, conv
 transposed) — which layout a file has is read from its safetensors metadata, never guessed.
@@ -14,11 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu
-from .errors import CheckpointError
+from .. import cpu
+from ..errors import CheckpointError
 from .folder import iter_shards, quantization_section, read_config, resolve
-from .model.config import PaliGemmaConfig
-from .model.paligemma import PaliGemmaModel
+from ..model.config import PaliGemmaConfig
+from ..model.paligemma import PaliGemmaModel
 from .weights import sanitize
 
 

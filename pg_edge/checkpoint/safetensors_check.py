@@ -25,7 +25,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
 MAX_DIM = 2**31 - 1  # MLX shapes are int32

@@ -1,6 +1,6 @@
 """Read and write `.safetensors` files one tensor (or one row block of a tensor) at a time.
 
-`SafetensorsReader(path)`: the header checked by pg_edge.safetensors_check (the format's rules,
+`SafetensorsReader(path)`: the header checked by pg_edge.checkpoint.safetensors_check (the format's rules,
 regular files only, one-line CheckpointError), then tensor bytes read with plain reads at
 their offset into a caller's buffer. No memory map: pages of a mapped file that are
 touched count in the process's resident memory, a read into a reused buffer does not.
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .errors import CheckpointError, PgEdgeError
+from ..errors import CheckpointError, PgEdgeError
 from .safetensors_check import DTYPE_SIZES, check_safetensors, open_regular
 
 # safetensors dtype name <-> MLX dtype (every name MLX's own loader accepts)

@@ -15,7 +15,7 @@ Before anything is read into memory or written, `check_output`:
 Markers per kind, each written by the tool that makes that output:
 
     model     folder: config.json + a *.safetensors whose metadata has `pg_edge_version`
-              (pg_edge.folder.FolderWriter: converters, quantizer, fused fine-tune export)
+              (pg_edge.checkpoint.folder.FolderWriter: converters, quantizer, fused fine-tune export)
     adapters  folder: adapter_config.json with "format": "pg_edge-adapters"
     bundle    folder: manifest.json with "format": "pg-edge-bundle" (pg_edge.export)
     vae       file: safetensors metadata "format": "pg_edge.mask_decoder" (convert-vae)
@@ -35,12 +35,12 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .errors import PgEdgeError
+from ..errors import PgEdgeError
 
 DRAWN_BY = "pg-edge"  # the marker `save_drawing` puts in an image's metadata
 MAX_MARKER_BYTES = 64 << 20  # a manifest / adapter config read to recognise it; larger is not ours
 TRAINING_NAMES = {"log.jsonl", "checkpoints", "adapters", "model"}
-_TEMP = re.compile(r"^\.[^/]+\.(partial|float|old)-\d+-[0-9a-f]{8}(\.\w+)?$")  # pg_edge.atomic names
+_TEMP = re.compile(r"^\.[^/]+\.(partial|float|old)-\d+-[0-9a-f]{8}(\.\w+)?$")  # pg_edge.checkpoint.atomic names
 
 
 def resolved(path: str | os.PathLike) -> Path:
@@ -50,14 +50,14 @@ def resolved(path: str | os.PathLike) -> Path:
 
 def local_input(spec: str | os.PathLike | None) -> Path | None:
     """The local path a model/data argument names: an existing path, the built-in demo model for
-    "demo" (as pg_edge.folder.resolve reads it), None for anything else (a hub id)."""
+    "demo" (as pg_edge.checkpoint.folder.resolve reads it), None for anything else (a hub id)."""
     if spec is None:
         return None
     p = Path(spec).expanduser()
     if os.path.lexists(p):
         return p
     if str(spec) == "demo":
-        from .demo import MODEL_DIR
+        from ..demo import MODEL_DIR
 
         return Path(MODEL_DIR)
     return p if p.is_absolute() or str(spec).startswith(".") else None

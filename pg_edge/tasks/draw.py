@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pg_edge.errors import PgEdgeError
-from pg_edge.task_text import DetectedObject
+from pg_edge.tasks.parse import DetectedObject
 
 # Twelve colours far apart from each other and from typical photo content (saturated hues,
 # no greys), cycled when there are more objects.

@@ -6,7 +6,7 @@
 
 Counts come from building the model pg_edge runs (`PaliGemmaModel`, nothing evaluated: MLX is
 lazy, so no memory is allocated) and adding up its parameter shapes, per component
-(pg_edge.weights.component). The three resolutions of one size differ only in SigLIP's position
+(pg_edge.checkpoint.weights.component). The three resolutions of one size differ only in SigLIP's position
 embedding table, (S / 14)^2 rows of 1152: 256, 1024 or 4096. Hugging Face checkpoints pad the
 vocabulary to 257216 rows; with the 257152 real rows (what keras-hub keeps) the counts are the
 ones keras-hub publishes (tests/test_figures.py checks them).
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from .model.config import PaliGemmaConfig
-from .weights import component
+from .config import PaliGemmaConfig
+from ..checkpoint.weights import component
 
 # SigLIP So400m/14, the same in every variant.
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -55,7 +55,7 @@ def parameter_counts(raw: dict) -> dict[str, int]:
     in embed)."""
     from mlx.utils import tree_flatten
 
-    from .model.paligemma import PaliGemmaModel
+    from .paligemma import PaliGemmaModel
 
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))
     out = {c: 0 for c in COMPONENTS}

@@ -33,12 +33,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from pg_edge import model_tasks, task_text
-from pg_edge.atomic import atomic_file
+from pg_edge.tasks import calls, prompts
+from pg_edge.checkpoint.atomic import atomic_file
 from pg_edge.errors import PgEdgeError
-from pg_edge.model_tasks import mask_to_rle
-from pg_edge.outputs import inputs_overlap, why_not_ours
-from pg_edge.processor import load_image
+from pg_edge.tasks.calls import mask_to_rle
+from pg_edge.checkpoint.output_check import inputs_overlap, why_not_ours
+from pg_edge.inputs.images import load_image
 
 SAVE_EVERY_S = 2.0
 
@@ -131,7 +131,7 @@ def _shape_problem(coco) -> str | None:
 def check_label_output(out, inputs, force: bool) -> None:
     """The labels file is never an input (the image folder, the model folder, the mask decoder),
     inside one or around one; an existing one must be a labels file pg-edge label wrote, whether
-    it is resumed or, with `force`, replaced (pg_edge.outputs)."""
+    it is resumed or, with `force`, replaced (pg_edge.checkpoint.output_check)."""
     inputs_overlap(Path(out), list(inputs))
     if os.path.lexists(out):
         why = why_not_ours(out, "labels")
@@ -222,8 +222,8 @@ def label_folder(pg, folder, objects, output, *, segment: bool = False, vae=None
     if not folder.is_dir():
         raise PgEdgeError(f"not a folder: {folder}")
     check_label_output(out, [folder, getattr(pg, "folder", None), vae], force)
-    # task_text.detect validates the names and writes them as "a ; b"; the categories are those.
-    names = [n.strip() for n in task_text.detect(objects)[len("detect "):].split(" ; ")]
+    # prompts.detect validates the names and writes them as "a ; b"; the categories are those.
+    names = [n.strip() for n in prompts.detect(objects)[len("detect "):].split(" ; ")]
     task = "segment" if segment else "detect"
     source = _source(folder, getattr(pg, "folder", None))
     coco = _resume(out, names, task, model_name, source, force)
@@ -231,7 +231,7 @@ def label_folder(pg, folder, objects, output, *, segment: bool = False, vae=None
     seen = set(meta["done"]) | {s["file"] for s in meta["skipped"]}
     unreadable: list = []
     files = [p for p in image_files(folder, unreadable) if json_name(p, folder) not in seen]
-    decoder = model_tasks.find_vae(pg, vae) if segment else None
+    decoder = calls.find_vae(pg, vae) if segment else None
     counts = {"images": 0, "annotations": 0, "skipped": 0, "resumed": len(seen)}
     for path, reason in unreadable:  # reported (once in the file), never silently left out
         name = json_name(path, folder) + "/"
@@ -254,9 +254,9 @@ def label_folder(pg, folder, objects, output, *, segment: bool = False, vae=None
                 _progress(i, len(files), name, "skipped", t0, quiet)
                 continue
             if segment:
-                result = model_tasks.segment(pg, image, names, vae=decoder, **(gen or {}))
+                result = calls.segment(pg, image, names, vae=decoder, **(gen or {}))
             else:
-                result = model_tasks.detect(pg, image, names, **(gen or {}))
+                result = calls.detect(pg, image, names, **(gen or {}))
             n = _add(coco, name, result, raw_name(path, folder))
             meta["done"].append(name)
             counts["images"] += 1

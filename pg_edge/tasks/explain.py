@@ -13,8 +13,8 @@ anyway. The attention mask is the one `PaliGemmaModel.masks` builds (the builder
 prefill and training alike) for the whole sequence, prompt + answer, as training would see it;
 the model is then run once over that sequence with that mask (teacher forcing) and its choice at
 every answer position is compared with what generation chose: the picture is the mask the numbers
-came from. Detection and segmentation answers are parsed and drawn by pg_edge.task_text /
-pg_edge.model.vae / pg_edge.draw, as `pg-edge detect` / `segment` do.
+came from. Detection and segmentation answers are parsed and drawn by pg_edge.tasks.parse /
+pg_edge.model.vae / pg_edge.tasks.draw, as `pg-edge detect` / `segment` do.
 
 The taps replace the vision modules of `pg.model` for the duration of the vision call only (and
 put them back, also on an error); another thread using the same `pg` meanwhile runs through them
@@ -30,12 +30,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import explain_draw, model_tasks, task_text
-from .errors import PgEdgeError
-from .generate import GREEDY, generate_step, until_eos, vocab_mask
-from .processor import ImageInput, load_image, to_rgb
-from .prompt_check import check_context, check_max_tokens, context_length
-from .model.vae import add_masks
+from . import calls, explain_draw, parse
+from ..errors import PgEdgeError
+from ..generate import GREEDY, generate_step, until_eos, vocab_mask
+from ..inputs.images import ImageInput, load_image, to_rgb
+from ..inputs.checks import check_context, check_max_tokens, context_length
+from ..model.vae import add_masks
 
 __all__ = ["explain", "Explanation", "Token", "Step", "Tap"]
 
@@ -142,7 +142,7 @@ class Explanation:
     def save(self, folder, inputs=()) -> list[Path]:
         """Write the pictures into `folder` (created); returns the paths written. Refused
         (PgEdgeError) when `folder` is, holds or lies in one of `inputs` (paths) or holds a
-        picture of the same name that pg-edge did not draw (pg_edge.explain_draw.check_folder)."""
+        picture of the same name that pg-edge did not draw (pg_edge.tasks.explain_draw.check_folder)."""
         explain_draw.check_folder(folder, list(inputs))
         return explain_draw.save_all(self, Path(folder))
 
@@ -293,11 +293,11 @@ def _parse_answer(ex: Explanation, pg, vae) -> None:
     task = ex.prompt.strip().split(" ", 1)[0]
     if task not in ("detect", "segment"):
         return
-    parsed = task_text.parse_objects(ex.text, ex.image.size, ex.prompt)
+    parsed = parse.parse_objects(ex.text, ex.image.size, ex.prompt)
     ex.objects, ex.skipped = parsed.objects, parsed.skipped
     if task == "segment" and any(o.seg is not None for o in ex.objects):
         try:
-            decoder = model_tasks.find_vae(pg, vae)
+            decoder = calls.find_vae(pg, vae)
         except PgEdgeError as err:
             ex.note = f"masks not drawn: {err}"
             return

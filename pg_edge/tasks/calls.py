@@ -1,6 +1,6 @@
 """The PaliGemma tasks as calls on a loaded model: prompt -> generate -> parse -> (masks), and
 their outputs as JSON (masks as COCO RLE: `mask_to_rle` / `rle_to_mask`). The text side,
-prompts and parsing with no model, is pg_edge/task_text.py.
+prompts and parsing with no model, is pg_edge/prompts.py.
 
     pg = pg_edge.load("paligemma2-3b-mix-448")
     caption(pg, "cat.jpg").text                      # "a cat sleeping on a red blanket"
@@ -15,7 +15,7 @@ returning a GenerationResult, and `.folder`), so it can be attached as a method 
 (temperature, top_p, top_k, seed) as keywords.
 
 Boxes are in pixels of the ORIGINAL image (the model sees a square resize; the parser maps the
-1024 bins back through the original width and height), see pg_edge/task_text.py.
+1024 bins back through the original width and height), see pg_edge/prompts.py.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import task_text
-from .errors import PgEdgeError
-from .generate import GenerationResult
-from .processor import ImageInput, load_image, to_rgb
-from .task_text import DetectedObject, Skipped
+from . import parse, prompts
+from ..errors import PgEdgeError
+from ..generate import GenerationResult
+from ..inputs.images import ImageInput, load_image, to_rgb
+from .parse import DetectedObject, Skipped
 
 VAE_FILE = "vae.safetensors"  # the mask decoder's name inside a model folder
 
@@ -62,41 +62,41 @@ def _image(image: ImageInput):
 def _text_task(pg, task: str, image: ImageInput, prompt: str, gen: dict) -> TaskResult:
     img, size = _image(image)
     result = pg.generate(img, prompt, **gen)
-    return TaskResult(task, prompt, task_text.clean_output(result.text, prompt), size, result)
+    return TaskResult(task, prompt, parse.clean_output(result.text, prompt), size, result)
 
 
 def caption(pg, image: ImageInput, lang: str = "en", **gen) -> TaskResult:
     """`caption {lang}`: a short caption."""
-    return _text_task(pg, "caption", image, task_text.caption(lang), gen)
+    return _text_task(pg, "caption", image, prompts.caption(lang), gen)
 
 
 def ocr(pg, image: ImageInput, **gen) -> TaskResult:
     """`ocr`: the text in the image."""
-    return _text_task(pg, "ocr", image, task_text.ocr(), gen)
+    return _text_task(pg, "ocr", image, prompts.ocr(), gen)
 
 
 def ask(pg, image: ImageInput, question: str, lang: str = "en", **gen) -> TaskResult:
     """`answer {lang} {question}`: visual question answering."""
-    return _text_task(pg, "ask", image, task_text.answer(question, lang), gen)
+    return _text_task(pg, "ask", image, prompts.answer(question, lang), gen)
 
 
 def _object_task(pg, task: str, image: ImageInput, prompt: str, gen: dict) -> TaskResult:
     img, size = _image(image)
     result = pg.generate(img, prompt, **gen)
-    parsed = task_text.parse_objects(result.text, size, prompt)
-    return TaskResult(task, prompt, task_text.clean_output(result.text, prompt), size, result,
+    parsed = parse.parse_objects(result.text, size, prompt)
+    return TaskResult(task, prompt, parse.clean_output(result.text, prompt), size, result,
                       parsed.objects, parsed.skipped)
 
 
 def detect(pg, image: ImageInput, objects: str | Sequence[str], **gen) -> TaskResult:
     """`detect a ; b`: one box per found instance (`objects` is "cat ; dog" or a list)."""
-    return _object_task(pg, "detect", image, task_text.detect(objects), gen)
+    return _object_task(pg, "detect", image, prompts.detect(objects), gen)
 
 
 def find_vae(pg, vae=None):
     """The mask decoder: `vae` as a loaded MaskDecoder or a path, else `vae.safetensors` in the
     model folder. Raises PgEdgeError saying how to get one."""
-    from .model.vae import MaskDecoder, load_mask_decoder
+    from ..model.vae import MaskDecoder, load_mask_decoder
 
     if isinstance(vae, MaskDecoder):
         return vae
@@ -121,10 +121,10 @@ def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, **gen
     `vae.safetensors` in the model folder. It is loaded before generating, so a missing
     decoder fails fast.
     """
-    from .model.vae import add_masks
+    from ..model.vae import add_masks
 
     decoder = find_vae(pg, vae)
-    result = _object_task(pg, "segment", image, task_text.segment(objects), gen)
+    result = _object_task(pg, "segment", image, prompts.segment(objects), gen)
     result.objects = add_masks(result.objects, decoder, result.image_size)
     return result
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import operator
 
-from .errors import PgEdgeError
+from ..errors import PgEdgeError
 
 DEFAULT_CONTEXT = 8192  # max_position_embeddings of every PaliGemma 1 and 2 checkpoint
 
