@@ -191,7 +191,7 @@ class Detokenizer:
     def finalize(self) -> str:
         text = self.tokenizer.decode(self.tokens)
         if not text.startswith(self.text):
-            return ""  # cannot happen with SentencePiece decoding; see tests/test_generate.py
+            return ""  # cannot happen with SentencePiece decoding; see tests/runtime/test_generate.py
         piece, self.text = text[len(self.text):], text
         return piece
 

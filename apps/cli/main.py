@@ -2,7 +2,7 @@
 
 Each subcommand lives in a module of commands/ exposing ``add_parser(subparsers)``; the parser
 it adds sets ``func`` to a function taking the parsed arguments and returning an exit code. Only
-the chosen command's module is imported (tests/test_cli.py checks that `pg-edge run` imports no
+the chosen command's module is imported (tests/cli/test_cli.py checks that `pg-edge run` imports no
 pg_edge.train, pg_edge.convert or pg_edge.quantize); `pg-edge --help` imports none of them.
 Every subcommand's parser is a CommandParser: --help shows the defaults, --debug is accepted
 after the command too; an unknown option is reported with that command's usage.

@@ -56,7 +56,7 @@ class PgEdgeServer(ThreadingHTTPServer):
     block_on_close = False  # stop() waits for the requests; idle connections are closed
     allow_reuse_address = True
     # listen() backlog: socketserver's default of 5 drops a burst of simultaneous connects (16
-    # clients at once in tests/test_server_load.py); the Gate, not the backlog, bounds the work.
+    # clients at once in tests/server/test_server_load.py); the Gate, not the backlog, bounds the work.
     request_queue_size = 128
 
     def __init__(self, pg, address: tuple[str, int], *, model_id: str, api_key: str | None = None,

@@ -1,5 +1,5 @@
 """Draw every figure of the README and docs/ from the code, with the numbers behind them
-(run: `python docs/figures/make_figures.py [--out DIR]`; tests/test_figures.py runs it in CI and
+(run: `python docs/figures/make_figures.py [--out DIR]`; tests/docs/test_figures.py runs it in CI and
 compares figures.json with the committed one).
 
     demo_segment.png      what `make demo` writes for the third sample (apps/demo.py's drawing)

@@ -13,7 +13,7 @@ Hugging Face checkpoints come in three layouts:
     5.x:    as 4.52 but the SigLIP tower flattened: model.vision_tower.{embeddings,encoder,...}
 
 `sanitize` is pure, and its output is in the converted layout: sanitizing that again as such
-(`mlx_layout=True`) changes nothing (tests/test_fixtures.py checks it). Which transforms apply
+(`mlx_layout=True`) changes nothing (tests/checkpoint/test_fixtures.py checks it). Which transforms apply
 is decided by the safetensors metadata marker `format: mlx` written by MLX tools, never by
 guessing from shapes, so the caller passes the marker of the file the tensors came from.
 """

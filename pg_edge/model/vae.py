@@ -21,7 +21,7 @@ layout change (conv OIHW -> OHWI; conv-transpose (in, out, kH, kW) -> (out, kH, 
 
 Padding: MLX's conv_transpose2d `padding=p` has torch's meaning (output = (in - 1) * stride -
 2p + k, here 2 * in) and takes the torch kernel without a spatial flip once transposed to
-(out, kH, kW, in); tests/test_vae.py checks it against torch.nn.ConvTranspose2d.
+(out, kH, kW, in); tests/model/test_vae.py checks it against torch.nn.ConvTranspose2d.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ lazy, so no memory is allocated) and adding up its parameter shapes, per compone
 (pg_edge.checkpoint.weights.component). The three resolutions of one size differ only in SigLIP's position
 embedding table, (S / 14)^2 rows of 1152: 256, 1024 or 4096. Hugging Face checkpoints pad the
 vocabulary to 257216 rows; with the 257152 real rows (what keras-hub keeps) the counts are the
-ones keras-hub publishes (tests/test_figures.py checks them).
+ones keras-hub publishes (tests/docs/test_figures.py checks them).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Draw parsed objects (boxes, labels, translucent masks) on an image.
 
 `draw_objects` returns a new RGB PIL image; the caller saves it (PNG keeps the exact colours
-that tests/test_draw.py checks, JPEG would smear them). Boxes are the parser's float pixel
+that tests/tasks/test_draw.py checks, JPEG would smear them). Boxes are the parser's float pixel
 edges truncated with int(), as the mask step does, so a box outline covers the pixels
 x1..x2-1, y1..y2-1: the same pixels as the object's mask can occupy.
 """
