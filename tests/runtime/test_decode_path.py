@@ -18,7 +18,7 @@ from pg_edge.errors import PgEdgeError
 from pg_edge._mlx_lm import KVCache, QuantizedKVCache
 from pg_edge.model.gemma import RMSNorm, float32_softcap, softcap
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_rms_norm_offset_weight_is_made_once_and_follows_the_weight():
