@@ -84,7 +84,7 @@ def main() -> None:
             s["kl"].append(float((np.exp(lp) * (lp - lq)).sum(-1).mean()))
     model.kv_bits = None
     print(f"{a.folder}: {len(images)} image(s) x {a.steps + 1} positions, prompt {prompt!r}, "
-          f"float cache {'float32' if model.activation_dtype == mx.float32 else 'in the weights dtype'}, "
+          f"float cache {model.embed_text(mx.array([[2]])).dtype}, "
           f"device {mx.default_device()}")
     print("| KV cache | positions | top-1 agreement | max abs logit error | max error / logit range | mean KL |")
     print("|---|---|---|---|---|---|")
