@@ -12,7 +12,6 @@ Axis letters used in this package's shapes:
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -53,15 +52,17 @@ def softcap(x: mx.array, cap: float | None) -> mx.array:
     return x if not cap else mx.tanh(x / cap) * cap
 
 
-@lru_cache(maxsize=None)
-def _float32_softcap(cap: float):
-    return mx.compile(lambda x: mx.tanh(x.astype(mx.float32) / cap) * cap, shapeless=True)
+_FLOAT32_SOFTCAPS: dict = {}  # cap -> its compiled function
 
 
 def float32_softcap(x: mx.array, cap: float) -> mx.array:
     """softcap(x in float32, cap) as one compiled function: MLX fuses the cast, the division,
     the tanh and the product into one elementwise kernel (4 kernels unfused)."""
-    return _float32_softcap(float(cap))(x)
+    cap = float(cap)
+    f = _FLOAT32_SOFTCAPS.get(cap)
+    if f is None:
+        f = _FLOAT32_SOFTCAPS[cap] = mx.compile(lambda y: mx.tanh(y.astype(mx.float32) / cap) * cap, shapeless=True)
+    return f(x)
 
 
 class Attention(nn.Module):
