@@ -121,3 +121,15 @@ def test_finetuning_walkthrough_runs(tmp_path):
         if server is not None:
             server.kill()
             server.wait()
+
+
+def test_readme_labels_example_is_the_walkthroughs():
+    """The README's "From your labels" commands are lines of the walkthrough the test above runs."""
+    readme = (ROOT / "README.md").read_text().split("### From your labels", 1)[1]
+    (_, shown), *_ = blocks_of(readme)
+    walked = {line.split("  #")[0].strip() for lang, code in walkthrough(ROOT / "docs" / "finetuning.md")
+              if lang == "bash" for line in code.splitlines()}
+    commands = [line for line in shown.splitlines() if not line.startswith("#")]
+    assert len(commands) == 3
+    for line in commands:
+        assert line.split("  #")[0].strip() in walked, line
