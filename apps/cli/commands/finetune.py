@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     elif export == "fused":
         target = save_fused(model, folder, out / "model", base_dtype=trainer.base_dtype, force=True)
     if not args.quiet:
-        last = next((r for r in reversed(trainer.history) if "loss" in r), {})
-        print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s, last loss "
-              f"{last.get('loss', float('nan')):.4f}" + (f"; wrote {target}" if target else ""))
+        last = next((r for r in reversed(trainer.history) if "loss" in r), None)
+        loss = f", last loss {last['loss']:.4f}" if last else " (none left to train)"
+        print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s{loss}"
+              + (f"; wrote {target}" if target else ""))
     return 0
