@@ -34,11 +34,11 @@ def add_adapters_arg(p: argparse.ArgumentParser) -> None:
 def check_adapters(path: str | None) -> None:
     """One-line PgEdgeError when --adapters names no adapters folder (checked before the model
     loads; pg_edge.adapters checks the files' contents against the model at load)."""
+    if path is None:  # (pg_edge.adapters pulls in mlx-lm's LoRA layers: only when asked)
+        return
     from pg_edge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
     from pg_edge.errors import PgEdgeError
 
-    if path is None:
-        return
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise PgEdgeError(f"adapters folder not found: {path}")
