@@ -11,7 +11,7 @@ the file's category order, and whose suffix lists that image's objects left to r
 or, with prompt "each", one example per image and category ("detect cat" -> the cats only).
 An image without objects of the prompt's categories gets the empty answer: a negative, trained
 on `<eos>` alone. Boxes are COCO's [x, y, width, height] in pixels, turned into `<loc>` bins by
-`task_text.encode_box`, the inverse of the parser the model's answers go through.
+`parse.encode_box`, the inverse of the parser the model's answers go through.
 
 Masks (`segmentation`: polygons, or RLE, uncompressed or compressed) become 16 `<seg>` codes:
 the mask cropped to the box (whole pixels, as the decoder pastes it), resized to 64x64
@@ -41,10 +41,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .. import task_text
 from ..errors import ImageError, PgEdgeError
-from ..image_limits import check_header
-from ..model_tasks import rle_to_mask
+from ..inputs.images import check_header
+from ..tasks import parse, prompts
+from ..tasks.calls import rle_to_mask
 from .data import MAX_REPORTED, DataError, Example
 
 MAX_BYTES = 1 << 30  # a COCO file is parsed whole in memory (several times its size)
@@ -203,7 +203,7 @@ def read_coco(source: str | os.PathLike, options: CocoOptions = CocoOptions(),
             bad.append(f"categories[{i}]: needs an integer id and a string name")
             continue
         try:
-            name = task_text.detect([c["name"]])[len("detect "):]
+            name = prompts.detect([c["name"]])[len("detect "):]
         except PgEdgeError as err:
             bad.append(f"categories[{i}]: {err}")
             continue
@@ -348,7 +348,7 @@ def _encode_masks(with_masks: list, vae, src: Path) -> None:
 def _examples(images, objects, cats, task: str, prompt: str, src: Path) -> list[Example]:
     names = [cats[k] for k in sorted(cats)]
     order = {k: n for n, k in enumerate(sorted(cats))}
-    make = task_text.segment if task == "segment" else task_text.detect
+    make = prompts.segment if task == "segment" else prompts.detect
     examples = []
     for image_id in sorted(images):
         path, w, h = images[image_id]
@@ -356,7 +356,7 @@ def _examples(images, objects, cats, task: str, prompt: str, src: Path) -> list[
         groups = [names] if prompt == "all" else [[n] for n in names]
         for group in groups:
             answer = " ; ".join(
-                task_text.encode_box(o[0], (w, h)) + "".join(f"<seg{c:03d}>" for c in (o[2] or ()))
+                parse.encode_box(o[0], (w, h)) + "".join(f"<seg{c:03d}>" for c in (o[2] or ()))
                 + f" {cats[o[1]]}" for o in objs if cats[o[1]] in group)
             examples.append(Example(path, make(group), answer, f"{src.name} image {image_id}"))
     return examples

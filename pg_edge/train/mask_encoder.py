@@ -41,7 +41,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise PgEdgeError(f"VQ-VAE file not found: {path}")
     if path.suffix == ".safetensors":
-        from ..safetensors_check import load_safetensors
+        from ..checkpoint.safetensors_check import load_safetensors
 
         weights, _ = load_safetensors(path)
         return {k: np.asarray(v.astype(mx.float32)) for k, v in weights.items()}

@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import pg_edge
-    from pg_edge.processor import load_image
+    from pg_edge.inputs.images import load_image
 
     image = load_image(args.image)  # a bad image or adapters folder fails before the model loads
     check_adapters(args.adapters)
