@@ -230,3 +230,13 @@ def test_a_huge_file_is_refused_before_it_is_read(photos, monkeypatch):
     monkeypatch.setattr(C, "MAX_BYTES", 100)
     with pytest.raises(DataError, match="are refused"):
         C.read_coco(src)
+
+
+def test_coco_options_on_jsonl_data_are_refused(photos, tmp_path, capsys):
+    jsonl = photos / "train.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "prefix": "caption en", "suffix": "grey"}) + "\n")
+    out = tmp_path / "run"
+    assert main(["finetune", "demo", "--data", str(jsonl), "--train", "lora", "--steps", "1", "-o", str(out),
+                 "--images", str(photos), "--coco-prompt", "each", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--images, --coco-prompt apply to COCO data" in err and not out.exists()

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.checkpoint.loader import load_model
     from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train.checkpoint import find_checkpoint, read_state
-    from pg_edge.train.coco import CocoOptions
+    from pg_edge.train.coco import CocoOptions, is_coco
     from pg_edge.train.data import load_dataset
     from pg_edge.train.export import save_adapters, save_fused
     from pg_edge.train.trainer import Trainer
@@ -153,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
     check_output(out, bool(args.force or ckpt), kind="training", inputs=[folder, args.data, args.valid, args.images],
                  hint=f"pass --resume {out} to continue it or --force to replace it")
     size, n_img = config.vision.image_size, config.num_image_tokens
+    given = [f for f, v in (("--images", args.images), ("--vae", args.vae)) if v is not None] + [
+        f for f, v, d in (("--coco-task", args.coco_task, "auto"), ("--coco-prompt", args.coco_prompt, "all")) if v != d]
+    if given and not any(d and is_coco(d) for d in (args.data, args.valid)):
+        raise PgEdgeError(f"{', '.join(given)} apply to COCO data (a *.json --data or --valid); "
+                          f"{args.data} is not one")
     coco = CocoOptions(args.images, args.coco_task, args.coco_prompt, args.vae)
     note = (lambda text: None) if args.quiet else (lambda text: print(f"note: {text}", file=sys.stderr))
     train = load_dataset(args.data, tokenizer, size, n_img, args.max_len, context=context, coco=coco, note=note)
