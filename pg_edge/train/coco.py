@@ -243,6 +243,7 @@ def read_coco(source: str | os.PathLike, options: CocoOptions = CocoOptions(),
     if not_done:
         note(f"{src.name}: {not_done} image(s) the labelling run did not finish are left out")
 
+    all_ids = {im["id"] for im in coco["images"] if isinstance(im, dict) and _int(im.get("id"))}
     objects: dict[int, list] = {k: [] for k in images}
     crowd, with_masks, no_mask = 0, [], []
     ids = set()
@@ -258,8 +259,7 @@ def read_coco(source: str | os.PathLike, options: CocoOptions = CocoOptions(),
             bad.append(f"annotations[{i}]: category_id {a['category_id']} is not in categories")
             continue
         if a["image_id"] not in images:
-            if not any(_int(im.get("id")) and im["id"] == a["image_id"] for im in coco["images"]
-                       if isinstance(im, dict)):
+            if a["image_id"] not in all_ids:
                 bad.append(f"annotations[{i}]: image_id {a['image_id']} is not in images")
             continue  # an image left out (not finished, or bad: reported above)
         if a.get("iscrowd"):
