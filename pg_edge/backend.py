@@ -32,6 +32,7 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu import qmv
 from .errors import PgEdgeError
 
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
@@ -147,6 +148,10 @@ def _quantized_piece(layer, x, lo, hi, dense, stream):
 def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     """x float[..., in] @ dequant(weight).T -> float[..., out] in x's dtype, the CPU way."""
     rows = x.size // x.shape[-1]
+    if (rows <= qmv.MAX_ROWS and not layer.training and not getattr(_local, "tracing", False)
+            and qmv.supports(layer, x)):
+        # decode: pg_edge's compiled matvec when built (pg_edge.cpu.qmv), on all cores itself
+        return qmv.product(layer, x)
     out_rows, in_size = layer["scales"].shape[0], x.shape[-1]
     elements = out_rows * in_size
     dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
