@@ -8,8 +8,9 @@
 // scales and biases row-contiguous. Output [..., N] in the promoted dtype of x and scales.
 // bits 4 and 8, group size 32 / 64 / 128. Computed per row as
 //   sum_g scale[g] * (x_g . q_g) + sum_g bias[g] * sum(x_g)
-// in float32 (AVX2 + FMA when the CPU has them, checked at run time; plain C++ otherwise),
-// output rows split over a small pool of threads (one per core this process may use).
+// in float32 (AVX-512F, else AVX2 + FMA, when the CPU has them, checked at run time; plain C++
+// otherwise; PG_EDGE_QMV_SIMD=avx2|portable caps the choice), output rows split over a small
+// pool of threads (one per core this process may use; PG_EDGE_QMV_THREADS sets it).
 #include "qmv.h"
 
 #include <algorithm>
@@ -161,6 +162,24 @@ void store(void* p, Dtype t, size_t i, float v) {
   }
 }
 
+// n values from p + off, any of the three float dtypes, into dst as float32 (one type switch,
+// then a loop the compiler vectorises: bfloat16 -> float32 is a 16-bit shift).
+void load_floats(const void* p, Dtype t, size_t off, int n, float* dst) {
+  switch (t) {
+    case float32:
+      std::memcpy(dst, static_cast<const float*>(p) + off, n * sizeof(float));
+      break;
+    case bfloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(p) + off;
+      uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+      for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(src[i]) << 16;
+      break;
+    }
+    default:
+      for (int i = 0; i < n; ++i) dst[i] = to_float(p, t, off + i);
+  }
+}
+
 // What one call computes on: x in float32, per x row both as read (xs) and permuted (xp) for
 // the AVX2 blocks, and each row's group sums.
 struct Job {
@@ -170,7 +189,8 @@ struct Job {
   const void* biases;
   Dtype sdt;
   std::vector<float> xs, xp, xsum;  // [M, K], [M, K], [M, K / gs]
-  bool avx2;
+  int simd;   // 0 portable, 1 AVX2 + FMA, 2 AVX-512F
+  int lanes;  // float lanes of the vector kernel (xp's permutation): 8 or 16
 };
 
 // ------------------------------------------------------------------ portable kernel
@@ -211,24 +231,18 @@ void rows_portable(const Job& j, int lo, int hi, float* out) {
 // (xp[block * B + j * 8 + i] = x[block * B + i * per_word + j]).
 template <int BITS, int MB>
 __attribute__((target("avx2,fma"))) void rows_avx2(
-    const Job& j, int lo, int hi, int m0, float* out, const float* scale_row_buf) {
+    const Job& j, int lo, int hi, int m0, float* out) {
   constexpr int PER_WORD = 32 / BITS;
   constexpr int B = 8 * PER_WORD;
   const int words = j.K / PER_WORD, groups = j.K / j.gs, blocks = j.K / B;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int gshift = __builtin_ctz(j.gs);  // group sizes are powers of two
   std::vector<float> sc(groups), bi(groups);
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
     const size_t s0 = static_cast<size_t>(n) * groups;
-    if (j.sdt == float32) {
-      std::memcpy(sc.data(), static_cast<const float*>(j.scales) + s0, groups * sizeof(float));
-      std::memcpy(bi.data(), static_cast<const float*>(j.biases) + s0, groups * sizeof(float));
-    } else {
-      for (int g = 0; g < groups; ++g) {
-        sc[g] = to_float(j.scales, j.sdt, s0 + g);
-        bi[g] = to_float(j.biases, j.sdt, s0 + g);
-      }
-    }
+    load_floats(j.scales, j.sdt, s0, groups, sc.data());
+    load_floats(j.biases, j.sdt, s0, groups, bi.data());
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
@@ -248,16 +262,21 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
         }
       }
       __m256 sv;
-      const int e0 = b * B;
+      const int g0 = (b * B) >> gshift;
       if (j.gs >= B) {
-        sv = _mm256_set1_ps(sc[e0 / j.gs]);
+        sv = _mm256_set1_ps(sc[g0]);
       } else {  // 4 bits, group 32: lanes 0-3 in one group, 4-7 in the next
-        sv = _mm256_set_m128(_mm_set1_ps(sc[e0 / j.gs + 1]), _mm_set1_ps(sc[e0 / j.gs]));
+        sv = _mm256_set_m128(_mm_set1_ps(sc[g0 + 1]), _mm_set1_ps(sc[g0]));
       }
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(d0[m], d1[m]), sv, acc[m]);
     }
     for (int m = 0; m < MB; ++m) {
       const int mm = m0 + m;
+      const float* xsum = j.xsum.data() + static_cast<size_t>(mm) * groups;
+      int g = 0;
+      for (; g + 8 <= groups; g += 8) {  // the biases' term, 8 groups at a time
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(bi.data() + g), _mm256_loadu_ps(xsum + g), acc[m]);
+      }
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
@@ -271,44 +290,133 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
         }
         total += sc[wi * PER_WORD / j.gs] * dot;
       }
+      for (; g < groups; ++g) total += bi[g] * xsum[g];
+      out[static_cast<size_t>(mm) * j.N + n] = total;
+    }
+  }
+}
+
+// The same with 512-bit vectors: one block = 16 words, lane i of shift j holds element
+// i * per_word + j of the block; a block may span up to 4 groups (4 bits, group 32), whose
+// scales are spread over the lanes by one permute.
+template <int BITS, int MB>
+__attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi, int m0, float* out) {
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr int B = 16 * PER_WORD;
+  const int words = j.K / PER_WORD, groups = j.K / j.gs, blocks = j.K / B;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int gshift = __builtin_ctz(j.gs);  // group sizes are powers of two
+  alignas(64) int idx[16];
+  for (int i = 0; i < 16; ++i) idx[i] = i * PER_WORD / j.gs;
+  const __m512i lane_group = _mm512_load_si512(idx);
+  const int per_block = B > j.gs ? B / j.gs : 1;  // groups in a block (1, 2 or 4)
+  const __mmask16 load_mask = static_cast<__mmask16>((1u << per_block) - 1);
+  std::vector<float> sc(groups), bi(groups);
+  for (int n = lo; n < hi; ++n) {
+    const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
+    const size_t s0 = static_cast<size_t>(n) * groups;
+    load_floats(j.scales, j.sdt, s0, groups, sc.data());
+    load_floats(j.biases, j.sdt, s0, groups, bi.data());
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; ++b) {
+      const __m512i wv = _mm512_loadu_si512(wr + b * 16);
+      __m512 d0[MB], d1[MB];
+      for (int m = 0; m < MB; ++m) d0[m] = d1[m] = _mm512_setzero_ps();
+      const float* xb = j.xp.data() + static_cast<size_t>(m0) * j.K + b * B;
+#pragma GCC unroll 8
+      for (int s = 0; s < PER_WORD; ++s) {
+        const __m512i qi = s == 0 ? wv : _mm512_srli_epi32(wv, s * BITS);
+        // 4 bits: the table lookup reads the low 4 bits of each lane (no mask, no int->float
+        // conversion: both would compete with the shifts for one port); 8 bits: mask + convert
+        const __m512 q = BITS == 4 ? _mm512_permutexvar_ps(qi, table)
+            : _mm512_cvtepi32_ps(s + 1 < PER_WORD ? _mm512_and_si512(qi, mask) : qi);
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_loadu_ps(xb + static_cast<size_t>(m) * j.K + s * 16);
+          if (s & 1) d1[m] = _mm512_fmadd_ps(q, xv, d1[m]);
+          else d0[m] = _mm512_fmadd_ps(q, xv, d0[m]);
+        }
+      }
+      const int g0 = (b * B) >> gshift;
+      const __m512 sv = per_block == 1
+          ? _mm512_set1_ps(sc[g0])
+          : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(load_mask, sc.data() + g0));
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(d0[m], d1[m]), sv, acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int mm = m0 + m;
+      // the biases' term, sum_g bias[g] * sum(x_g), in the same vector before the reduction
       const float* xsum = j.xsum.data() + static_cast<size_t>(mm) * groups;
-      for (int g = 0; g < groups; ++g) total += bi[g] * xsum[g];
+      for (int g = 0; g < groups; g += 16) {
+        const __mmask16 k = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+        acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bi.data() + g), _mm512_maskz_loadu_ps(k, xsum + g), acc[m]);
+      }
+      float total = _mm512_reduce_add_ps(acc[m]);
+      const float* x = j.xs.data() + static_cast<size_t>(mm) * j.K;
+      for (int wi = blocks * 16; wi < words; ++wi) {
+        float dot = 0.f;
+        for (int e = 0; e < PER_WORD; ++e) {
+          dot += static_cast<float>((wr[wi] >> (e * BITS)) & ((1u << BITS) - 1)) * x[wi * PER_WORD + e];
+        }
+        total += sc[wi * PER_WORD / j.gs] * dot;
+      }
       out[static_cast<size_t>(mm) * j.N + n] = total;
     }
   }
 }
 
 template <int BITS>
-void rows_avx2_all(const Job& j, int lo, int hi, float* out) {
+void rows_avx512_all(const Job& j, int lo, int hi, float* out) {
   int m = 0;
-  for (; m + 4 <= j.M; m += 4) rows_avx2<BITS, 4>(j, lo, hi, m, out, nullptr);
+  for (; m + 4 <= j.M; m += 4) rows_avx512<BITS, 4>(j, lo, hi, m, out);
   switch (j.M - m) {
-    case 3: rows_avx2<BITS, 3>(j, lo, hi, m, out, nullptr); break;
-    case 2: rows_avx2<BITS, 2>(j, lo, hi, m, out, nullptr); break;
-    case 1: rows_avx2<BITS, 1>(j, lo, hi, m, out, nullptr); break;
+    case 3: rows_avx512<BITS, 3>(j, lo, hi, m, out); break;
+    case 2: rows_avx512<BITS, 2>(j, lo, hi, m, out); break;
+    case 1: rows_avx512<BITS, 1>(j, lo, hi, m, out); break;
     default: break;
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    if (const char* env = std::getenv("PG_EDGE_QMV_SIMD")) {
-      if (std::strcmp(env, "portable") == 0) return false;
-    }
+template <int BITS>
+void rows_avx2_all(const Job& j, int lo, int hi, float* out) {
+  int m = 0;
+  for (; m + 4 <= j.M; m += 4) rows_avx2<BITS, 4>(j, lo, hi, m, out);
+  switch (j.M - m) {
+    case 3: rows_avx2<BITS, 3>(j, lo, hi, m, out); break;
+    case 2: rows_avx2<BITS, 2>(j, lo, hi, m, out); break;
+    case 1: rows_avx2<BITS, 1>(j, lo, hi, m, out); break;
+    default: break;
+  }
+}
+
+int cpu_simd() {
+  static const int level = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int best = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+    if (best == 1 && __builtin_cpu_supports("avx512f")) best = 2;
+    if (const char* env = std::getenv("PG_EDGE_QMV_SIMD")) {  // cap it (tests, comparisons)
+      if (std::strcmp(env, "portable") == 0) best = 0;
+      if (std::strcmp(env, "avx2") == 0) best = std::min(best, 1);
+    }
+    return best;
   }();
-  return has;
+  return level;
 }
 #else
-bool cpu_has_avx2() {
-  return false;
+int cpu_simd() {
+  return 0;
 }
 #endif
 
 void rows(const Job& j, int lo, int hi, float* out) {
 #ifdef QMV_X86
-  if (j.avx2) {
+  if (j.simd == 2) {
+    if (j.bits == 4) return rows_avx512_all<4>(j, lo, hi, out);
+    if (j.bits == 8) return rows_avx512_all<8>(j, lo, hi, out);
+  }
+  if (j.simd == 1) {
     if (j.bits == 4) return rows_avx2_all<4>(j, lo, hi, out);
     if (j.bits == 8) return rows_avx2_all<8>(j, lo, hi, out);
   }
@@ -316,9 +424,10 @@ void rows(const Job& j, int lo, int hi, float* out) {
   rows_portable(j, lo, hi, out);
 }
 
-// Reads x (any strides) into float32: xs [M, K] as is, xp [M, K] permuted per block, xsum.
+// Reads x (any strides) into float32: xs [M, K] as is, xp [M, K] permuted per block of the
+// vector kernel (xp[b * B + j * lanes + i] = x[b * B + i * per_word + j]), xsum.
 void prepare_x(Job& j, const array& x) {
-  const int per_word = 32 / j.bits, B = 8 * per_word, groups = j.K / j.gs;
+  const int per_word = 32 / j.bits, L = j.lanes, B = L * per_word, groups = j.K / j.gs;
   j.xs.resize(static_cast<size_t>(j.M) * j.K);
   j.xp.resize(j.xs.size());
   j.xsum.assign(static_cast<size_t>(j.M) * groups, 0.f);
@@ -339,7 +448,7 @@ void prepare_x(Job& j, const array& x) {
     const int whole = j.K / B * B;  // the rest (a part block) is read from xs
     for (int k = 0; k < whole; ++k) {
       const int b = k / B, r = k % B;
-      xp[b * B + (r % per_word) * 8 + r / per_word] = xs[k];
+      xp[b * B + (r % per_word) * L + r / per_word] = xs[k];
     }
     for (int k = 0; k < j.K; ++k) j.xsum[static_cast<size_t>(m) * groups + k / j.gs] += xs[k];
   }
@@ -373,7 +482,7 @@ void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<arr
                     biases = array::unsafe_weak_copy(biases), out = array::unsafe_weak_copy(out),
                     M, N, K, gs = group_size_, bits = bits_]() mutable {
     Job j{M, N, K, gs, bits, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-          scales.dtype(), {}, {}, {}, cpu_has_avx2()};
+          scales.dtype(), {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
     prepare_x(j, x);
     std::vector<float> tmp;
     float* res = out.dtype() == float32 ? out.data<float>() : nullptr;
@@ -438,7 +547,8 @@ array quantized_matvec(const array& x, const array& w, const array& scales, cons
 }
 
 const char* simd() {
-  return cpu_has_avx2() ? "avx2" : "portable";
+  static const char* names[] = {"portable", "avx2", "avx512"};
+  return names[cpu_simd()];
 }
 
 int threads() {
