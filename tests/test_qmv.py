@@ -52,9 +52,11 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_equals_mlx_quantized_matmul(ext, bits, gs):
-    # odd row counts, a K that leaves a part block (4 bits / group 32: 160 = 2.5 blocks of 64),
+    # odd row counts, K that leave a part block (160, 448: the tail of the vector kernels),
     # batch 1 and more, x with leading dims
     shapes = [((1, 256), 37), ((3, 384), 129), ((5, 256), 1), ((2, 1, 640), 63), ((1, 2304), 999)]
+    if gs <= 64:  # K past the last whole vector block (AVX-512: 128 elements at 4 bits)
+        shapes.append(((2, 448), 33))
     if gs == 32:
         shapes.append(((1, 160), 65))
     for i, (xshape, n) in enumerate(shapes):
@@ -80,27 +82,29 @@ def test_big_product_over_threads_and_strided_x(ext):
     assert mx.array_equal(y[:1], y0)
 
 
-def test_portable_kernel_and_one_thread(ext):
-    """The plain C++ kernel (CPUs without AVX2, forced here by PG_EDGE_QMV_SIMD) and a pool of
-    one thread give the same product, in a fresh process (both are read once)."""
+@pytest.mark.parametrize("simd", ["avx2", "portable"])
+def test_lower_kernels_and_one_thread(ext, simd):
+    """The AVX2 kernel and the plain C++ one (CPUs without AVX-512 / AVX2: PG_EDGE_QMV_SIMD caps
+    the choice) and a pool of one thread give the same product, in a fresh process (both are
+    read once). On a CPU without AVX2 the "avx2" run is the portable kernel again."""
     code = """
 import mlx.core as mx
 from pg_edge.cpu import qmv
 m = qmv.module()
 print(m.simd(), m.threads())
-for bits, gs in [(4, 32), (4, 64), (8, 128)]:
-    w = mx.random.normal((301, 640), key=mx.random.key(bits + gs)) * 0.05
+for bits, gs in [(4, 32), (4, 64), (8, 128), (8, 32)]:
+    w = mx.random.normal((301, 640 + 32 * (gs == 32)), key=mx.random.key(bits + gs)) * 0.05
     wq, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=gs, bits=bits)
-    x = mx.random.normal((3, 640), key=mx.random.key(1))
+    x = mx.random.normal((3, w.shape[1]), key=mx.random.key(1))
     ref = mx.quantized_matmul(x, wq, s.astype(mx.float32), b.astype(mx.float32), transpose=True, group_size=gs, bits=bits)
     y = m.quantized_matvec(x, wq, s, b, gs, bits)
     print(float(mx.max(mx.abs(y - ref)) / mx.max(mx.abs(ref))))
 """
-    env = dict(os.environ, PG_EDGE_QMV_SIMD="portable", PG_EDGE_QMV_THREADS="1")
+    env = dict(os.environ, PG_EDGE_QMV_SIMD=simd, PG_EDGE_QMV_THREADS="1")
     env.pop("PG_EDGE_QMV", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out[:2] == ["portable", "1"]
-    assert all(float(e) < 2e-5 for e in out[2:]) and len(out) == 5
+    assert out[0] in ((simd, "portable") if simd == "avx2" else ("portable",)) and out[1] == "1"
+    assert all(float(e) < 2e-5 for e in out[2:]) and len(out) == 6
 
 
 def test_bad_input_is_a_clear_error(ext):
