@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pg_edge import backend  # noqa: E402
+from pg_edge.cpu import products, streams  # noqa: E402
 from pg_edge.cpu import qmv  # noqa: E402
 
 HIDDEN, LAYERS = 2304, 26
@@ -64,7 +64,7 @@ def layer(n: int, k: int, seed: int) -> nn.QuantizedLinear:
     wq, s, b = mx.quantize(w, group_size=64, bits=4)
     q.update({"weight": wq, "scales": s, "biases": b})
     q.eval()
-    q.__class__ = backend.CpuQuantizedLinear
+    q.__class__ = products.CpuQuantizedLinear
     mx.eval(q.parameters())
     return q
 
@@ -74,7 +74,7 @@ def nbytes(q) -> int:
 
 
 def mlx_one_stream(q, x):
-    s, b = backend.float32_scales(q)
+    s, b = products.float32_scales(q)
     return mx.quantized_matmul(x, q["weight"], s, b, transpose=True, group_size=64, bits=4)
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LAYERS, help="distinct layer copies in the step")
     ap.add_argument("--read-mb", type=int, default=2048, help="size of the bandwidth read")
     args = ap.parse_args()
-    print(f"quantized matvec: {qmv.kernel()}; MLX {mx.__version__}; {backend.stream_count()} CPU streams")
+    print(f"quantized matvec: {qmv.kernel()}; MLX {mx.__version__}; {streams.stream_count()} CPU streams")
     if qmv.module() is None:
         sys.exit("build it first: python -m pg_edge.cpu.qmv build")
     products = {name: layer(n, k, i) for i, (name, (n, k)) in enumerate(PRODUCTS.items())}

@@ -13,8 +13,8 @@ folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle
 the sizes it was traced for (image size, image tokens, prompt lengths, cache length, vocabulary,
 cache shape) in its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
-The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
-place: an interrupted export leaves nothing) and pg_edge.outputs' rule (check_output: never the
+The bundle is written with pg_edge.checkpoint.folder's atomic_folder (a temporary folder renamed into
+place: an interrupted export leaves nothing) and pg_edge.checkpoint.output_check' rule (check_output: never the
 model folder, inside it or around it; --force replaces only a pg-edge bundle).
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
-from ..folder import atomic_folder, quantization_section
-from ..outputs import check_output, local_input
-from .. import backend, load
-from ..prompt_check import context_length
+from ..checkpoint.folder import atomic_folder, quantization_section
+from ..checkpoint.output_check import check_output, local_input
+from .. import cpu, load
+from ..inputs.checks import context_length
 from . import graphs
 
 FORMAT = "pg-edge-bundle"
@@ -106,7 +106,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
-    with backend.for_tracing(pg.model):  # tracing: no eval inside the graphs
+    with cpu.for_tracing():  # tracing: no eval inside the graphs
         _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
 
 
