@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 
 from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.checkpoint.folder import HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config, resolve
+from pg_edge.checkpoint.folder import (HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config,
+                                        resolve)
 from pg_edge.model.paligemma import PaliGemmaModel
 from pg_edge.checkpoint.output_check import check_output, local_input
 from pg_edge.inputs.processor import Tokenizer

@@ -33,7 +33,7 @@ from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
 from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
 from .checkpoint.folder import resolve
-from .checkpoint.loader import load_model
+from .checkpoint.loader import load_folder
 from .model.paligemma import PaliGemmaModel
 from .inputs.images import ImageInput
 from .inputs.processor import Inputs, Processor, Tokenizer
@@ -197,7 +197,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
         raise PgEdgeError(f"kv_bits must be 8 or None, got {kv_bits!r}")
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-    model, config, folder = load_model(folder, dtype=dtype)
+    model, config = load_folder(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     model.set_attention(attention)
     model.kv_bits = kv_bits

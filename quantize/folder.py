@@ -24,7 +24,8 @@ from pathlib import Path
 
 from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.checkpoint.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve
+from pg_edge.checkpoint.folder import (FolderWriter, Progress, check_output, is_quantized, read_config,
+                                        resolve)
 from pg_edge.eval.metrics import combine, compare_logits
 from pg_edge.checkpoint.stream_convert import Source, open_source, output_shapes, write
 from pg_edge.checkpoint.stream_convert import plan as stream_plan

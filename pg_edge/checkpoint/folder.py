@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .. import __version__
+from ..errors import CheckpointError, PgEdgeError
 from ..model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
-from .safetensors_check import read_json
-from ..errors import CheckpointError, PgEdgeError
-from .output_check import check_output
 from .hub import download, looks_local
-from .safetensors_check import load_safetensors, read_index
+from .output_check import check_output
+from .safetensors_check import load_safetensors, read_index, read_json
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -53,6 +52,7 @@ SIDE_FILES = (
 )
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX = "model.safetensors.index.json"
+VAE_FILE = "vae.safetensors"  # the segmentation mask decoder, beside the weights (pg_edge.tasks.calls)
 MAX_SHARD_BYTES = 4 << 30  # what HF and mlx-lm use: one shard stays loadable on small machines
 
 
@@ -106,9 +106,8 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index.name} lists missing shard(s): {', '.join(missing)}")
         return files
-    # vae.safetensors (the segmentation mask decoder, see tasks.calls.VAE_FILE) may sit beside
-    # the weights; it is no part of the model.
-    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "vae.safetensors")
+    # The segmentation mask decoder (VAE_FILE) may sit beside the weights; it is no part of the model.
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != VAE_FILE)
     if not files:
         pickled = [f.name for f in folder.iterdir() if f.name.endswith(REFUSED_SUFFIXES)]
         if pickled:
@@ -120,17 +119,12 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_shard(f: Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of one safetensors file, its header checked in Python first
-    (pg_edge.checkpoint.safetensors_check), with a one-line error when corrupt."""
-    return load_safetensors(f)
-
-
 def iter_shards(folder: Path) -> Iterator[tuple[Path, dict, dict]]:
-    """(file, tensors, metadata) per weight file; memory stays near one shard."""
+    """(file, tensors, metadata) per weight file, each header checked in Python first
+    (pg_edge.checkpoint.safetensors_check); memory stays near one shard."""
     seen: dict[str, str] = {}
     for f in weight_files(folder):
-        tensors, meta = read_shard(f)
+        tensors, meta = load_safetensors(f)
         for k in tensors:  # a tensor in two shards would silently replace the first copy
             if seen.setdefault(k, f.name) != f.name:
                 raise CheckpointError(f"tensor {k} is in both {seen[k]} and {f.name}")

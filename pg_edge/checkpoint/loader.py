@@ -16,9 +16,9 @@ import mlx.nn as nn
 
 from .. import cpu
 from ..errors import CheckpointError
-from .folder import iter_shards, quantization_section, read_config, resolve
 from ..model.config import PaliGemmaConfig
 from ..model.paligemma import PaliGemmaModel
+from .folder import iter_shards, quantization_section, read_config, resolve
 from .weights import sanitize
 
 
@@ -71,10 +71,16 @@ def load_weights(folder: Path, config: PaliGemmaConfig) -> dict:
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[PaliGemmaModel, PaliGemmaConfig, Path]:
-    """(model, config, folder). `dtype` casts float weights (e.g. mx.float32 for parity)."""
+    """(model, config, folder) for a folder or hub id. `dtype` casts float weights (e.g.
+    mx.float32 for parity)."""
     folder = resolve(path_or_id)
+    return *load_folder(folder, dtype), folder
+
+
+def load_folder(folder: Path, dtype: mx.Dtype | None = None) -> tuple[PaliGemmaModel, PaliGemmaConfig]:
+    """(model, config) for a folder `resolve` has already found (pg_edge.load resolves once)."""
     config = read_config(folder)
     weights = load_weights(folder, config)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    return build_model(config, weights), config, folder
+    return build_model(config, weights), config

@@ -14,7 +14,7 @@ the sizes it was traced for (image size, image tokens, prompt lengths, cache len
 cache shape) in its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
 The bundle is written with pg_edge.checkpoint.folder's atomic_folder (a temporary folder renamed into
-place: an interrupted export leaves nothing) and pg_edge.checkpoint.output_check' rule (check_output: never the
+place: an interrupted export leaves nothing) and pg_edge.checkpoint.output_check's rule (check_output: never the
 model folder, inside it or around it; --force replaces only a pg-edge bundle).
 """
 from __future__ import annotations

@@ -146,7 +146,7 @@ def _upright(img: Image.Image) -> Image.Image:
 
 
 def normalise_mode(img: Image.Image, name: str = "<image>") -> Image.Image:
-    """Modes the processor cannot turn into RGB faithfully -> 8-bit ones ("L")."""
+    """Modes `to_rgb` cannot turn into RGB faithfully -> 8-bit ones ("L")."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img)
         if img.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535 and a.max() > 255):

@@ -26,12 +26,12 @@ from typing import Sequence
 import numpy as np
 
 from . import parse, prompts
+from ..checkpoint.folder import VAE_FILE
 from ..errors import PgEdgeError
 from ..generate import GenerationResult
 from ..inputs.images import ImageInput, load_image, to_rgb
 from .parse import DetectedObject, Skipped
 
-VAE_FILE = "vae.safetensors"  # the mask decoder's name inside a model folder
 
 
 @dataclass

@@ -37,3 +37,21 @@ def test_unknown_hub_id_offline_is_a_clear_error(hub_cache, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "pg-edge-test/not-there" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_load_resolves_a_hub_id_once(hub_cache, monkeypatch):
+    """pg_edge.load finds the folder once (the tokenizer and the weights are read from it)."""
+    import pg_edge.checkpoint.folder as folder
+    import pg_edge.checkpoint.loader as loader
+    import pg_edge.pipeline as pipeline
+
+    seen, real = [], folder.resolve
+
+    def counting(path_or_id, *args, **kwargs):
+        seen.append(str(path_or_id))
+        return real(path_or_id, *args, **kwargs)
+
+    for module in (folder, loader, pipeline):
+        monkeypatch.setattr(module, "resolve", counting)
+    pg_edge.load("pg-edge-test/tiny-pg1").close()
+    assert seen == ["pg-edge-test/tiny-pg1"]

@@ -54,7 +54,7 @@ uint8_t over_white(uint32_t c, uint32_t a) {
   return static_cast<uint8_t>(div255(t + (0x80u << PB)) >> PB);
 }
 
-// pg_edge.inputs.images' pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
+// pg_edge.inputs.images's pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
 // from the header before any pixel is decoded.
 void check_pixels(long long w, long long h, const std::string& path) {
   const char* env = std::getenv("PG_EDGE_MAX_IMAGE_PIXELS");
