@@ -27,8 +27,8 @@ import pg_edge  # noqa: E402,F401  (first: it loads the fast BLAS before MLX, pg
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from pg_edge.config import PaliGemmaConfig  # noqa: E402
-from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
+from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               patch_size=14, model_type="siglip_vision_model", vision_use_head=False)
