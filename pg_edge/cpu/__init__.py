@@ -6,7 +6,8 @@ Read in this order:
                    many rows, products split by output rows over the streams
     ops.py         leaner RMSNorm / RoPE / softcap graphs, and CpuRMSNorm
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
-    layers.py      prefill evaluated layer by layer; float32 activations for quantized decoders
+    layers.py      prefill evaluated layer by layer; float32 vision for 16-bit and quantized models,
+                   float32 activations for quantized decoders
 
 `apply(model)` is called once at load (pg_edge.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
