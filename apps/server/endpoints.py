@@ -4,7 +4,7 @@
     GET  /v1/models               the one model this server runs
     POST /v1/chat/completions     OpenAI chat format (apps/server/openai_format.py); stream: true = SSE
     POST /v1/detect, /v1/segment  {"image": data URL, "objects": "cat ; dog", ...} -> the JSON of
-                                  `pg-edge detect/segment --json` (pg_edge.model_tasks.to_json)
+                                  `pg-edge detect/segment --json` (pg_edge.tasks.calls.to_json)
 
 A request's image is fetched and its header read in the connection's thread (a bad one is a
 400 at once); it is decoded only once the Gate has admitted the request and holds its pixels
@@ -128,7 +128,7 @@ def segment(h) -> None:
 
 
 def _vision_task(h, task: str) -> None:
-    from pg_edge.model_tasks import to_json
+    from pg_edge.tasks.calls import to_json
 
     srv = h.server
     body = h.read_json()

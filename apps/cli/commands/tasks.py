@@ -1,16 +1,17 @@
-"""Task subcommands over pg_edge.model_tasks:
+"""Task subcommands over pg_edge.tasks.calls:
 
-    pg-edge caption MODEL --image I [--lang en]
+    pg-edge caption MODEL --image I [--lang en] [--adapters DIR]
     pg-edge ocr     MODEL --image I
     pg-edge ask     MODEL --image I "what is on the table?" [--lang en]
     pg-edge detect  MODEL --image I "cat ; dog" [-o boxes.png] [--json]
     pg-edge segment MODEL --image I "cat" [--vae vae.safetensors] [-o masks.png] [--json]
 
 Text goes to stdout (one line per object for detect/segment: label and box in pixels);
-`--json` prints pg_edge.model_tasks.to_json instead; `-o` saves the image with boxes, labels and
+`--json` prints pg_edge.tasks.calls.to_json instead; `-o` saves the image with boxes, labels and
 masks drawn (atomically; never over the input image, model or VAE, and over an existing file only
-if pg-edge drew it: pg_edge.outputs). Inputs are checked (image readable, output format known, VAE present) before the
-model is loaded.
+if pg-edge drew it: pg_edge.checkpoint.output_check). Inputs are checked (image readable, output format known, VAE present) before the
+model is loaded. Every task takes `--adapters DIR` (a `pg-edge finetune` export), so a detection or
+segmentation fine-tune gives parsed boxes and masks here as the base model does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_adapters_arg, add_sampling_args, check_adapters, sampling_kwargs
 
 TASKS = {
     "caption": "a short caption of the image",
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
                            "vae.safetensors in the model folder")
         if task in ("caption", "ask"):
             p.add_argument("--lang", default="en", help="language code of the answer (default en)")
+        add_adapters_arg(p)
         add_sampling_args(p)
         p.add_argument("--json", action="store_true",
                        help="print one JSON object: text, objects (boxes in pixels, masks as RLE), timings")
@@ -65,37 +67,38 @@ def _check_output(path: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pg_edge import model_tasks
+    from pg_edge.tasks import calls
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load
-    from pg_edge.processor import load_image
+    from pg_edge.inputs.images import load_image
 
-    from pg_edge.outputs import check_output, local_input, save_drawing
+    from pg_edge.checkpoint.output_check import check_output, local_input, save_drawing
 
     image = load_image(args.image)  # a bad image, output name or VAE fails before the model loads
     _check_output(getattr(args, "output", None))
+    check_adapters(args.adapters)
     vae = getattr(args, "vae", None)
     if vae is not None and not Path(vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {vae}")
     if getattr(args, "output", None):  # never an input; an existing file only if pg-edge drew it
-        check_output(args.output, True, kind="drawing", inputs=[args.image, local_input(args.model), vae])
-    pg = load(args.model)
+        check_output(args.output, True, kind="drawing", inputs=[args.image, local_input(args.model), vae, args.adapters])
+    pg = load(args.model, adapters=args.adapters)
     gen = sampling_kwargs(args)
     if args.task == "caption":
-        result = model_tasks.caption(pg, image, args.lang, **gen)
+        result = calls.caption(pg, image, args.lang, **gen)
     elif args.task == "ocr":
-        result = model_tasks.ocr(pg, image, **gen)
+        result = calls.ocr(pg, image, **gen)
     elif args.task == "ask":
-        result = model_tasks.ask(pg, image, args.question, args.lang, **gen)
+        result = calls.ask(pg, image, args.question, args.lang, **gen)
     elif args.task == "detect":
-        result = model_tasks.detect(pg, image, args.objects, **gen)
+        result = calls.detect(pg, image, args.objects, **gen)
     else:
-        result = model_tasks.segment(pg, image, args.objects, vae=vae, **gen)
+        result = calls.segment(pg, image, args.objects, vae=vae, **gen)
 
     if getattr(args, "output", None):
-        save_drawing(model_tasks.draw(result, image), args.output)
+        save_drawing(calls.draw(result, image), args.output)
     if args.json:
-        print(json.dumps(model_tasks.to_json(result)))
+        print(json.dumps(calls.to_json(result)))
     elif args.task in ("detect", "segment"):
         for obj in result.objects:
             box = ", ".join(f"{v:.1f}" for v in obj.box)
