@@ -11,7 +11,7 @@ import pytest
 
 from pg_edge import blas
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def info_in_child(code_before: str = "", **env) -> dict:
@@ -65,11 +65,11 @@ def test_parity_holds_with_the_fast_blas_off():
     """The transformers parity tests again, in a child pytest with PG_EDGE_BLAS=off (the suite
     itself runs with it on)."""
     env = {**os.environ, "PG_EDGE_BLAS": "off", "LD_PRELOAD": ""}
-    p = subprocess.run([sys.executable, "-m", "pytest", "tests/test_parity.py", "-x", "-rA",
+    p = subprocess.run([sys.executable, "-m", "pytest", "tests/parity/test_parity.py", "-x", "-rA",
                         "-k", "last_logits or greedy_20"],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout[-2000:]
-    assert p.stdout.count("PASSED tests/test_parity.py") == 6, p.stdout[-2000:]  # 2 versions x 2 sizes + 2
+    assert p.stdout.count("PASSED tests/parity/test_parity.py") == 6, p.stdout[-2000:]  # 2 versions x 2 sizes + 2
 
 
 def test_pg_edge_bench_says_which_blas_and_its_speed(converted, capsys):
