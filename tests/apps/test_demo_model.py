@@ -150,7 +150,8 @@ def test_make_demo_writes_annotated_pictures(tmp_path, demo_pg):
     from pg_edge.tasks.draw import color_for, line_width
 
     make = (ROOT / "Makefile").read_text()
-    assert "demo: runtime\n\t$(PY) -m apps.demo\n" in make
+    recipe = make.split("\ndemo: ", 1)[1].split("\n\n", 1)[0]  # prerequisites + commands
+    assert recipe.startswith("runtime") and "\t$(PY) -m apps.demo" in recipe
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "apps.demo", "--out", str(out)], cwd=tmp_path, env=env,

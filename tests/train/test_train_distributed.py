@@ -99,4 +99,6 @@ def main(model_dir: str, data_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers")]
+    import pg_edge  # noqa: F401  before mlx.core: the same BLAS as the test's process (pg_edge/blas.py)
+
     main(*sys.argv[1:4])
