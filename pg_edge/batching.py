@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -69,7 +70,7 @@ class Batch:
     """The rows decoding together and their KV caches; used on the worker thread only."""
 
     def __init__(self, pg):
-        self.pg = pg
+        self.pg = weakref.proxy(pg)  # no cycle: a dropped PaliGemma is freed at once
         self.model = pg.model
         self.rows: list[Request] = []
         self.caches: list[KVCache] | None = None
@@ -77,6 +78,14 @@ class Batch:
         self.limit = self.model.config.real_vocab_size
         self.cap = self.model.config.text.final_logit_softcapping
         self._bias = None
+        # What the rows are handed, sent by flush() once the step's work is done (a caller
+        # that has its result then finds the worker no longer using the model's objects).
+        self.outbox: list[tuple[_Job, object]] = []
+
+    def flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        for channel, item in out:
+            channel.out.put(item)
 
     def bias(self, V: int) -> mx.array:
         if self._bias is None or self._bias.shape[0] != V:
@@ -135,7 +144,7 @@ class Batch:
                 r.tokens.append(t)
                 piece = r.detok.add_token(t)
                 if piece:
-                    r.channel.out.put(Chunk(piece, t))
+                    self.outbox.append((r.channel, Chunk(piece, t)))
                 if len(r.tokens) >= r.max_tokens:
                     self._finish(r, "length")
                 else:
@@ -150,8 +159,7 @@ class Batch:
             text=r.detok.text, tokens=r.tokens, prompt_tokens=len(r.ids), finish_reason=reason,
             prompt_seconds=r.t_first - r.t_admit - r.vision_s, generation_seconds=t_end - r.t_first,
             vision_seconds=r.vision_s, peak_memory_gb=mx.get_peak_memory() / 1e9)
-        r.channel.out.put(Chunk(tail, None, result))
-        r.channel.out.put(_DONE)
+        self.outbox += [(r.channel, Chunk(tail, None, result)), (r.channel, _DONE)]
 
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
@@ -173,7 +181,7 @@ class Batch:
 
     def fail_all(self, err: BaseException) -> None:
         for r in self.rows:
-            r.fail(err)
+            self.outbox.append((r.channel, (_DONE, err)))
         self.rows, self.caches, self.valid = [], None, np.zeros((0, 0), dtype=bool)
 
     # -- 3. one decode step --------------------------------------------------------------------
@@ -209,12 +217,12 @@ class Batch:
     def step(self, admit: list[Request]) -> None:
         """Admit `admit`, hand out tokens, decode the next one (what one worker job does)."""
         for req in admit:
-            if req.stopped() and req.channel.cancel.is_set() and _closed(req):
+            if _closed(req):  # its caller dropped it while it waited
                 continue
             try:
                 self.admit(req)
             except Exception as err:  # this request's own problem: the batch goes on
-                req.fail(err)
+                self.outbox.append((req.channel, (_DONE, err)))
         self.emit()
         if self.rows:
             self.decode()
@@ -247,7 +255,7 @@ class Scheduler:
     """Waiting requests and the running batch of one PaliGemma (see the module docstring)."""
 
     def __init__(self, pg, max_batch: int = 8):
-        self.pg = pg
+        self.pg = weakref.proxy(pg)  # no cycle: a dropped PaliGemma is freed at once
         self.max_batch = max_batch
         self.batch = Batch(pg)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -266,9 +274,21 @@ class Scheduler:
                 raise self.closed
             self.waiting.append(req)
             if not self.posted:
-                self.pg._worker.post(self._step)  # raises if the model was closed
+                self._post()  # raises if the model was closed
                 self.posted = True
         return RowStream(req)
+
+    def _post(self) -> None:
+        """Queue one step on the worker. The job holds the scheduler weakly: a PaliGemma
+        dropped by its app is not kept alive by a queued or finishing step."""
+        ref = weakref.ref(self)
+
+        def step():
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._step()
+
+        self.pg._worker.post(step)
 
     def _step(self) -> None:
         with self.lock:
@@ -292,10 +312,11 @@ class Scheduler:
                 self.posted = False
                 if again:
                     try:
-                        self.pg._worker.post(self._step)
+                        self._post()
                         self.posted = True
                     except PgEdgeError as err:
                         self._end(err)
+            self.batch.flush()
 
     def cancel_all(self) -> bool:
         """Cancel every row decoding now (PaliGemma.cancel()); waiting requests still run."""
@@ -321,6 +342,7 @@ class Scheduler:
         self.batch.valid = np.zeros((0, 0), dtype=bool)
         while self.waiting:
             self.waiting.popleft().fail(err)
+        self.batch.flush()
 
 
 def run_alone(pg, req: Request):
@@ -332,6 +354,7 @@ def run_alone(pg, req: Request):
         if pg._worker.cancelled():
             req.channel.cancel.set()
         batch.emit()
+        batch.flush()
         yield from _drain(req)
         if batch.rows:
             batch.decode()
