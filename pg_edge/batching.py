@@ -263,6 +263,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.posted = False  # a step job is queued or running
         self.closed: Exception | None = None
+        self.most_rows = 0  # the largest batch run so far (tests and benchmarks read it)
 
     @property
     def rows(self) -> int:
@@ -303,6 +304,7 @@ class Scheduler:
                 mx.reset_peak_memory()
         try:
             self.batch.step(self.joining)
+            self.most_rows = max(self.most_rows, len(self.batch.rows))
         except Exception as err:  # the batch cannot go on: every row gets the error
             self.batch.fail_all(err)
         finally:

@@ -74,11 +74,12 @@ def is_shutdown_error(obj) -> bool:
                                                  (signal.SIGTERM, False)])
 def test_a_signal_with_requests_queued_answers_everyone_and_exits_cleanly(converted, tmp_path, sig,
                                                                            running_streams):
-    """1 running (streamed, or not) + 3 queued requests, then SIGTERM / Ctrl-C: every client gets
+    """1 running (streamed, or not) + 3 queued requests (--max-batch 1: they wait in line rather
+    than join the batch), then SIGTERM / Ctrl-C: every client gets
     an answer, the cut one is not reported complete, the exit is 143 / 0, never an abort."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", "serve", str(converted(version=1)), "--port", "0",
-                             "--max-tokens", str(LONG)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                             "--max-tokens", str(LONG), "--max-batch", "1"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))
         out, started = {}, threading.Event()
