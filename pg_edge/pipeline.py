@@ -182,12 +182,14 @@ class PaliGemma:
     # -- generation: requests into the running batch (pg_edge.batching) ----------------------
     def _request(self, image: ImageInput, prompt: str, max_tokens: int, sampling, settings,
                  adapter, cancel) -> Request:
-        """One generation's inputs, prepared and checked on the caller's thread: what does not
-        fit the context, or names no loaded adapter, is refused here, before any compute."""
+        """One generation's inputs, checked and prepared: what does not fit the context, or
+        names no loaded adapter, is refused here, before any compute. The image is resized on
+        the worker, as every call's are (one thread's allocator: big images from many callers
+        do not each leave their own heap behind)."""
         sampling = Sampling.of(sampling, **settings)
         max_tokens = check_max_tokens(max_tokens)
         self._check_adapter(adapter)
-        inp = self.prepare([image], [prompt])
+        inp = self._worker.call(self.prepare, [image], [prompt])
         check_context(int(inp.valid.sum()), max_tokens, context_length(self.config), self.config.num_image_tokens)
         ids = inp.input_ids[0][inp.valid[0]]
         return Request(ids, inp.pixel_values[0], adapter, sampling, max_tokens, cancel)

@@ -131,7 +131,8 @@ def test_a_signal_with_requests_queued_answers_everyone_and_exits_cleanly(conver
 @pytest.fixture(scope="module")
 def long_server(converted):
     pg = pg_edge.load(converted(version=1))
-    srv = make_server(pg, "127.0.0.1", 0, model_id="tiny", max_tokens=LONG, queue_size=4, queue_timeout=30)
+    srv = make_server(pg, "127.0.0.1", 0, model_id="tiny", max_tokens=LONG, queue_size=4, queue_timeout=30,
+                      max_batch=1)  # one request holds the model: the others wait in the line
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
