@@ -33,7 +33,7 @@ def annotate(image, text: str, lines: list[str], decoder=None):
 
     from pg_edge import task_text as tasks
     from pg_edge.draw import draw_objects
-    from pg_edge.vae import add_masks
+    from pg_edge.model.vae import add_masks
 
     big = image.convert("RGB").resize((image.width * SCALE, image.height * SCALE), Image.NEAREST)
     objects = tasks.parse_objects(text, big.size).objects  # boxes in the big picture's pixels

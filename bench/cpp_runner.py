@@ -71,8 +71,8 @@ def _random_folder(raw: dict, tokenizer_from: Path, out: Path) -> Path:
     from mlx.utils import tree_flatten
 
     from pg_edge.folder import FolderWriter
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     raw["text_config"].update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))

@@ -27,8 +27,8 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from pg_edge.folder import FolderWriter  # noqa: E402
-from pg_edge.config import PaliGemmaConfig  # noqa: E402
-from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
+from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 from pg_edge.variants import official_config, parameter_counts, variants  # noqa: E402
 from pg_edge.weights import component  # noqa: E402
 from pg_edge.quantize import QuantPlan, quantize  # noqa: E402

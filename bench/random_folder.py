@@ -26,8 +26,8 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pg_edge.config import PaliGemmaConfig  # noqa: E402
-from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
+from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               patch_size=14, model_type="siglip_vision_model", vision_use_head=False)

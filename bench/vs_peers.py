@@ -13,7 +13,7 @@ all8, 4 = all4, default = decoder4-vision8). On each folder, in separate process
 mlx-vlm (its own load + stream_generate) on the same folder, and mlx-lm (its own load +
 stream_generate) on the same decoder tensors as a plain Gemma/Gemma2 LM, with as many prompt
 tokens. `pg_edge_native` is pg_edge with the backend policy off (PG_EDGE_QMM=native): MLX's
-quantized kernels as they are, to show what pg_edge/backend.py buys.
+quantized kernels as they are, to show what pg_edge/cpu/ buys.
 
 --cut A B projects every time and memory figure to the preset's full depth, linearly from the
 two depths (cost = fixed + per-layer x layers; vision figures by vision layers, the rest by

@@ -29,7 +29,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from pg_edge.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
+from pg_edge.model.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
 from pg_edge.errors import CheckpointError
 from pg_edge.folder import FolderWriter, Progress
 from pg_edge.outputs import check_output

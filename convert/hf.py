@@ -16,11 +16,11 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
 from pg_edge.folder import HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config, resolve
+from pg_edge.model.paligemma import PaliGemmaModel
 from pg_edge.outputs import check_output, local_input
-from pg_edge.paligemma import PaliGemmaModel
 from pg_edge.processor import Tokenizer
 from pg_edge.tensor_stream import Source, open_source, plan, write
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from pg_edge.config import IMAGE_TOKEN_INDEX
+from pg_edge.model.config import IMAGE_TOKEN_INDEX
 from pg_edge.errors import CheckpointError
 from pg_edge.tokenizer import Tokenizer
 

@@ -1,34 +1,187 @@
-"""Adapters from `pg-edge finetune --export adapters`, applied to a freshly loaded base model.
+"""Adapters: what trains in the three fine-tuning modes, and applying saved adapters at load.
 
-    ADAPTERS/
+    ADAPTERS/  (written by `pg-edge finetune --export adapters`, pg_edge.train.export)
         adapters.safetensors   what trained: LoRA's lora_a/lora_b, or the trained weights
         adapter_config.json    format, mode (lora/attn/full), LoRA rank/alpha/scale/targets, base
                                model name and architecture fingerprint (`base_fingerprint`)
 
-The runtime reads them two ways: `pg_edge.load(model, adapters=ADAPTERS)` applies one folder to
-the loaded base (`load_adapters`: mlx-lm's LoRALinear, or the trained weights put in place);
-`pg_edge.load(model, adapters={"name": ADAPTERS, ...})` keeps the base shared and adds each LoRA
-folder's factors by name (`lora_factors`, used by pg_edge.adapter_bank). Both check a folder
-against its base first (`read_adapters`). pg_edge.train.export writes them.
+The runtime reads them two ways. `pg_edge.load(model, adapters=ADAPTERS)` applies one folder
+to the loaded base with `load_adapters`: the same `apply_mode` the trainer starts from, then the
+saved weights. `pg_edge.load(model, adapters={"name": ADAPTERS, ...})` keeps the base shared and
+adds each LoRA folder's factors by name (`lora_factors`, used by pg_edge.adapter_bank). Both
+check a folder against its base first (`read_adapters`). The LoRA layers are mlx-lm's
+(mlx_lm.tuner), imported with this module, which pg_edge.load imports only for adapters.
+
+The modes:
+
+    attn   the decoder's attention projections q/k/v/o in every layer, nothing else: the
+           big_vision recipe (`llm/layers/attn/*`, ~170M of PaliGemma 1's 3B; SGD lr 0.03).
+           Vision tower and connector stay frozen whatever `freeze_vision` says.
+    lora   low-rank adapters (mlx-lm's LoRALinear, on nn.Linear or nn.QuantizedLinear: QLoRA
+           on a quantized base) on every linear layer of the decoder (q/k/v/o, gate/up/down)
+           and on the connector; also on every SigLIP linear (q/k/v/out_proj, fc1/fc2) unless
+           `freeze_vision`. Only the adapters train; the base weights never change, so the
+           adapters alone are a complete export. Embeddings, LM head and norms stay as they are.
+    full   every parameter (vision, connector, decoder, tied embeddings/head, norms); with
+           `freeze_vision` the SigLIP tower is frozen and the connector still trains.
+
+`freeze_vision` freezes SigLIP only, not the connector (big_vision's `freeze_vit` also freezes
+its `img/head`, the connector): the connector is one small matrix and is where the image
+features meet a decoder that is itself changing, so letting it adapt is cheap. Freezing the
+image encoder "does not significantly affect transfer results" (PaliGemma paper, section on
+freezing), which makes it the memory-saving choice for `lora` and `full`.
+
+attn and full train weights in place and so need a float base; a quantized base takes lora.
+Trainable parameters are kept in float32 (big_vision trains f32 copies of a 16-bit model): SGD
+steps of lr * grad are far below bf16's resolution of a weight. Exports cast them back.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-from typing import TYPE_CHECKING
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
+from ._mlx_lm import LoRALinear
 from .errors import PgEdgeError
+from .model.paligemma import PaliGemmaModel
 from .safetensors_check import load_safetensors
-from .paligemma import PaliGemmaModel
 
-if TYPE_CHECKING:
-    from .train.modes import ModeSpec
-
+MODES = ("attn", "lora", "full")
+DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+VISION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                  "mlp.fc1", "mlp.fc2")
+CONNECTOR = "multi_modal_projector.linear"
+LORA_KEYS = ("lora_a", "lora_b")
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """rank r, alpha (the update is scaled by alpha / r, the usual convention; mlx-lm calls the
+    ratio `scale`), dropout on the adapters' input."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise PgEdgeError(f"LoRA rank must be a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise PgEdgeError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PgEdgeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    mode: str = "lora"
+    freeze_vision: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise PgEdgeError(f"training mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.mode != "lora":
+            d.pop("lora")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModeSpec":
+        return cls(d["mode"], bool(d.get("freeze_vision", False)), LoraSettings(**(d.get("lora") or {})))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or "scales" in module
+
+
+def lora_targets(model: PaliGemmaModel, freeze_vision: bool) -> list[str]:
+    """Module paths that get adapters in `lora` mode."""
+    paths = [f"language_model.model.layers.{i}.{name}"
+             for i in range(len(model.language_model.model.layers)) for name in DECODER_LINEARS]
+    paths.append(CONNECTOR)
+    if not freeze_vision:
+        n = len(model.vision_tower.vision_model.encoder.layers)
+        paths += [f"vision_tower.vision_model.encoder.layers.{i}.{name}"
+                  for i in range(n) for name in VISION_LINEARS]
+    return paths
+
+
+def _refuse_quantized(model: nn.Module, prefix: str, mode: str) -> None:
+    for path, m in model.named_modules():
+        if path.startswith(prefix) and is_quantized(m) and not isinstance(m, LoRALinear):
+            raise PgEdgeError(
+                f"--train {mode} updates weights in place, but {path} is quantized; "
+                "use --train lora (QLoRA) on a quantized model, or a float model for attn/full")
+
+
+def apply_mode(model: PaliGemmaModel, spec: ModeSpec, master_dtype: mx.Dtype = mx.float32) -> list[str]:
+    """Freeze / add adapters for `spec`; returns the sorted names of the trainable parameters.
+
+    Adapter initialisation draws from MLX's global RNG: seed it first for a repeatable run."""
+    model.freeze()
+    layers = model.language_model.model.layers
+    if spec.mode == "attn":
+        _refuse_quantized(model, "language_model.model.layers.", "attn")
+        for layer in layers:
+            layer.self_attn.unfreeze()
+    elif spec.mode == "full":
+        _refuse_quantized(model, "" if not spec.freeze_vision else "language_model", "full")
+        if spec.freeze_vision:
+            _refuse_quantized(model, CONNECTOR, "full")
+        model.unfreeze()
+        if spec.freeze_vision:
+            model.vision_tower.freeze()
+    else:
+        modules = dict(model.named_modules())
+        swaps = []
+        for path in lora_targets(model, spec.freeze_vision):
+            base = modules[path]
+            if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+                raise PgEdgeError(f"cannot put LoRA on {path}: {type(base).__name__} is not a linear layer")
+            swaps.append((path, LoRALinear.from_base(base, r=spec.lora.rank, dropout=spec.lora.dropout,
+                                                     scale=spec.lora.scale)))
+        model.update_modules(tree_unflatten(swaps))
+        model.freeze()
+        for _, m in swaps:
+            m.unfreeze(keys=list(LORA_KEYS), recurse=False)
+    # f32 master copies of 16-bit trainable weights.
+    low = [(k, v.astype(master_dtype)) for k, v in tree_flatten(model.trainable_parameters())
+           if mx.issubdtype(v.dtype, mx.floating) and v.dtype != master_dtype]
+    if low:
+        model.update(tree_unflatten(low))
+    return trainable_names(model)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return sorted(k for k, _ in tree_flatten(model.trainable_parameters()))
+
+
+def count_parameters(model: nn.Module, trainable: bool = False) -> int:
+    params = model.trainable_parameters() if trainable else model.parameters()
+    return sum(v.size for _, v in tree_flatten(params))
+
+
+def base_dtype(model: PaliGemmaModel) -> mx.Dtype:
+    """The float dtype the model was loaded in: the connector bias (never quantized). Read it
+    before `apply_mode`, which upcasts trainable parameters."""
+    lin = model.multi_modal_projector.linear
+    lin = lin.linear if isinstance(lin, LoRALinear) else lin
+    return lin.bias.dtype
 
 
 # config.json fields that do not change what the weights mean: left out of the base fingerprint
@@ -48,11 +201,9 @@ def base_fingerprint(model: PaliGemmaModel) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _read_spec(folder: Path, config) -> "ModeSpec":
+def _read_spec(folder: Path, config) -> ModeSpec:
     """The ModeSpec of adapter_config.json, its LoRA settings checked (rank, alpha, dropout, and
     the recorded scale equal to alpha / rank); one-line PgEdgeError otherwise."""
-    from .train.modes import ModeSpec  # LoRA layers: mlx-lm's tuner, only when asked
-
     where = folder / ADAPTER_CONFIG
     if not isinstance(config, dict) or config.get("format") != "pg_edge-adapters":
         raise PgEdgeError(f"{where} is not a pg-edge adapter config (no \"format\": \"pg_edge-adapters\")")
@@ -77,7 +228,7 @@ def _read_spec(folder: Path, config) -> "ModeSpec":
     return spec
 
 
-def read_adapters(folder: str | Path, model: PaliGemmaModel) -> tuple["ModeSpec", dict, dict]:
+def read_adapters(folder: str | Path, model: PaliGemmaModel) -> tuple[ModeSpec, dict, dict]:
     """(spec, weights, config) of an adapter folder, checked against `model` without changing
     it: the config (format, mode, LoRA rank/alpha/dropout, scale = alpha / rank) and the base's
     architecture fingerprint when recorded. One-line PgEdgeError otherwise."""
@@ -96,12 +247,11 @@ def read_adapters(folder: str | Path, model: PaliGemmaModel) -> tuple["ModeSpec"
     return spec, weights, config
 
 
-def lora_factors(folder: str | Path, model: PaliGemmaModel) -> tuple["ModeSpec", dict]:
+def lora_factors(folder: str | Path, model: PaliGemmaModel) -> tuple[ModeSpec, dict]:
     """A LoRA adapter folder read for sharing a base: (spec, {layer path: (A float[in, r],
     B float[r, out])}), every tensor's name and shape checked against the layers of `model`
     (which is not changed). attn/full adapters replace base weights and are refused."""
     from .multi_lora import MultiLoRALinear, dims
-    from .train.modes import lora_targets
 
     folder = Path(folder)
     spec, weights, _ = read_adapters(folder, model)
@@ -111,7 +261,7 @@ def lora_factors(folder: str | Path, model: PaliGemmaModel) -> tuple["ModeSpec",
                           "pg_edge.load(MODEL, adapters=DIR) or a fused folder")
     modules = dict(model.named_modules())
     paths = lora_targets(model, spec.freeze_vision)
-    expected = {f"{p}.{k}" for p in paths for k in ("lora_a", "lora_b")}
+    expected = {f"{p}.{k}" for p in paths for k in LORA_KEYS}
     if set(weights) != expected:
         extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
         raise PgEdgeError(f"{folder / ADAPTER_FILE} does not fit this model ({len(extra)} unexpected, "
@@ -133,7 +283,7 @@ def lora_factors(folder: str | Path, model: PaliGemmaModel) -> tuple["ModeSpec",
     return spec, factors
 
 
-def load_adapters(model: PaliGemmaModel, folder: str | Path) -> "ModeSpec":
+def load_adapters(model: PaliGemmaModel, folder: str | Path) -> ModeSpec:
     """Apply saved adapters (or trained weights) to a freshly loaded copy of their base model.
 
     Checked before the model changes: the config and fingerprint (`read_adapters`), then every
@@ -141,10 +291,6 @@ def load_adapters(model: PaliGemmaModel, folder: str | Path) -> "ModeSpec":
     recorded rank)."""
     folder = Path(folder)
     spec, weights, _ = read_adapters(folder, model)
-    from mlx.utils import tree_flatten
-
-    from .train.modes import apply_mode
-
     trainable = set(apply_mode(model, spec))
     if set(weights) != trainable:
         extra, missing = sorted(set(weights) - trainable), sorted(trainable - set(weights))

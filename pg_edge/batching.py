@@ -35,8 +35,6 @@ import numpy as np
 
 from .errors import PgEdgeError
 from .generate import Chunk, Detokenizer, GenerationResult, Sampling, _logprobs, vocab_mask
-from .gemma import softcap
-from .mlx_lm_parts import KVCache
 from .worker import _DONE, WorkerStream, _Job
 
 
@@ -73,10 +71,9 @@ class Batch:
         self.pg = weakref.proxy(pg)  # no cycle: a dropped PaliGemma is freed at once
         self.model = pg.model
         self.rows: list[Request] = []
-        self.caches: list[KVCache] | None = None
+        self.caches: list | None = None  # mlx-lm KVCache per decoder layer
         self.valid = np.zeros((0, 0), dtype=bool)  # [B, S] which cached keys are real
         self.limit = self.model.config.real_vocab_size
-        self.cap = self.model.config.text.final_logit_softcapping
         self._bias = None
         # What the rows are handed, sent by flush() once the step's work is done (a caller
         # that has its result then finds the worker no longer using the model's objects).
@@ -103,7 +100,7 @@ class Batch:
         feats = pg._features(req.pixels[None], req.adapter)
         req.vision_s = time.perf_counter() - req.t_admit
         T = len(req.ids)
-        cache = [KVCache() for _ in self.model.language_model.model.layers]
+        cache = self.model.make_cache(padded=True)  # every key kept: rows join and leave
         pg._route([req.slot])
         logits = self.model(mx.array(req.ids[None]), image_features=feats, valid=mx.ones((1, T), dtype=mx.bool_),
                             cache=cache, last_only=True, capped=False)[:, -1]
@@ -205,7 +202,7 @@ class Batch:
             if r.sampling.temperature == 0:
                 picks.append(None)
                 continue
-            logprobs = _logprobs(softcap(logits[i:i + 1].astype(mx.float32), self.cap) + self.bias(lg.shape[-1]))
+            logprobs = _logprobs(self.model.cap_logits(logits[i:i + 1].astype(mx.float32)) + self.bias(lg.shape[-1]))
             tok = r.sampling.sampler(self.limit)(logprobs)
             picks.append(mx.where(tok < self.limit, tok, greedy[i:i + 1]))
         out = greedy.tolist()

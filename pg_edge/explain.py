@@ -14,7 +14,7 @@ prefill and training alike) for the whole sequence, prompt + answer, as training
 the model is then run once over that sequence with that mask (teacher forcing) and its choice at
 every answer position is compared with what generation chose: the picture is the mask the numbers
 came from. Detection and segmentation answers are parsed and drawn by pg_edge.task_text /
-pg_edge.vae / pg_edge.draw, as `pg-edge detect` / `segment` do.
+pg_edge.model.vae / pg_edge.draw, as `pg-edge detect` / `segment` do.
 
 The taps replace the vision modules of `pg.model` for the duration of the vision call only (and
 put them back, also on an error); another thread using the same `pg` meanwhile runs through them
@@ -35,7 +35,7 @@ from .errors import PgEdgeError
 from .generate import GREEDY, generate_step, until_eos, vocab_mask
 from .processor import ImageInput, load_image, to_rgb
 from .prompt_check import check_context, check_max_tokens, context_length
-from .vae import add_masks  # the one model-file import here (the model files may move)
+from .model.vae import add_masks
 
 __all__ = ["explain", "Explanation", "Token", "Step", "Tap"]
 

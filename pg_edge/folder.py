@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from . import __version__
-from .config import PaliGemmaConfig
+from .model.config import PaliGemmaConfig
 from .atomic import atomic_file, atomic_folder
-from .config_schema import read_json
+from .safetensors_check import read_json
 from .errors import CheckpointError, PgEdgeError
 from .outputs import check_output
 from .hub import download, looks_local
@@ -84,7 +84,7 @@ def read_config(folder: Path) -> PaliGemmaConfig:
     f = Path(folder) / "config.json"
     if not f.exists():
         raise CheckpointError(f"missing {f}")
-    return PaliGemmaConfig.from_dict(read_json(f))  # from_dict checks it (pg_edge.config_schema)
+    return PaliGemmaConfig.from_dict(read_json(f))  # from_dict checks it (pg_edge.model.config_checks)
 
 
 def quantization_section(raw: dict) -> dict | None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
-from .config import PaliGemmaConfig
+from . import cpu
 from .errors import CheckpointError
 from .folder import iter_shards, quantization_section, read_config, resolve
-from .paligemma import PaliGemmaModel
+from .model.config import PaliGemmaConfig
+from .model.paligemma import PaliGemmaModel
 from .weights import sanitize
 
 
@@ -58,7 +58,7 @@ def build_model(config: PaliGemmaConfig, weights: dict) -> PaliGemmaModel:
     except ValueError as err:
         raise CheckpointError(f"weights do not fit the model: {str(err).splitlines()[0][:400]}") from None
     model.eval()
-    backend.apply(model)  # quantized layers: this backend's fast product (pg_edge/backend.py)
+    cpu.apply(model)  # on the CPU backend: its variants of the model classes (pg_edge/cpu)
     return model
 
 

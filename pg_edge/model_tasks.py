@@ -96,7 +96,7 @@ def detect(pg, image: ImageInput, objects: str | Sequence[str], **gen) -> TaskRe
 def find_vae(pg, vae=None):
     """The mask decoder: `vae` as a loaded MaskDecoder or a path, else `vae.safetensors` in the
     model folder. Raises PgEdgeError saying how to get one."""
-    from .vae import MaskDecoder, load_mask_decoder
+    from .model.vae import MaskDecoder, load_mask_decoder
 
     if isinstance(vae, MaskDecoder):
         return vae
@@ -122,7 +122,7 @@ def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, masks
     decoder fails fast. masks: how to call the mask decoding (`masks(fn, *args)`; PaliGemma
     passes its worker's `call`, so the decoder's MLX work runs with the model's).
     """
-    from .vae import add_masks
+    from .model.vae import add_masks
 
     decoder = find_vae(pg, vae)
     result = _object_task(pg, "segment", image, task_text.segment(objects), gen)

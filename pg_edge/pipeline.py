@@ -36,15 +36,15 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .config import PaliGemmaConfig
-from .config_schema import check_tokenizer_fits
+from .model.config import PaliGemmaConfig
+from .model.config_checks import check_tokenizer_fits
 from . import model_tasks
 from .batching import Request, Scheduler, run_alone
 from .errors import PgEdgeError
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .folder import resolve
 from .loader import load_model
-from .paligemma import PaliGemmaModel
+from .model.paligemma import PaliGemmaModel
 from .processor import ImageInput, Inputs, Processor, Tokenizer
 from .prompt_check import check_context, check_max_tokens, context_length
 from .worker import ModelWorker, serialized
@@ -287,12 +287,12 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     `adapter=name`); `max_batch`: how many concurrent generations decode together;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
-    see pg_edge.gemma.ATTENTION_MODES."""
+    see pg_edge.model.masks.ATTENTION_MODES."""
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config, folder = load_model(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
-    model.language_model.set_attention(attention)
+    model.set_attention(attention)
     named = adapters if isinstance(adapters, dict) else {}
     if adapters is not None and not isinstance(adapters, dict):
         from .adapters import load_adapters

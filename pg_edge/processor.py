@@ -77,13 +77,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
 class Inputs:
     """A batch ready for the model; rows are left-padded to a common length.
 
-    input_ids: int32[B, T]; valid: bool[B, T]; mask_ar: int32[B, T] (1 on suffix tokens);
-    pixel_values: float32[B, S, S, 3].
+    input_ids: int32[B, T]; valid: bool[B, T]; pixel_values: float32[B, S, S, 3]. Every token
+    is prefix (pg_edge.model.masks: inference has no suffix in the prompt).
     """
 
     input_ids: np.ndarray
     valid: np.ndarray
-    mask_ar: np.ndarray
     pixel_values: np.ndarray
 
 
@@ -103,4 +102,4 @@ class Processor:
         rows = [self.tokenizer.prompt_ids(p, self.num_image_tokens) for p in prompts]
         ids, valid = left_pad(rows, self.tokenizer.pad_id)
         pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
-        return Inputs(ids, valid, np.zeros_like(ids), pixels)
+        return Inputs(ids, valid, pixels)

@@ -15,6 +15,7 @@ hang. `check_safetensors` applies the rules of the `safetensors` library, at lea
 Every dimension is a non-negative integer below 2^31, every dtype one MLX loads. Only regular
 files are opened (`open_regular`), so a FIFO or a device fails at once instead of hanging.
 `load_safetensors` checks and then calls `mx.load`, turning any native error into one sentence.
+`read_json` reads a folder's JSON side files (config, index, tokenizer_config...) with the same care.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
 MAX_DIM = 2**31 - 1  # MLX shapes are int32
+MAX_JSON_BYTES = 64 * 1024 * 1024
 # Bytes per element of the dtypes MLX's safetensors loader accepts.
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8,
@@ -57,6 +59,18 @@ def open_regular(path: str | os.PathLike):
         os.close(fd)
         raise
 
+
+def read_json(path: str | os.PathLike):
+    """Parse a JSON file (regular files only, at most 64 MiB); CheckpointError naming it."""
+    path = Path(path)
+    with open_regular(path) as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES >> 20} MiB; refused")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path.name} is not valid JSON: {str(err)[:120]}") from None
 
 def _no_duplicates(pairs):
     out = {}

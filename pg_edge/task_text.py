@@ -175,7 +175,7 @@ class DetectedObject:
     box: (x1, y1, x2, y2) float pixels of the original image, see the module docstring.
     loc: the raw bins (y1, x1, y2, x2), 0..1023, in the model's order.
     seg: the 16 mask codes (0..127, row-major 4x4), or None for a detection.
-    mask: bool[H, W] full-image mask once `pg_edge.vae.add_masks` has decoded `seg`, else None.
+    mask: bool[H, W] full-image mask once `pg_edge.model.vae.add_masks` has decoded `seg`, else None.
     """
 
     label: str

@@ -32,6 +32,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from .cpu.streams import cpu_streams
 from .errors import CheckpointError
 from .folder import MAX_SHARD_BYTES, weight_files
 from .safetensors_stream import Entry, SafetensorsReader, ShardWriter, Spec
@@ -148,21 +149,6 @@ def output_shapes(planned) -> dict[str, tuple]:
     return {k: s.shape for _, items in planned for p in items for k, s in p.outputs.items()}
 
 
-_STREAMS: dict[int, list] = {}
-
-
-def compute_streams() -> list:
-    """One CPU stream per core (MLX runs a CPU stream's kernels on one core), made once per
-    count. The CPU whatever the default device: the bytes come from files and go to files
-    through host buffers, and the result is the same on every machine."""
-    from .backend import stream_count
-
-    n = stream_count()
-    if n not in _STREAMS:
-        _STREAMS[n] = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else [mx.default_stream(mx.cpu)]
-    return _STREAMS[n]
-
-
 class Buffers:
     """Read buffers (MLX uint8 arrays with a NumPy view of the same memory), reused so that
     reading costs no allocation; at most `limit` of BLOCK_BYTES exist, which bounds the work
@@ -255,7 +241,9 @@ def write(planned, folder_writer, progress=None, transform: Callable[[dict], dic
     inside its `with`); `transform` as given to `plan`. progress: a pg_edge.folder.Progress
     with one step per source file."""
     block_bytes = block_bytes or BLOCK_BYTES
-    streams = compute_streams()
+    # One CPU stream per core (pg_edge.cpu's pool), the CPU whatever the default device: the
+    # bytes come from files and go to files through host buffers.
+    streams = [s if s is not None else mx.default_stream(mx.cpu) for s in cpu_streams()]
     # in flight: the batch computing, the batch being read, and the writer's backlog
     buffers = Buffers(block_bytes, 3 * len(streams) + 2)
     writer = Writer(buffers)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import CheckpointError, PgEdgeError
-from .config_schema import read_json
+from .safetensors_check import read_json
 from .prompt_check import check_text
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .config import PaliGemmaConfig
+from .model.config import PaliGemmaConfig
 from .weights import component
 
 # SigLIP So400m/14, the same in every variant.
@@ -55,7 +55,7 @@ def parameter_counts(raw: dict) -> dict[str, int]:
     in embed)."""
     from mlx.utils import tree_flatten
 
-    from .paligemma import PaliGemmaModel
+    from .model.paligemma import PaliGemmaModel
 
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))
     out = {c: 0 for c in COMPONENTS}

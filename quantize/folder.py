@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve
 from pg_edge.eval.metrics import combine, compare_logits

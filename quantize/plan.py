@@ -27,10 +27,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
 from pg_edge.folder import is_quantized
-from pg_edge.paligemma import PaliGemmaModel
+from pg_edge.model.paligemma import PaliGemmaModel
 from pg_edge.weights import component
 
 from .recipes import MODE, Quant, QuantSettings

@@ -14,7 +14,7 @@ def make_adapter(out: Path, seed: int, rank: int = 4, base: str = DEMO, strength
                  freeze_vision: bool = False) -> Path:
     from pg_edge.loader import load_model
     from pg_edge.train.export import save_adapters
-    from pg_edge.train.modes import LoraSettings, ModeSpec, apply_mode
+    from pg_edge.adapters import LoraSettings, ModeSpec, apply_mode
 
     model = load_model(base)[0]
     spec = ModeSpec("lora", freeze_vision, LoraSettings(rank=rank, alpha=2.0 * rank))

@@ -35,8 +35,8 @@ def make_base(out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     out.mkdir(parents=True)
     mx.random.seed(0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pg_edge
-import pg_edge.gemma as gemma
+import pg_edge.model.gemma as gemma
 from bench.fixtures.checkpoints import load_hf_model
 from hf_helpers import hf_greedy, rel_diff
 from pg_edge.generate import generate_step
@@ -50,12 +50,12 @@ def pg_steps(pg, inp, mode: str) -> tuple[list[int], np.ndarray]:
 
 
 def _pg_steps(pg, inp, mode: str) -> tuple[list[int], np.ndarray]:
-    pg.model.language_model.set_attention(mode)
+    pg.model.set_attention(mode)
     try:
         feats = pg.image_features(inp.pixel_values)
         steps = list(generate_step(pg.model, mx.array(inp.input_ids), feats, max_tokens=STEPS))
     finally:
-        pg.model.language_model.set_attention("window")
+        pg.model.set_attention("window")
     V = pg.config.real_vocab_size
     return [int(t[0]) for t, _ in steps], np.stack([np.array(lp[0, :V]) for _, lp in steps])
 
@@ -108,4 +108,4 @@ def test_chunked_prefill_is_exact(case, mode, monkeypatch):
 
 def test_attention_mode_is_checked(case):
     with pytest.raises(pg_edge.errors.PgEdgeError, match="attention must be one of"):
-        case[2].model.language_model.set_attention("local")
+        case[2].model.set_attention("local")

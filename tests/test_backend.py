@@ -1,5 +1,6 @@
-"""pg_edge.backend: the CPU way of computing quantized products gives MLX's own result, in the
-input dtype, and is what a quantized folder gets when loaded on the CPU; `pg-edge bench`."""
+"""pg_edge.cpu.products: the CPU way of computing quantized products gives MLX's own result, in
+the input dtype, and is what a quantized folder gets when loaded on the CPU (pg_edge.cpu.apply);
+`pg-edge bench`."""
 import json
 
 import mlx.core as mx
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge import backend
+from pg_edge import cpu
+from pg_edge.cpu import products, streams
 
 
 def quantized_linear(bits: int, bias: bool = True) -> nn.QuantizedLinear:
@@ -19,13 +21,13 @@ def quantized_linear(bits: int, bias: bool = True) -> nn.QuantizedLinear:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, backend.DENSE_ROWS + 3])  # the matvec and the dense path
+@pytest.mark.parametrize("rows", [1, products.DENSE_ROWS + 3])  # the matvec and the dense path
 def test_cpu_product_equals_mlx_quantized_matmul(bits, rows):
     layer = quantized_linear(bits)
     x = mx.random.normal((1, rows, 128))
     want = np.array(layer(x))
-    backend.apply(layer, "cpu")
-    assert type(layer) is backend.CpuQuantizedLinear
+    cpu.apply(layer, "cpu")
+    assert type(layer) is products.CpuQuantizedLinear
     np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
     out = layer(x.astype(mx.bfloat16))
     assert out.dtype == mx.bfloat16  # as on Metal: the output keeps the activation dtype
@@ -34,7 +36,7 @@ def test_cpu_product_equals_mlx_quantized_matmul(bits, rows):
 
 def test_native_mode_leaves_layers_alone():
     layer = quantized_linear(4)
-    assert backend.apply(layer, "native") == "native"
+    assert cpu.apply(layer, "native") == "native"
     assert type(layer) is nn.QuantizedLinear
 
 
@@ -44,16 +46,16 @@ def test_tied_head_uses_the_cpu_product():
     emb = nn.QuantizedEmbedding.from_embedding(table, group_size=64, bits=4)
     h = mx.random.normal((1, 1, 64))
     want = np.array(emb.as_linear(h))
-    backend.apply(emb, "cpu")
-    assert type(emb) is backend.CpuQuantizedEmbedding
+    cpu.apply(emb, "cpu")
+    assert type(emb) is products.CpuQuantizedEmbedding
     np.testing.assert_allclose(np.array(emb.as_linear(h).astype(mx.float32)), want, rtol=1e-4, atol=1e-4)
 
 
 def test_env_override(monkeypatch):
     monkeypatch.setenv("PG_EDGE_QMM", "native")
-    assert backend.policy() == "native"
+    assert cpu.policy() == "native"
     monkeypatch.setenv("PG_EDGE_QMM", "cpu")
-    assert backend.policy() == "cpu"
+    assert cpu.policy() == "cpu"
 
 
 def test_pg_edge_bench_json(converted, capsys):
@@ -101,32 +103,32 @@ def test_row_pieces_cover_the_rows_once(monkeypatch):
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "3")
     for rows, width, dense, split in [(257216, 64, False, True), (9216, 2304, True, True),
                                       (9216, 2304, True, False), (5, 64, False, True), (96, 128, False, False)]:
-        pieces = backend.row_pieces(rows, width, dense, split)
+        pieces = products.row_pieces(rows, width, dense, split)
         assert pieces[0][0] == 0 and pieces[-1][1] == rows
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(pieces, pieces[1:]))
         if dense:
-            assert max(hi - lo for lo, hi in pieces) * width <= backend.DENSE_PIECE_ELEMENTS
+            assert max(hi - lo for lo, hi in pieces) * width <= products.DENSE_PIECE_ELEMENTS
         if split and rows >= 3:
             assert len(pieces) % 3 == 0  # every stream gets its share
-    assert backend.row_pieces(96, 128, False, False) == [(0, 96)]
+    assert products.row_pieces(96, 128, False, False) == [(0, 96)]
 
 
 @pytest.mark.parametrize("streams", ["1", "2", "3"])
-@pytest.mark.parametrize("rows", [1, backend.DENSE_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, products.DENSE_ROWS + 3])
 def test_split_product_equals_the_whole(monkeypatch, streams, rows):
     """Split over CPU streams (and dense pieces): the same numbers as one MLX product."""
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", streams)
-    monkeypatch.setattr(backend, "SPLIT_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(backend, "DENSE_PIECE_ELEMENTS", 40 * 128)  # 3 pieces of the 96 rows
+    monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_PIECE_ELEMENTS", 40 * 128)  # 3 pieces of the 96 rows
     layer = quantized_linear(4)
     x = mx.random.normal((1, rows, 128))
     want = np.array(layer(x))
-    backend.apply(layer, "cpu")
+    cpu.apply(layer, "cpu")
     np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
     lin = nn.Linear(128, 96)
     want = np.array(lin(x))
-    backend.apply(lin, "cpu")
-    assert type(lin) is backend.CpuLinear
+    cpu.apply(lin, "cpu")
+    assert type(lin) is products.CpuLinear
     np.testing.assert_allclose(np.array(lin(x)), want, rtol=1e-5, atol=1e-5)
 
 
@@ -139,9 +141,9 @@ def test_split_runs_inside_the_worker_thread(monkeypatch, converted):
     folder = converted(version=2)
     whole = pg_edge.load(folder).generate(image, "caption en", max_tokens=6).tokens
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "2")
-    monkeypatch.setattr(backend, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
     pg = pg_edge.load(folder)
-    assert any(type(m) is backend.CpuLinear for _, m in pg.model.named_modules())
+    assert any(type(m) is products.CpuLinear for _, m in pg.model.named_modules())
     assert pg.generate(image, "caption en", max_tokens=6).tokens == whole
 
 
@@ -151,4 +153,4 @@ def test_bad_stream_count_is_a_clear_error(monkeypatch, value):
 
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", value)
     with pytest.raises(PgEdgeError, match="PG_EDGE_CPU_STREAMS must be a whole number"):
-        backend.stream_count()
+        streams.stream_count()

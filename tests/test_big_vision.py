@@ -258,7 +258,7 @@ def test_missing_part_tokenizer_and_existing_output(hf_checkpoint, tmp_path, cap
 
 
 def test_convert_vae_command(tmp_path, capsys):
-    from pg_edge.vae import load_mask_decoder
+    from pg_edge.model.vae import load_mask_decoder
 
     src = write_fake_vae(tmp_path / "vae-oid.npz")
     assert main(["convert-vae", str(src), "-o", str(tmp_path / "vae.safetensors")]) == 0

@@ -59,7 +59,7 @@ def _modules_after(code: str) -> set[str]:
 def test_cli_imports_only_the_chosen_command(converted, sample_images, tmp_path):
     """`pg-edge --help` / `run --help` import no pg_edge model code at all; a real `pg-edge run`
     imports the runtime but never the trainer, the converters, the quantizer, nor transformers and
-    torch (which mlx-lm's package init would import: pg_edge.mlx_lm_parts)."""
+    torch (which mlx-lm's package init would import: pg_edge._mlx_lm)."""
     helped = _modules_after("from pg_edge.cli import main\ntry:\n    main(['run', '--help'])\n"
                             "except SystemExit:\n    pass")
     assert "pg_edge.cli.commands.run" in helped

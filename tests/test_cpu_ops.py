@@ -1,13 +1,16 @@
-"""pg_edge.cpu_ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) and the attention
-split by heads over the CPU streams (pg_edge.backend.attention_on_streams) compute exactly what
-mx.fast and the plain ops compute, a model with them decodes the same tokens, and greedy
+"""pg_edge.cpu.ops (the CPU backend's leaner RMSNorm / RoPE / softcap graphs) and the attention
+split by heads over the CPU streams (pg_edge.cpu.attention) compute exactly what mx.fast and the
+plain ops compute; a model with the CPU variants swapped in (pg_edge.cpu.apply) gives the same
+logits and tokens as its model classes, and runs their code while tracing or training; greedy
 decoding's lazy logprobs equal the sampled path's."""
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge import backend, cpu_ops
+from pg_edge import cpu
+from pg_edge.cpu import attention, layers, ops, streams
+from pg_edge.model import gemma, paligemma, siglip
 from pg_edge.generate import generate_step
 
 
@@ -22,7 +25,7 @@ def test_rms_norm_is_bit_identical_across_widths_and_lengths(dtype):
     for shape in [(1, 1, 64), (1, 7, 64), (2, 5, 32), (1, 1, 32), (1, 3, 2304), (1, 1, 64)]:
         x = (mx.random.normal(shape) * 3).astype(dtype)
         w = mx.random.normal(shape[-1:]).astype(dtype)
-        np.testing.assert_array_equal(bits(cpu_ops.rms_norm(x, w, 1e-6)),
+        np.testing.assert_array_equal(bits(ops.rms_norm(x, w, 1e-6)),
                                       bits(mx.fast.rms_norm(x, 1.0 + w, 1e-6)))
 
 
@@ -32,25 +35,37 @@ def test_rope_is_bit_identical_to_mx_fast_rope(dtype, T, offset):
     for heads, dims in ((8, 256), (4, 256), (2, 16)):
         x = mx.random.normal((1, heads, T, dims)).astype(dtype)
         want = mx.fast.rope(x, dims, traditional=False, base=10000.0, scale=1.0, offset=offset)
-        got = cpu_ops.rope(x, offset, 10000.0)
+        got = ops.rope(x, offset, 10000.0)
         assert got.dtype == dtype and got.shape == x.shape
         np.testing.assert_array_equal(bits(got), bits(want))
 
 
 def test_rope_tables_are_reused_within_a_step_and_renewed_after():
-    a = cpu_ops.rope_tables(5, 1, 16, 10000.0)
-    assert cpu_ops.rope_tables(5, 1, 16, 10000.0) is a  # the next layer of the same step
-    b = cpu_ops.rope_tables(6, 1, 16, 10000.0)
+    a = ops.rope_tables(5, 1, 16, 10000.0)
+    assert ops.rope_tables(5, 1, 16, 10000.0) is a  # the next layer of the same step
+    b = ops.rope_tables(6, 1, 16, 10000.0)
     assert b is not a and not np.array_equal(np.array(a[0]), np.array(b[0]))
 
 
 def test_softcap_equals_the_plain_ops():
     x = mx.random.normal((1, 4, 2, 1, 37)) * 80
-    np.testing.assert_array_equal(np.array(cpu_ops.softcap(x, 50.0)), np.array(mx.tanh(x / 50.0) * 50.0))
+    np.testing.assert_array_equal(np.array(ops.softcap(x, 50.0)), np.array(mx.tanh(x / 50.0) * 50.0))
 
 
-def lean_modules(model):
-    return [m for _, m in model.named_modules() if hasattr(m, "cpu_ops")]
+# The CPU variants of the model's own classes (products: pg_edge.cpu.products, tested apart).
+VARIANTS = {ops.CpuRMSNorm: gemma.RMSNorm, attention.CpuAttention: gemma.Attention,
+            attention.CpuSiglipAttention: siglip.SiglipAttention, layers.CpuGemmaModel: gemma.GemmaModel,
+            layers.CpuSiglipEncoder: siglip.SiglipEncoder, layers.CpuPaliGemmaModel: paligemma.PaliGemmaModel}
+
+
+def variant_modules(model):
+    return [m for _, m in model.named_modules() if type(m) in VARIANTS]
+
+
+def unswap(model) -> None:
+    """Back to the model classes (what pg_edge.cpu.apply changed, but the products)."""
+    for m in variant_modules(model):
+        m.__class__ = VARIANTS[type(m)]
 
 
 def sdpa(q, k, v, mask, scale=0.125):
@@ -58,7 +73,7 @@ def sdpa(q, k, v, mask, scale=0.125):
 
 
 def capped(q, k, v, mask):
-    """Gemma2's softcapped GQA attention, as pg_edge.gemma computes it (query head n -> kv
+    """Gemma2's softcapped GQA attention, as pg_edge.model.gemma computes it (query head n -> kv
     head n // (H / K))."""
     B, H, T, hd = q.shape
     K = k.shape[1]
@@ -72,8 +87,8 @@ def capped(q, k, v, mask):
                                                 (8, 1, sdpa, True)])   # Gemma: multi-query
 @pytest.mark.parametrize("piece", [2**30, 3000])  # one group per stream; many, in rounds
 def test_attention_on_streams_is_bit_identical(monkeypatch, H, K, attend, masked, piece):
-    monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", 1)
-    monkeypatch.setattr(backend, "ATTENTION_PIECE_SCORES", piece)
+    monkeypatch.setattr(attention, "ATTENTION_SPLIT_SCORES", 1)
+    monkeypatch.setattr(attention, "ATTENTION_PIECE_SCORES", piece)
     T, S, hd = 24, 40, 16
     q, k, v = mx.random.normal((1, H, T, hd)), mx.random.normal((1, K, S, hd)), mx.random.normal((1, K, S, hd))
     mask = (mx.random.uniform(shape=(1, 1, T, S)) > 0.3) | (mx.arange(S) == 0) if masked else None
@@ -83,52 +98,84 @@ def test_attention_on_streams_is_bit_identical(monkeypatch, H, K, attend, masked
         groups.append((q.shape[1], k.shape[1]))
         return attend(q, k, v, mask)
 
-    got = backend.attention_on_streams(counted, q, k, v, mask)
+    got = attention.attention_on_streams(counted, q, k, v, mask)
     np.testing.assert_array_equal(np.array(got), np.array(attend(q, k, v, mask)))
-    assert sum(h for h, _ in groups) == H and len(groups) >= min(backend.stream_count(), K if K > 1 else H)
+    assert sum(h for h, _ in groups) == H and len(groups) >= min(streams.stream_count(), K if K > 1 else H)
     if piece < H * T * S:
-        assert len(groups) > backend.stream_count()  # several rounds
+        assert len(groups) > streams.stream_count()  # several rounds
     if K > 1:
         assert all(h == kv * (H // K) for h, kv in groups)  # whole kv groups, with their queries
-    monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", H * T * S + 1)
+    monkeypatch.setattr(attention, "ATTENTION_SPLIT_SCORES", H * T * S + 1)
     groups.clear()
-    backend.attention_on_streams(counted, q, k, v, mask)
+    attention.attention_on_streams(counted, q, k, v, mask)
     assert groups == [(H, K)]  # small: one piece
 
 
 @pytest.mark.parametrize("split", [False, True])  # True: every attention split by heads
 @pytest.mark.parametrize("version", [1, 2])
-def test_model_with_cpu_ops_gives_the_same_logits_and_tokens(converted, sample_images, version, split,
-                                                             monkeypatch):
+def test_model_with_cpu_variants_gives_the_same_logits_and_tokens(converted, sample_images, version, split,
+                                                                  monkeypatch):
     callers = set()
     if split:
-        monkeypatch.setattr(backend, "ATTENTION_SPLIT_SCORES", 1)
-        monkeypatch.setattr(backend, "ATTENTION_PIECE_SCORES", 1)
-        real = backend.attention_on_streams
+        monkeypatch.setattr(attention, "ATTENTION_SPLIT_SCORES", 1)
+        monkeypatch.setattr(attention, "ATTENTION_PIECE_SCORES", 1)
+        real = attention.attention_on_streams
 
         def spy(attend, *args):
             callers.add(type(attend.__self__).__name__)
             return real(attend, *args)
 
-        monkeypatch.setattr(backend, "attention_on_streams", spy)
+        monkeypatch.setattr(attention, "attention_on_streams", spy)
     pg = pg_edge.load(converted(version=version, dtype="float32"))
-    mods = lean_modules(pg.model)
-    assert mods and all(m.cpu_ops for m in mods)  # set by pg_edge.backend on the CPU
+    swapped = {type(m) for m in variant_modules(pg.model)}
+    assert swapped == {ops.CpuRMSNorm, attention.CpuAttention, attention.CpuSiglipAttention}  # float: no per-layer eval
     lean_logits = pg.logits(sample_images[0], "caption en")
     lean = pg.generate(sample_images[0], "caption en", max_tokens=8).tokens
-    for m in mods:
-        m.cpu_ops = False
+    unswap(pg.model)
+    assert not variant_modules(pg.model)
     np.testing.assert_array_equal(pg.logits(sample_images[0], "caption en"), lean_logits)
     assert pg.generate(sample_images[0], "caption en", max_tokens=8).tokens == lean
-    assert callers == ({"SiglipAttention", "Attention"} if split else set())
+    assert callers == ({"CpuSiglipAttention", "CpuAttention"} if split else set())
 
 
-def test_tracing_turns_the_cpu_paths_off_and_back_on(converted):
+def spy_cpu_paths(monkeypatch) -> list:
+    """Record every call of a CPU path the variants may take."""
+    calls = []
+    for module, name in ((ops, "rms_norm"), (ops, "rope"), (ops, "softcap"), (attention, "attention_on_streams")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(attention, "ATTENTION_SPLIT_SCORES", 1)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["tracing", "training"])
+def test_variants_run_the_model_classes_code_while_tracing_or_training(converted, sample_images, mode,
+                                                                        monkeypatch):
     pg = pg_edge.load(converted(version=2, dtype="float32"))
-    mods = lean_modules(pg.model)
-    with backend.for_tracing(pg.model):
-        assert not any(m.cpu_ops for m in mods) and backend._local.tracing
-    assert all(m.cpu_ops for m in mods) and not backend._local.tracing
+    inp = pg.prepare([sample_images[0]], ["caption en"])
+    ids, pixels = mx.array(inp.input_ids), mx.array(inp.pixel_values)
+    calls = spy_cpu_paths(monkeypatch)
+    lean = pg.model(ids, pixels)  # on this thread, not pg's worker: the tracing flag is per thread
+    mx.eval(lean)
+    assert set(calls) == {"rms_norm", "rope", "softcap", "attention_on_streams"}
+    calls.clear()
+    if mode == "tracing":
+        with cpu.for_tracing():
+            assert streams.tracing()
+            plain = pg.model(ids, pixels)
+        assert not streams.tracing()
+    else:
+        pg.model.train()
+        plain = pg.model(ids, pixels)
+        pg.model.eval()
+    mx.eval(plain)
+    assert calls == []
+    np.testing.assert_array_equal(np.array(plain), np.array(lean))
 
 
 @pytest.mark.parametrize("version", [1, 2])  # PG2: the final logit softcap

@@ -11,7 +11,7 @@ from pg_edge.cli import main
 from pg_edge import demo
 from pg_edge.explain import explain
 from pg_edge.explain_draw import PREFIX_ATTEND, SUFFIX_ATTEND, WINDOW_CUT, read_mask_picture
-from pg_edge.gemma import prefix_lm_mask  # the mask builder the model uses
+from pg_edge.model.masks import prefix_lm_mask  # the mask builder the model uses
 
 SHAPES = demo.SAMPLES[2]
 

@@ -183,7 +183,7 @@ def test_bundle_stores_the_weights_once(model, name):
     side = sum((bundle / n).stat().st_size for n in ("tokenizer.model", "manifest.json"))
     total = sum(f.stat().st_size for f in bundle.iterdir())
     # Graphs hold no weights: their size is the op count (bigger with the CPU backend's
-    # dequantize-then-matmul prefill, pg_edge/backend.py), ~0.5 MB here against 10-66 MB of
+    # dequantize-then-matmul prefill, pg_edge/cpu/products.py), ~0.5 MB here against 10-66 MB of
     # weights, ~2.5 MB for a 3B model against GBs.
     assert graphs < 0.10 * weights
     assert abs(total - (weights + graphs + side)) < 0.03 * (weights + graphs), (total, weights, graphs)

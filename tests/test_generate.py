@@ -5,7 +5,7 @@ import pytest
 
 import pg_edge
 from pg_edge.errors import PgEdgeError
-from pg_edge.gemma import LanguageModel
+from pg_edge.model.gemma import LanguageModel
 from pg_edge.generate import Detokenizer, Sampling
 
 
@@ -117,10 +117,9 @@ def test_sliding_window_decode_with_rotating_cache_is_exact(converted, sample_im
     must give the tokens of the uncached full forward pass."""
     from mlx_lm.models.cache import RotatingKVCache
 
-    from pg_edge.generate import make_cache
-
     pg = pg_edge.load(converted(version=2, dtype="float32", sliding_window=6))
-    assert any(isinstance(c, RotatingKVCache) for c in make_cache(pg.model, padded=False))
+    assert any(isinstance(c, RotatingKVCache) for c in pg.model.make_cache(padded=False))
+    assert not any(isinstance(c, RotatingKVCache) for c in pg.model.make_cache(padded=True))
     prompts = ["caption en", "answer en how many cups are on the table in this picture?"]
     images = [sample_images[0], sample_images[3]]
     alone = [pg.generate(im, p, max_tokens=6).tokens for im, p in zip(images, prompts)]

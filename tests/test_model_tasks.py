@@ -20,7 +20,7 @@ from pg_edge.model_tasks import rle_to_mask
 from pg_edge.errors import PgEdgeError
 from pg_edge.generate import GenerationResult
 from pg_edge.pipeline import PaliGemma, load
-from pg_edge.vae import load_mask_decoder
+from pg_edge.model.vae import load_mask_decoder
 from tests.vae_writer import write_fake_vae
 
 W, H = 300, 200  # original image size: boxes must come back in these pixels

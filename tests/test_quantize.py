@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from bench.fixtures.quantizable import make_quantizable_checkpoint
 
 from pg_edge.cli import main
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.folder import read_config
 from pg_edge.loader import build_model, load_model, load_weights

@@ -1,9 +1,12 @@
 """The quantize quality report shows progress per probe and states its share of the time; a
-bf16 quantized folder loaded on the CPU gets the backend's fast quantized products."""
+bf16 quantized folder loaded on the CPU gets the CPU variants (pg_edge.cpu): fast quantized
+products, float32 activations, prefill layer by layer."""
 import mlx.core as mx
 import numpy as np
 
-from pg_edge import backend, load
+from pg_edge import cpu, load
+from pg_edge.cpu.layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
+from pg_edge.cpu.products import CpuQuantizedLinear
 from pg_edge.benchmark import bench_image
 from pg_edge.quantize import quantize
 
@@ -21,9 +24,12 @@ def test_quality_report_progress_and_share(qsrc, tmp_path, capsys, monkeypatch):
     assert f"({report.quality_seconds:.1f} s of the {report.seconds:.1f} s)" in report.to_text()
     assert report.to_dict()["quality_seconds"] == round(report.quality_seconds, 2)
     pg = load(tmp_path / "q")
-    if backend.policy() == "cpu":
-        assert pg.model.activation_dtype == mx.float32
-        assert isinstance(pg.model.language_model.model.layers[0].mlp.up_proj, backend.CpuQuantizedLinear)
+    if cpu.policy() == "cpu":
+        assert type(pg.model) is CpuPaliGemmaModel  # float32 activations
+        assert pg.model.embed(mx.array([[2, 3]]), None).dtype == mx.float32
+        assert type(pg.model.language_model.model) is CpuGemmaModel  # prefill layer by layer
+        assert type(pg.model.vision_tower.vision_model.encoder) is CpuSiglipEncoder
+        assert isinstance(pg.model.language_model.model.layers[0].mlp.up_proj, CpuQuantizedLinear)
     # The quantized function computed in float32 throughout is the truth; the CPU policy's
     # float32 activations land closer to it than MLX's bf16 path does.
     image = bench_image(64)

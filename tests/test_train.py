@@ -133,7 +133,7 @@ CONN_LORA = re.compile(r"multi_modal_projector\.linear\.lora_[ab]")
 
 
 def expected_trainable(mode: str, freeze_vision: bool, names: list[str]) -> set[str]:
-    """The documented rule (pg_edge/train/modes.py), written out independently."""
+    """The documented rule (pg_edge/adapters.py), written out independently."""
     if mode == "attn":
         return {k for k in names if ATTN.fullmatch(k)}
     if mode == "full":

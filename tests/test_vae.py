@@ -8,7 +8,7 @@ import torch
 from pg_edge.convert.vae import convert_vae
 from pg_edge.errors import CheckpointError, PgEdgeError
 from pg_edge.task_text import decode_box, DetectedObject
-from pg_edge.vae import MaskDecoder, add_masks, box_mask, load_mask_decoder
+from pg_edge.model.vae import MaskDecoder, add_masks, box_mask, load_mask_decoder
 from tests.vae_writer import fake_vae_arrays, write_fake_vae
 
 E = 8

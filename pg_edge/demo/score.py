@@ -4,7 +4,7 @@
     count     exact match of the answer                     ("answer en how many shapes?")
     detect    mean box IoU over ground-truth objects        ("detect circle ; square ; triangle")
     segment   mean mask IoU over ground-truth objects       ("segment circle ; square ; triangle"),
-              masks at the original image size (pg_edge.vae.box_mask pastes them)
+              masks at the original image size (pg_edge.model.vae.box_mask pastes them)
 
 Matching (detect and segment): per image and per kind, greedily pair the predicted and
 ground-truth objects of that kind by decreasing IoU, each ground truth and each prediction used
@@ -94,7 +94,7 @@ def object_scores(sample: S.Sample, objects, use_masks: bool) -> tuple[list[floa
 
 def evaluate(pg, samples: Sequence[S.Sample], batch: int = 128, vae=None) -> Scores:
     """Run the four tasks on `samples` with `pg` (a pg_edge.PaliGemma) and score them."""
-    from pg_edge.vae import add_masks
+    from pg_edge.model.vae import add_masks
     from pg_edge.model_tasks import find_vae
 
     decoder = find_vae(pg, vae)

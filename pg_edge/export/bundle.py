@@ -31,7 +31,7 @@ import mlx.core as mx
 from ..errors import CheckpointError, PgEdgeError
 from ..folder import atomic_folder, quantization_section
 from ..outputs import check_output, local_input
-from .. import backend, load
+from .. import cpu, load
 from ..prompt_check import context_length
 from . import graphs
 
@@ -106,7 +106,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
-    with backend.for_tracing(pg.model):  # tracing: no eval inside the graphs
+    with cpu.for_tracing():  # tracing: no eval inside the graphs
         _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
 
 

@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 from ..errors import ImageError, PgEdgeError
 from ..image_limits import check_header
+from ..model.masks import suffix_mask_ar
 from ..processor import preprocess_image
 from ..tokenizer import Tokenizer
 
@@ -214,7 +215,7 @@ class Dataset:
         for b, (p, s) in enumerate(rows):
             n = len(p) + len(s)
             ids[b, :n] = p + s
-            mask_ar[b, len(p):n] = 1
+            mask_ar[b] = suffix_mask_ar(len(p), len(s), T)
             loss[b, len(p):n] = True
             valid[b, :n] = True
         pixels = np.stack([self.pixels(int(i)) for i in index])

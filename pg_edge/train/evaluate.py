@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..generate import generate_batch
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from ..processor import left_pad
 from ..task_text import parse_objects
 from .data import Dataset

@@ -21,14 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..mlx_lm_parts import LoRALinear
+from .._mlx_lm import LoRALinear
 from .. import __version__
 from ..atomic import save_safetensors
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, base_fingerprint, lora_targets
 from ..folder import FolderWriter, atomic_folder, is_quantized, read_config
+from ..model.paligemma import PaliGemmaModel
 from ..outputs import check_output
-from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, base_fingerprint
-from ..paligemma import PaliGemmaModel
-from .modes import ModeSpec, apply_mode, lora_targets
 
 
 

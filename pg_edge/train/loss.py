@@ -26,7 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from .data import Batch
 
 NORMALIZATIONS = ("example", "token")

@@ -31,13 +31,13 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..atomic import atomic_file
 from ..errors import PgEdgeError
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from ..prompt_check import context_length
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .data import Dataset, batch_indices, split
 from .evaluate import evaluate
 from .loss import NORMALIZATIONS, loss_inputs, weighted_loss
-from .modes import ModeSpec, apply_mode, base_dtype, count_parameters
+from ..adapters import ModeSpec, apply_mode, base_dtype, count_parameters
 
 # Defaults per mode. attn: big_vision's colab (SGD 0.03, 10% warmup, no clipping). full:
 # big_vision's transfer configs (Adam 1e-5, clip 1.0, 5% warmup, wd 3e-7). big_vision decays

@@ -1,5 +1,5 @@
 """`pg-edge convert-vae VAE.npz -o OUT.safetensors`: big_vision's segmentation mask decoder
-(vae-oid.npz) -> the file `pg-edge segment --vae` and `pg_edge.vae.load_mask_decoder` read."""
+(vae-oid.npz) -> the file `pg-edge segment --vae` and `pg_edge.model.vae.load_mask_decoder` read."""
 from __future__ import annotations
 
 import argparse

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from pg_edge.train.modes import MODES
+from pg_edge.adapters import MODES
 
 EXPORTS = ("adapters", "fused", "none")
 # argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
@@ -85,8 +85,8 @@ def add_parser(sub) -> None:
 
 def _settings(args, saved: dict | None):
     """(ModeSpec, TrainConfig) from the recipe or checkpoint, with the explicit arguments."""
+    from pg_edge.adapters import LoraSettings, ModeSpec
     from pg_edge.errors import PgEdgeError
-    from pg_edge.train.modes import LoraSettings, ModeSpec
     from pg_edge.train.trainer import TrainConfig
 
     given = {field: getattr(args, dest) for dest, field in CONFIG_ARGS.items() if getattr(args, dest) is not None}

@@ -1,22 +1,20 @@
-"""Leaner graphs for the decoder's small ops on MLX's CPU backend.
+"""Leaner graphs for the decoder's small ops on MLX's CPU backend, and the RMSNorm that uses one.
 
-On Metal and CUDA `mx.fast.rms_norm` and `mx.fast.rope` are single kernels. MLX's CPU backend
-has no kernel for them: each call expands into its generic fallback graph, 13 ops for an
-RMSNorm and 29 for a RoPE (counted with `mx.export_to_dot`), every one a task scheduled on the
-CPU stream. At the narrow-deep benchmark's widths a decode step is mostly such scheduling (4566
-ops per token for 26 Gemma2 layers, 175 per layer), so the count is the cost. Here the same
-arithmetic in fewer ops, set on the modules by `pg_edge.backend.apply` for the CPU backend:
+MLX's CPU backend has no kernel for `mx.fast.rms_norm` or `mx.fast.rope`: each call expands
+into a generic fallback graph whose ops are each a scheduled task, and at narrow widths a
+decode step is mostly that scheduling (counts: docs/performance.md, "Fewer ops per decode
+token"). Here the same arithmetic, bit-identical, in fewer ops:
 
 - `rms_norm`: the fallback's exact steps (float32 mean of squares, rsqrt, cast back, times
   1 + w) in one `mx.compile`d function, whose elementwise steps MLX fuses: 3 kernels;
 - `rope`: cos/sin tables computed once per (offset, length) and shared by every layer's q and
   k in that step (the fallback recomputes them per call), then x * cos + rotate(x) * sin,
-  compiled for decode-sized inputs. Bit-identical to the fallback (the same formulas: inverse
-  frequencies exp(-i * ln(base) / (dims / 2)) in float32, cos/sin cast to the activations'
-  dtype, products in that dtype, and a - b == a + (-b) exactly);
+  compiled for decode-sized inputs. The same formulas as the fallback: inverse frequencies
+  exp(-i * ln(base) / (dims / 2)) in float32, cos/sin cast to the activations' dtype, products
+  in that dtype, and a - b == a + (-b) exactly;
 - `softcap`: tanh(x / cap) * cap as one fused kernel.
 
-Tensor shapes: x float[B, H, T, head_dim] for rope; [..., D] for rms_norm; any for softcap.
+Tensor shapes: x float[B, H, T, E] for rope; [..., D] for rms_norm; any for softcap.
 """
 from __future__ import annotations
 
@@ -25,6 +23,9 @@ import threading
 from functools import lru_cache, partial
 
 import mlx.core as mx
+
+from ..model.gemma import RMSNorm
+from .streams import lean
 
 _local = threading.local()  # per thread: each worker thread builds and evaluates its own graphs
 
@@ -97,3 +98,12 @@ def _compiled_softcap(cap: float):
 def softcap(x: mx.array, cap: float) -> mx.array:
     """tanh(x / cap) * cap in one fused kernel (Gemma2's attention and final-logit caps)."""
     return _compiled_softcap(float(cap))(x)
+
+
+class CpuRMSNorm(RMSNorm):
+    """`RMSNorm` as `rms_norm` (same parameters) outside training and tracing."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if lean(self):
+            return rms_norm(x, self.weight, self.eps)
+        return super().__call__(x)

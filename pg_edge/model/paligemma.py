@@ -1,11 +1,11 @@
 """PaliGemma: SigLIP -> linear connector -> merge with text embeddings -> Gemma/Gemma2.
 
-Data flow for one forward pass:
-    pixels float[B, S, S, 3] --vision_tower--> float[B, N, C] --multi_modal_projector--> float[B, N, D]
+Data flow for one forward pass (axis letters: pg_edge.model.gemma):
+    pixels float[B, P, P, 3] --vision_tower--> float[B, N, C] --multi_modal_projector--> float[B, N, D]
     input_ids int[B, T] --embed_tokens * sqrt(D)--> float[B, T, D]
     merge: positions holding `<image>` take the image features in order (unscaled: HF divides
            them by sqrt(D) before the common sqrt(D) multiply, a net identity)
-    decoder with the prefix-LM mask -> logits float[B, T or 1, V]
+    decoder with the prefix-LM mask (pg_edge.model.masks) -> logits float[B, T or 1, V]
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import PaliGemmaConfig
-from .gemma import LanguageModel, decode_mask, prefix_lm_mask
+from .gemma import LanguageModel
+from .masks import bounded_windows, decode_masks, layer_windows, make_cache, prefill_masks
 from .siglip import VisionTower
 
 
 class MultiModalProjector(nn.Module):
-    """`multi_modal_projector.linear`: one Linear(C_vision -> D, bias) per image token."""
+    """`multi_modal_projector.linear`: one Linear(C -> D, bias) per image token."""
 
     def __init__(self, vision_dim: int, text_dim: int):
         super().__init__()
@@ -37,26 +38,24 @@ class PaliGemmaModel(nn.Module):
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config.vision.hidden_size, config.text.hidden_size)
         self.language_model = LanguageModel(config.text, tie_word_embeddings)
-        # Decoder activations' dtype; None = the weights' (pg_edge.backend picks float32 for
-        # quantized decoders on the CPU backend, where that is the fast quantized kernel).
-        self.activation_dtype = None
 
     # -- stages --------------------------------------------------------------------------
     def encode_image(self, pixel_values: mx.array) -> mx.array:
-        """float[B, S, S, 3] in [-1, 1] -> image features float[B, N, D]."""
+        """float[B, P, P, 3] in [-1, 1] -> image features float[B, N, D]."""
         # The patch conv is never quantized or wrapped (LoRA), so its dtype is the model's.
         dtype = self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
         return self.multi_modal_projector(self.vision_tower(pixel_values.astype(dtype)))
+
+    def embed_text(self, ids: mx.array) -> mx.array:
+        """int[B, T] -> float[B, T, D], the embedding rows (unscaled) in the decoder's dtype."""
+        return self.language_model.model.embed_tokens(ids)
 
     def embed(self, input_ids: mx.array, image_features: mx.array | None) -> mx.array:
         """int[B, T] (+ float[B, N, D]) -> float[B, T, D], text scaled by sqrt(D)."""
         image_id = self.config.image_token_index
         is_image = input_ids == image_id
         # `<image>` lies past the embedding of real checkpoints' vocabulary: look up pad instead.
-        text_ids = mx.where(is_image, self.config.pad_token_id, input_ids)
-        h = self.language_model.model.embed_tokens(text_ids)
-        if self.activation_dtype is not None:  # set by pg_edge.backend for this backend
-            h = h.astype(self.activation_dtype)
+        h = self.embed_text(mx.where(is_image, self.config.pad_token_id, input_ids))
         h = h * mx.array(self.config.text.hidden_size**0.5, dtype=h.dtype)
         if image_features is None:
             return h
@@ -65,30 +64,29 @@ class PaliGemmaModel(nn.Module):
         feats = mx.take_along_axis(image_features.astype(h.dtype), k[..., None], axis=1)
         return mx.where(is_image[..., None], feats, h)
 
-    def masks(self, mask_ar: mx.array | None, valid: mx.array | None, B: int, T: int) -> dict:
-        """One mask per distinct sliding window; None where attention is full anyway."""
-        out = {}
-        for window in self.language_model.windows():
-            plain = mask_ar is None and valid is None
-            if plain and (window is None or T <= window):
-                out[window] = None  # the fused kernel's fast path: everyone sees everyone
-                continue
-            ar = mask_ar if mask_ar is not None else mx.zeros((B, T), dtype=mx.int32)
-            ok = valid if valid is not None else mx.ones((B, T), dtype=mx.bool_)
-            out[window] = prefix_lm_mask(ar, ok, window)
-        return out
+    # -- masks and caches (the rules: pg_edge.model.masks) ---------------------------------
+    def layer_windows(self) -> list:
+        """Each decoder layer's sliding window (None: global)."""
+        return [layer.window for layer in self.language_model.model.layers]
 
-    def decode_masks(self, valid: mx.array | None, T_q: int, T_k: int, bounded: frozenset = frozenset()) -> dict:
-        """Masks for T_q new tokens after T_k - T_q cached keys; valid None = no padding.
-        `bounded`: windows whose caches hold only the last `window` keys (RotatingKVCache)."""
-        out = {}
-        for w in self.language_model.windows():
-            if valid is None and T_q == 1 and (w is None or T_k <= w or w in bounded):
-                out[w] = None  # one query seeing every key it holds: no mask needed
-            else:
-                ok = valid if valid is not None else mx.ones((1, T_k), dtype=mx.bool_)
-                out[w] = decode_mask(ok, T_q, w)
-        return out
+    def set_attention(self, mode: str) -> None:
+        """"window" (Gemma2's sliding layers keep their window) or "global" (none do); see
+        pg_edge.model.masks.ATTENTION_MODES. Gemma 1 has no window: both are the same model."""
+        for layer, w in zip(self.language_model.model.layers, layer_windows(self.config.text, mode)):
+            layer.window = w
+
+    def masks(self, mask_ar: mx.array | None, valid: mx.array | None, B: int, T: int) -> dict:
+        """{window: bool[B, 1, T, T] or None} for a pass from position 0 (mask_ar None: all
+        prefix; valid None: no padding)."""
+        return prefill_masks(set(self.layer_windows()), mask_ar, valid, B, T)
+
+    def make_cache(self, padded: bool = False) -> list:
+        """One KV cache per decoder layer for a generation (padded: some rows are left-padded)."""
+        return make_cache(self.layer_windows(), padded)
+
+    def cap_logits(self, logits: mx.array) -> mx.array:
+        """The logits `capped=True` gives, from those `capped=False` gives."""
+        return self.language_model.cap(logits)
 
     # -- whole pass ----------------------------------------------------------------------
     def __call__(
@@ -106,7 +104,7 @@ class PaliGemmaModel(nn.Module):
     ) -> mx.array:
         """A full (prefill or training) pass from position 0.
 
-        input_ids int[B, T]; pixel_values float[B, S, S, 3] or precomputed image_features
+        input_ids int[B, T]; pixel_values float[B, P, P, 3] or precomputed image_features
         float[B, N, D]; mask_ar int[B, T] (None: all prefix); valid bool[B, T] (None: no
         padding; padding may be on either side but must be contiguous at the ends).
         Returns logits float[B, T, V]; float[B, 1, V] with last_only; float[B, T - k, V] with
@@ -127,13 +125,11 @@ class PaliGemmaModel(nn.Module):
 
     def step(self, tokens: mx.array, valid: mx.array | None, offset: Any, cache: list,
              capped: bool = True) -> mx.array:
-        """Decode: tokens int[B, T_q] appended causally after the cache; valid bool[B, T_k]
-        covers every key including the new ones (None: no padding anywhere); offset: position
-        of tokens[:, 0], int or int[B]. Returns logits float[B, T_q, V] (capped: as in __call__)."""
+        """Decode: tokens int[B, T] appended causally after the cache; valid bool[B, S] covers
+        every key including the new ones (None: no padding anywhere); offset: position of
+        tokens[:, 0], int or int[B]. Returns logits float[B, T, V] (capped: as in __call__)."""
         h = self.embed(tokens, None)
-        T_k = cache[0].offset + tokens.shape[1]
-        # A cache with a max_size (mlx-lm's RotatingKVCache) keeps exactly the keys its window sees.
-        bounded = frozenset(layer.window for layer, c in zip(self.language_model.model.layers, cache)
-                            if getattr(c, "max_size", None) == layer.window)
-        masks = self.decode_masks(valid, tokens.shape[1], T_k, bounded)
+        windows = self.layer_windows()
+        S = cache[0].offset + tokens.shape[1]
+        masks = decode_masks(set(windows), valid, tokens.shape[1], S, bounded_windows(windows, cache))
         return self.language_model(h, masks, offset, cache, capped=capped)

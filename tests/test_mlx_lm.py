@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pg_edge.mlx_lm_parts import defer_package_init
+from pg_edge._mlx_lm import defer_package_init
 
 HEAVY = ("transformers", "torch", "mlx_lm.utils", "mlx_lm.tuner.trainer")
 
@@ -37,10 +37,10 @@ def test_the_runtime_never_loads_transformers_or_torch():
         from mlx_lm import load, stream_generate
         from mlx_lm.models.cache import KVCache
         from mlx_lm.tuner.lora import LoRALinear
-        import pg_edge.generate, pg_edge.train.modes
+        import pg_edge.model.masks, pg_edge.adapters
         assert callable(load) and callable(stream_generate) and callable(mlx_lm.tuner.train)
         assert mlx_lm.__version__
-        assert KVCache is pg_edge.generate.KVCache and LoRALinear is pg_edge.train.modes.LoRALinear
+        assert KVCache is pg_edge.model.masks.KVCache and LoRALinear is pg_edge.adapters.LoRALinear
         assert "__getattr__" not in vars(mlx_lm) and "__getattr__" not in vars(mlx_lm.tuner)
         print("AFTER", "transformers" in sys.modules)
     """)
@@ -52,9 +52,9 @@ def test_a_package_imported_first_is_left_alone():
     out = run_python("""
         import mlx_lm
         before = mlx_lm
-        import pg_edge.generate, sys
+        import pg_edge.model.masks, sys
         assert sys.modules["mlx_lm"] is before and "__getattr__" not in vars(before)
-        assert pg_edge.generate.KVCache is sys.modules["mlx_lm.models.cache"].KVCache
+        assert pg_edge.model.masks.KVCache is sys.modules["mlx_lm.models.cache"].KVCache
         print("OK")
     """)
     assert "OK" in out

@@ -1,5 +1,7 @@
 """SigLIP vision encoder (So400m/14 in the real checkpoints), as PaliGemma uses it.
 
+Axis letters as in pg_edge.model.gemma (N patches, C width, H heads, E head width).
+
 No CLS token, no pooling head: every patch token goes to the connector. Attribute names follow
 the checkpoint keys under `vision_tower.vision_model.` so weights load with no rename table.
 The patch convolution weight is stored in MLX layout OHWI (out, kh, kw, in); HF stores OIHW,
@@ -10,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
+from ..errors import PgEdgeError
 from .config import VisionConfig
 
 
@@ -20,7 +22,7 @@ def activation(name: str):
         return nn.gelu
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
         return nn.gelu_approx  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    raise ValueError(f"unsupported activation {name!r}")
+    raise PgEdgeError(f"unsupported activation {name!r}")
 
 
 class SiglipAttention(nn.Module):
@@ -33,9 +35,6 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=True)
         self.v_proj = nn.Linear(d, d, bias=True)
         self.out_proj = nn.Linear(d, d, bias=True)
-        # Set by pg_edge.backend on the CPU backend: long attentions (448 px and up) split by
-        # heads over the CPU streams, outside training and tracing.
-        self.cpu_ops = False
 
     def __call__(self, x: mx.array) -> mx.array:
         """float[B, N, C] -> float[B, N, C]; full (bidirectional) attention over patches."""
@@ -46,13 +45,11 @@ class SiglipAttention(nn.Module):
             return t.reshape(B, N, h, C // h).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        if self.cpu_ops and not self.training:
-            o = backend.attention_on_streams(self._attend, q, k, v, None)
-        else:
-            o = self._attend(q, k, v, None)
+        o = self.attend(q, k, v, None)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, N, C))
 
-    def _attend(self, q, k, v, mask):
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: None) -> mx.array:
+        """q, k, v float[B, H, N, E] -> float[B, H, N, E]; every patch sees every patch."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
@@ -86,14 +83,10 @@ class SiglipEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = [SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.sync_each_layer = False  # as GemmaModel's: set by pg_edge.backend on the CPU
 
     def __call__(self, x: mx.array) -> mx.array:
-        sync = self.sync_each_layer and not self.training
         for layer in self.layers:
             x = layer(x)
-            if sync:
-                mx.eval(x)
         return x
 
 
@@ -111,7 +104,7 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        """float[B, H, W, 3] in [-1, 1] -> float[B, N, C], N = (H/patch)*(W/patch), row-major."""
+        """float[B, P, P, 3] in [-1, 1] -> float[B, N, C], N = (P / patch)^2, row-major."""
         x = self.patch_embedding(pixels)
         B, gh, gw, C = x.shape
         x = x.reshape(B, gh * gw, C)
@@ -137,5 +130,5 @@ class VisionTower(nn.Module):
         self.vision_model = SiglipVisionTransformer(cfg)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        """float[B, H, W, 3] -> float[B, N, C_vision]."""
+        """float[B, P, P, 3] -> float[B, N, C]."""
         return self.vision_model(pixels)

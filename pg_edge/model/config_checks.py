@@ -6,39 +6,19 @@ zero head count, a string where a number belongs or an unknown activation is one
 instead of a ZeroDivisionError deep in the model. Fields pg_edge ignores are not checked.
 `check_tokenizer_fits` compares the tokenizer with the config: every id the tokenizer can
 produce must index the embedding, and both must agree on `<image>`.
-`read_json` reads any JSON side file (index, tokenizer_config...) with the same care.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_INT = 2**31 - 1  # MLX shapes and ids are int32
 ACTIVATIONS = {"gelu", "gelu_python", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"}
 LAYER_TYPES = {"sliding_attention", "full_attention"}
 QUANT_BITS = {2, 3, 4, 5, 6, 8}
 QUANT_GROUPS = {32, 64, 128}
 QUANT_MODES = {"affine", "mxfp4", "mxfp8", "nvfp4"}
-
-
-def read_json(path: str | os.PathLike):
-    """Parse a JSON file (regular files only, at most 64 MiB); CheckpointError naming it."""
-    from .safetensors_check import open_regular
-
-    path = Path(path)
-    with open_regular(path) as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    if len(data) > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES >> 20} MiB; refused")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path.name} is not valid JSON: {str(err)[:120]}") from None
 
 
 def _fail(field: str, want: str, got) -> CheckpointError:

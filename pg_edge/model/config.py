@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config_schema import check_config
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .config_checks import check_config
 
 IMAGE_TOKEN_INDEX = 257152  # `<image>`; also the size of the real (unpadded) vocabulary
 
@@ -110,7 +110,7 @@ class PaliGemmaConfig:
             raise CheckpointError(
                 f"config.json has model_type {raw.get('model_type')!r}, expected 'paligemma'"
             )
-        check_config(dict(raw))  # types and ranges, naming the field (pg_edge.config_schema)
+        check_config(dict(raw))  # types and ranges, naming the field (pg_edge.model.config_checks)
         v = dict(raw.get("vision_config") or {})
         t = dict(raw.get("text_config") or {})
         vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})

@@ -1,13 +1,7 @@
 """The parts of mlx-lm pg_edge uses (KV caches, the sampler, the LoRA layer), without its package init.
 
-`mlx_lm/__init__.py` imports its converter, generator and loader, which import transformers;
-and transformers 5 imports torch whenever torch is installed. Measured on the 2-core Linux
-machine (mlx-lm 0.32.2, transformers 5.24, torch 2.13): `import pg_edge.pipeline` took 1.4 s and
-grew the process by 229 MB, nearly all of it that chain, for modules (`mlx_lm.models.cache`,
-`mlx_lm.sample_utils`, `mlx_lm.tuner.lora`) that need nothing but MLX. An app that embeds
-pg_edge, and every `pg-edge` command, paid it at start; `mlx_lm.tuner`'s own init (its trainer)
-added the same again to loading a LoRA adapter.
-
+`mlx_lm/__init__.py` imports its converter, generator and loader, hence transformers (and torch
+when installed), for modules that need nothing but MLX (cost: docs/performance.md, "Start-up").
 So when nothing has imported them yet, `defer_package_init` puts the real package module in
 `sys.modules` with its `__init__` not yet run: its submodules import as usual (they only need
 the package's `__path__`), and the first attribute the package itself lacks — `mlx_lm.load`,
@@ -56,7 +50,7 @@ def defer_package_init(name: str) -> None:
 
 defer_package_init("mlx_lm")
 
-# After the deferral (E402). Together these import in under 10 ms.
+# After the deferral (E402).
 from mlx_lm.models.cache import KVCache, RotatingKVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
