@@ -5,9 +5,9 @@ its caller's thread and handed to the `Scheduler`. The scheduler runs the batch 
 per worker job (pg_edge.worker): so other model calls (image features, adapters added or
 removed, a mask decoder) run between steps, at a token boundary. Each step:
 
-1. admits waiting requests, in arrival order, up to `max_batch` rows: each is prefilled alone
-   (its image features from the shared cache, its own adapter) and its KV cache joins the batch,
-   left-padded to the batch's length (or the batch's padded to its own);
+1. admits waiting requests, in arrival order, up to `max_batch` rows: they are prefilled
+   together, left-padded to the longest (image features from the shared cache, each row with
+   its own adapter), and their KV caches join the batch's, left-padded to the longer;
 2. hands every row its next token (a Chunk on the row's channel) and retires the rows that
    ended: eos ("stop"), max_tokens ("length"), or cancelled (the caller closed or cancelled
    its stream, a `cancel` event was set, or `PaliGemma.cancel()`); the batch's caches drop
@@ -90,33 +90,42 @@ class Batch:
         return self._bias
 
     # -- 1. join -----------------------------------------------------------------------------
-    def admit(self, req: Request) -> None:
-        """Prefill `req` alone and add its row (its first token is then `next_token`)."""
+    def admit(self, reqs: list[Request]) -> None:
+        """Prefill `reqs` together (left-padded to the longest, each row with its own image
+        features and adapter) and add their rows; each row's first token is its `next_token`."""
         pg = self.pg
-        req.t_admit = time.perf_counter()
-        req.slot = pg._bank.slot(req.adapter) if pg._bank is not None else 0
-        if req.sampling.seed is not None:
-            mx.random.seed(int(req.sampling.seed))
-        feats = pg._features(req.pixels[None], req.adapter)
-        req.vision_s = time.perf_counter() - req.t_admit
-        T = len(req.ids)
+        t0 = time.perf_counter()
+        for req in reqs:
+            req.t_admit = t0
+            req.slot = pg._bank.slot(req.adapter) if pg._bank is not None else 0
+            if req.sampling.seed is not None:
+                mx.random.seed(int(req.sampling.seed))
+        feats = pg._features(np.stack([r.pixels for r in reqs]), [r.adapter for r in reqs])
+        vision_s = time.perf_counter() - t0
+        T = max(len(r.ids) for r in reqs)
+        ids = np.full((len(reqs), T), pg.tokenizer.pad_id, dtype=np.int32)
+        valid = np.zeros((len(reqs), T), dtype=bool)
+        for i, r in enumerate(reqs):
+            ids[i, T - len(r.ids):], valid[i, T - len(r.ids):] = r.ids, True
         cache = self.model.make_cache(padded=True)  # every key kept: rows join and leave
-        pg._route([req.slot])
-        logits = self.model(mx.array(req.ids[None]), image_features=feats, valid=mx.ones((1, T), dtype=mx.bool_),
-                            cache=cache, last_only=True, capped=False)[:, -1]
-        (req.next_token,) = self._sample(logits, [req])
-        req.t_first = time.perf_counter()
-        req.pos, req.detok = T, Detokenizer(pg.tokenizer)
-        self._join(req, cache, T)
+        pg._route([r.slot for r in reqs])
+        logits = self.model(mx.array(ids), image_features=feats, valid=mx.array(valid), cache=cache,
+                            last_only=True, capped=False)[:, -1]
+        first = self._sample(logits, reqs)
+        t1 = time.perf_counter()
+        for r, t in zip(reqs, first):
+            r.next_token, r.t_first, r.vision_s = t, t1, vision_s
+            r.pos, r.detok = len(r.ids), Detokenizer(pg.tokenizer)
+        self._join(reqs, cache, valid)
 
-    def _join(self, req: Request, cache: list, T: int) -> None:
-        S = self.valid.shape[1]
+    def _join(self, reqs: list[Request], cache: list, valid: np.ndarray) -> None:
+        """Add rows whose caches hold `valid`'s columns (bool[b, T], left-padded)."""
+        S, T = self.valid.shape[1], valid.shape[1]
         S2 = max(S, T)
-        row_valid = np.zeros((1, S2), dtype=bool)
-        row_valid[0, S2 - T:] = True
+        new_valid = np.zeros((len(reqs), S2), dtype=bool)
+        new_valid[:, S2 - T:] = valid
         if self.caches is None or not self.rows:
-            self.caches = cache
-            self.valid = row_valid
+            self.caches, self.valid = cache, new_valid
         else:
             for c, new in zip(self.caches, cache):
                 k, v = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
@@ -125,8 +134,8 @@ class Batch:
                 c.state = (mx.concatenate([k, nk]), mx.concatenate([v, nv]), S2)
             old = np.zeros((self.valid.shape[0], S2), dtype=bool)
             old[:, S2 - S:] = self.valid
-            self.valid = np.concatenate([old, row_valid])
-        self.rows.append(req)
+            self.valid = np.concatenate([old, new_valid])
+        self.rows.extend(reqs)
 
     # -- 2. hand out tokens, retire rows -----------------------------------------------------
     def emit(self) -> None:
@@ -213,13 +222,16 @@ class Batch:
 
     def step(self, admit: list[Request]) -> None:
         """Admit `admit`, hand out tokens, decode the next one (what one worker job does)."""
-        for req in admit:
-            if _closed(req):  # its caller dropped it while it waited
-                continue
+        admit = [r for r in admit if not _closed(r)]  # dropped by their callers while waiting
+        if admit:
             try:
-                self.admit(req)
-            except Exception as err:  # this request's own problem: the batch goes on
-                self.outbox.append((req.channel, (_DONE, err)))
+                self.admit(admit)
+            except Exception:  # one request's own problem (a removed adapter...): each alone
+                for req in admit:
+                    try:
+                        self.admit([req])
+                    except Exception as err:  # the batch goes on without it
+                        self.outbox.append((req.channel, (_DONE, err)))
         self.emit()
         if self.rows:
             self.decode()
@@ -348,7 +360,7 @@ def run_alone(pg, req: Request):
     """On the worker itself (a model call made from inside another one): the request as a
     batch of its own; yields its Chunks."""
     batch = Batch(pg)
-    batch.admit(req)
+    batch.admit([req])
     while batch.rows:
         if pg._worker.cancelled():
             req.channel.cancel.set()

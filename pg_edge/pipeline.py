@@ -147,14 +147,17 @@ class PaliGemma:
         deltas); rows seen before come from the cache, keyed by pixels and adapter."""
         return self._features(pixel_values, adapter)
 
-    def _features(self, pixel_values: np.ndarray, adapter: str | None) -> mx.array:
-        slot = self._bank.slot(adapter) if self._bank is not None else _no_adapters(adapter)
-        tag = "" if adapter is None else "|" + adapter
-        keys = [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() + tag for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self._vision_cache]
+    def _features(self, pixel_values: np.ndarray, adapter) -> mx.array:
+        """`adapter`: one name (or None) for every row, or a list of them, one per row; the
+        rows not cached yet are encoded in one call, each with its own adapter."""
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(pixel_values)
+        slots = [self._bank.slot(a) if self._bank is not None else _no_adapters(a) for a in names]
+        keys = [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() + ("" if a is None else "|" + a)
+                for p, a in zip(pixel_values, names)]
+        missing = [i for i, k in enumerate(keys) if k not in self._vision_cache and k not in keys[:i]]
         if missing:
             self.vision_calls += 1
-            self._route([slot] * len(missing))
+            self._route([slots[i] for i in missing])
             feats = self.model.encode_image(mx.array(pixel_values[missing]))
             mx.eval(feats)
             for j, i in enumerate(missing):
