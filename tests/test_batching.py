@@ -207,3 +207,22 @@ def test_max_batch_one_runs_them_in_turn(pg):
         pg.max_batch = 8
     with pytest.raises(PgEdgeError, match="max_batch must be a positive integer"):
         pg.max_batch = 0
+
+
+def test_label_runs_its_images_in_batches_with_the_same_results(pg, tmp_path):
+    """pg-edge label asks for a batch of images at once (issue 22, item 4): the labels equal
+    one-at-a-time labelling, image for image, in file order."""
+    from pg_edge.labeling import label_folder
+
+    out = {}
+    for size in (1, 8):
+        pg.max_batch = size
+        pg._scheduler.most_rows = 0
+        label_folder(pg, "pg_edge/demo/samples", "circle ; square ; triangle", tmp_path / f"{size}.json",
+                     gen={"max_tokens": 24}, quiet=True)
+        out[size] = (json.loads((tmp_path / f"{size}.json").read_text()), pg._scheduler.most_rows)
+    pg.max_batch = 8
+    (one, rows1), (many, rows8) = out[1], out[8]
+    assert rows1 == 1 and rows8 > 1
+    assert one["annotations"] and one["annotations"] == many["annotations"]
+    assert one["pg_edge"]["done"] == many["pg_edge"]["done"] == sorted(one["pg_edge"]["done"])
