@@ -186,13 +186,11 @@ class PaliGemma:
     def _request(self, image: ImageInput, prompt: str, max_tokens: int, sampling, settings,
                  adapter, cancel) -> Request:
         """One generation's inputs, checked and prepared: what does not fit the context, or
-        names no loaded adapter, is refused here, before any compute. The image is resized on
-        the worker, as every call's are (one thread's allocator: big images from many callers
-        do not each leave their own heap behind)."""
+        names no loaded adapter, is refused here, before any compute."""
         sampling = Sampling.of(sampling, **settings)
         max_tokens = check_max_tokens(max_tokens)
         self._check_adapter(adapter)
-        inp = self._worker.call(self.prepare, [image], [prompt])
+        inp = self.prepare([image], [prompt])
         check_context(int(inp.valid.sum()), max_tokens, context_length(self.config), self.config.num_image_tokens)
         ids = inp.input_ids[0][inp.valid[0]]
         return Request(ids, inp.pixel_values[0], adapter, sampling, max_tokens, cancel)
@@ -207,7 +205,9 @@ class PaliGemma:
         From another thread than the worker the iterator is a pg_edge.batching.RowStream:
         `.cancel()` ends the generation early (the last chunk still comes), `.close()` drops it.
         Concurrent calls decode together (see the module docstring)."""
-        req = self._request(image, prompt, max_tokens, sampling, settings, adapter, cancel)
+        # Prepared on the worker, as every call's inputs are (one thread's allocator: big images
+        # from many callers do not each leave their own heap behind).
+        req = self._worker.call(self._request, image, prompt, max_tokens, sampling, settings, adapter, cancel)
         if self._worker.on_worker():
             return run_alone(self, req)
         return self._scheduler.submit(req)

@@ -198,6 +198,11 @@ class ModelWorker:
         fn handles its own). Raises PgEdgeError once the worker is closed."""
         self._submit(fn, streaming=False)
 
+    def others_waiting(self) -> bool:
+        """On the worker: do other jobs wait in its queue (a long job may hand over)?"""
+        carrier = self._carrier
+        return carrier is not None and not carrier.jobs.empty()
+
     def cancel(self) -> bool:
         """Ask the running job to stop; True if there was one. Queued jobs still run."""
         carrier = self._carrier
