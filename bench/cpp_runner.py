@@ -70,7 +70,7 @@ def _random_folder(raw: dict, tokenizer_from: Path, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from pg_edge.folder import FolderWriter
+    from pg_edge.checkpoint.folder import FolderWriter
     from pg_edge.model.config import PaliGemmaConfig
     from pg_edge.model.paligemma import PaliGemmaModel
 

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from pg_edge.folder import FolderWriter  # noqa: E402
+from pg_edge.checkpoint.folder import FolderWriter  # noqa: E402
 from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
 from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
-from pg_edge.variants import official_config, parameter_counts, variants  # noqa: E402
-from pg_edge.weights import component  # noqa: E402
+from pg_edge.model.variants import official_config, parameter_counts, variants  # noqa: E402
+from pg_edge.checkpoint.weights import component  # noqa: E402
 from pg_edge.quantize import QuantPlan, quantize  # noqa: E402
 from pg_edge.quantize.recipes import COMPONENTS, RECIPES, resolve_settings  # noqa: E402
 
@@ -39,7 +39,7 @@ MODELS = [f"{d}-{s}" for d, s in variants()]
 
 def config_raw(model: str, vision_layers: int | None = None, text_layers: int | None = None,
                vocab: int = 257216) -> dict:
-    """"pg2-3b-224" -> its config.json dict (pg_edge.variants.official_config)."""
+    """"pg2-3b-224" -> its config.json dict (pg_edge.model.variants.official_config)."""
     name, size = model.rsplit("-", 1)
     return official_config(name, int(size), vocab=vocab, vision_layers=vision_layers, text_layers=text_layers)
 

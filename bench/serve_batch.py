@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import mlx.core as mx  # noqa: E402
 
 import pg_edge  # noqa: E402
-from bench.fixtures.adapters import make_random_adapter  # noqa: E402
+from fixtures.adapters import make_random_adapter  # noqa: E402
 from pg_edge.server import make_server  # noqa: E402
 
 DEMO_IMAGES = [ROOT / f"pg_edge/demo/samples/shapes_{i}.png" for i in (1, 2, 3)]

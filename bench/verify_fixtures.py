@@ -3,7 +3,7 @@ quantization recipe against its float source through MLX and through the referen
 
     .venv/bin/python bench/verify_fixtures.py
 
-Uses bench/fixtures/quantizable.py's random-weight PaliGemma 1 and 2 (widths that every group size
+Uses fixtures/quantizable.py's random-weight PaliGemma 1 and 2 (widths that every group size
 divides) and the test tokenizer; everything is built in a temporary folder.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures.tokenizer import build_tokenizer  # noqa: E402
-from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
+from fixtures.tokenizer import build_tokenizer  # noqa: E402
+from fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
 from pg_edge.convert.hf import convert_hf  # noqa: E402
 from pg_edge.eval.verify import verify  # noqa: E402

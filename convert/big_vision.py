@@ -31,8 +31,8 @@ import mlx.core as mx
 
 from pg_edge.model.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import FolderWriter, Progress
-from pg_edge.outputs import check_output
+from pg_edge.checkpoint.folder import FolderWriter, Progress
+from pg_edge.checkpoint.output_check import check_output
 
 from . import parse_dtype
 from .hf import check_complete

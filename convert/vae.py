@@ -28,10 +28,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.atomic import save_safetensors
-from pg_edge.folder import atomic_file
+from pg_edge.checkpoint.atomic import save_safetensors
+from pg_edge.checkpoint.folder import atomic_file
 from pg_edge.model.vae import FORMAT, FORMAT_VERSION, MaskDecoder
-from pg_edge.outputs import check_output
+from pg_edge.checkpoint.output_check import check_output
 
 CODEBOOK_KEY = "_vq_vae._embedding"
 

@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ._mlx_lm import LoRALinear
 from .errors import PgEdgeError
 from .model.paligemma import PaliGemmaModel
-from .safetensors_check import load_safetensors
+from .checkpoint.safetensors_check import load_safetensors
 
 MODES = ("attn", "lora", "full")
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

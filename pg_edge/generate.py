@@ -28,7 +28,7 @@ import mlx.core as mx
 from ._mlx_lm import make_sampler
 from .errors import PgEdgeError
 from .model.paligemma import PaliGemmaModel
-from .prompt_check import check_max_tokens, check_sampling
+from .inputs.checks import check_max_tokens, check_sampling
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class Detokenizer:
     def finalize(self) -> str:
         text = self.tokenizer.decode(self.tokens)
         if not text.startswith(self.text):
-            return ""  # cannot happen with SentencePiece decoding; see tests/test_generate.py
+            return ""  # cannot happen with SentencePiece decoding; see tests/runtime/test_generate.py
         piece, self.text = text[len(self.text):], text
         return piece
 

@@ -38,15 +38,16 @@ import numpy as np
 
 from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
-from . import model_tasks
+from .tasks import calls
 from .batching import Request, Scheduler, run_alone
 from .errors import PgEdgeError
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
-from .folder import resolve
-from .loader import load_model
+from .checkpoint.folder import resolve
+from .checkpoint.loader import load_folder
 from .model.paligemma import PaliGemmaModel
-from .processor import ImageInput, Inputs, Processor, Tokenizer
-from .prompt_check import check_context, check_max_tokens, context_length
+from .inputs.images import ImageInput
+from .inputs.processor import Inputs, Processor, Tokenizer
+from .inputs.checks import check_context, check_max_tokens, context_length
 from .worker import ModelWorker, serialized
 
 
@@ -253,26 +254,26 @@ class PaliGemma:
                               sampling=sampling, max_tokens=max_tokens, vision_seconds=time.perf_counter() - t0,
                               should_stop=self._worker.cancelled)
 
-    # -- tasks (pg_edge.model_tasks): prompts in the official forms, outputs parsed ------------
+    # -- tasks (pg_edge.tasks.calls): prompts in the official forms, outputs parsed ------------
     def caption(self, image: ImageInput, lang: str = "en", **gen):
-        return model_tasks.caption(self, image, lang=lang, **gen)
+        return calls.caption(self, image, lang=lang, **gen)
 
     def ocr(self, image: ImageInput, **gen):
-        return model_tasks.ocr(self, image, **gen)
+        return calls.ocr(self, image, **gen)
 
     def ask(self, image: ImageInput, question: str, lang: str = "en", **gen):
-        return model_tasks.ask(self, image, question, lang=lang, **gen)
+        return calls.ask(self, image, question, lang=lang, **gen)
 
     def detect(self, image: ImageInput, objects, **gen):
         """Boxes in the original image's pixels: `.objects` (label, box), `.skipped`."""
-        return model_tasks.detect(self, image, objects, **gen)
+        return calls.detect(self, image, objects, **gen)
 
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
         # The generation joins the batch like any other; the mask decoder runs on the worker.
-        decoder = self._worker.call(model_tasks.find_vae, self, vae)  # a missing one fails fast
-        return model_tasks.segment(self, image, objects, vae=decoder, masks=self._worker.call, **gen)
+        decoder = self._worker.call(calls.find_vae, self, vae)  # a missing one fails fast
+        return calls.segment(self, image, objects, vae=decoder, masks=self._worker.call, **gen)
 
 
 def _no_adapters(adapter) -> int:
@@ -293,7 +294,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     see pg_edge.model.masks.ATTENTION_MODES."""
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-    model, config, folder = load_model(folder, dtype=dtype)
+    model, config = load_folder(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     model.set_attention(attention)
     named = adapters if isinstance(adapters, dict) else {}

@@ -8,7 +8,7 @@ no quantization yet, tensor shapes matching the config) from the file headers; p
 output tensor's dtype and shape through a `QuantPlan` and check that every tensor the loaders
 will ask for is there with its shape, before anything is read or written; stream the tensors
 one at a time (big ones in row blocks) through the plan into a `FolderWriter`
-(pg_edge.tensor_stream: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
+(pg_edge.checkpoint.stream_convert: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
 output); then measure: the float model answers the probes and is scored teacher-forced, it is
 released, and the quantized folder, loaded back exactly as a user would load it, is scored on
 the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `pg_edge.convert.hf.open_hf`
@@ -24,11 +24,12 @@ from pathlib import Path
 
 from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve
+from pg_edge.checkpoint.folder import (FolderWriter, Progress, check_output, is_quantized, read_config,
+                                        resolve)
 from pg_edge.eval.metrics import combine, compare_logits
-from pg_edge.tensor_stream import Source, open_source, output_shapes, write
-from pg_edge.tensor_stream import plan as stream_plan
-from pg_edge.weights import component
+from pg_edge.checkpoint.stream_convert import Source, open_source, output_shapes, write
+from pg_edge.checkpoint.stream_convert import plan as stream_plan
+from pg_edge.checkpoint.weights import component
 
 from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
@@ -97,7 +98,7 @@ def quantize(
             source = open_converted(folder, read_config(folder).raw)
         probe_list = probes_mod.resolve_probes(probes)
         if probe_list:
-            from pg_edge.processor import Tokenizer
+            from pg_edge.inputs.processor import Tokenizer
 
             Tokenizer(source.folder)  # the probes need it: fail now rather than after writing
         specs = source.float_specs()

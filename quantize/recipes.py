@@ -1,6 +1,6 @@
 """What to quantize, and how: per-component settings and the named recipes.
 
-A PaliGemma checkpoint has four components (`pg_edge.weights.component`):
+A PaliGemma checkpoint has four components (`pg_edge.checkpoint.weights.component`):
     vision     SigLIP: attention and MLP Linears (patch conv, position table, norms stay float)
     connector  multi_modal_projector.linear
     decoder    Gemma's attention and MLP Linears

@@ -2,7 +2,7 @@
 
 Each subcommand lives in a module of commands/ exposing ``add_parser(subparsers)``; the parser
 it adds sets ``func`` to a function taking the parsed arguments and returning an exit code. Only
-the chosen command's module is imported (tests/test_cli.py checks that `pg-edge run` imports no
+the chosen command's module is imported (tests/cli/test_cli.py checks that `pg-edge run` imports no
 pg_edge.train, pg_edge.convert or pg_edge.quantize); `pg-edge --help` imports none of them.
 Every subcommand's parser is a CommandParser: --help shows the defaults, --debug is accepted
 after the command too; an unknown option is reported with that command's usage.
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:  # with the usage of the command they were given to, not the top level's
         command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
-    from pg_edge.atomic import Terminated, signals_raise
+    from pg_edge.checkpoint.atomic import Terminated, signals_raise
     from pg_edge.errors import PgEdgeError
 
     debug = args.debug or os.environ.get("PG_EDGE_DEBUG") not in (None, "", "0")
-    # pg_edge refuses over-large images itself (pg_edge.image_limits), with the numbers.
+    # pg_edge refuses over-large images itself (pg_edge.inputs.images), with the numbers.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
     try:

@@ -1,4 +1,4 @@
-"""Score a model folder on the shapes test split (the numbers tests/test_demo_model.py asserts).
+"""Score a model folder on the shapes test split (the numbers tests/apps/test_demo_model.py asserts).
 
     python -m apps.demo_model.evaluate FOLDER [--n 100] [--vae VAE.safetensors]
 

@@ -22,9 +22,9 @@ from tkinter import filedialog
 import numpy as np
 from PIL import Image
 
-from pg_edge import task_text
-from pg_edge.draw import draw_objects
-from pg_edge.processor import load_image, to_rgb
+from pg_edge.tasks import parse, prompts
+from pg_edge.tasks.draw import draw_objects
+from pg_edge.inputs.images import load_image, to_rgb
 
 TASKS = ("caption", "ask", "detect", "segment")
 HINTS = {"caption": "language (en, de, ...)", "ask": "question", "detect": "objects: cat ; dog",
@@ -192,13 +192,13 @@ class App:
         t0 = time.perf_counter()
         try:
             if task in ("caption", "ask"):
-                prompt = task_text.caption(text.strip() or "en") if task == "caption" else task_text.answer(text)
+                prompt = prompts.caption(text.strip() or "en") if task == "caption" else prompts.answer(text)
                 self._stream = self.pg.stream(image, prompt, **self.gen)
                 for chunk in self._stream:
                     if chunk.text:
                         self._events.put(("piece", chunk.text))
                     if chunk.result is not None:
-                        clean = task_text.clean_output(chunk.result.text, prompt)
+                        clean = parse.clean_output(chunk.result.text, prompt)
                         self._events.put(("text", clean, chunk.result.finish_reason, time.perf_counter() - t0))
             elif task == "detect":
                 r = self.pg.detect(image, text, **self.gen)

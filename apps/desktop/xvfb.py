@@ -1,6 +1,6 @@
 """Driving the desktop example in a real X window without a screen: Xvfb, xdotool, screenshots.
 
-Used by tests/test_desktop.py and docs/figures/make_desktop_screenshot.py (Linux; needs the
+Used by tests/apps/test_desktop.py and docs/figures/make_desktop_screenshot.py (Linux; needs the
 Debian packages xvfb and xdotool, see .ci/apt-packages.txt).
 
     with Xvfb() as display:              # ":N", a free display number Xvfb chose itself

@@ -4,7 +4,7 @@
     GET  /v1/models               the served base model, then every adapter loaded on it
     POST /v1/chat/completions     OpenAI chat format (apps/server/openai_format.py); stream: true = SSE
     POST /v1/detect, /v1/segment  {"image": data URL, "objects": "cat ; dog", ...} -> the JSON of
-                                  `pg-edge detect/segment --json` (pg_edge.model_tasks.to_json)
+                                  `pg-edge detect/segment --json` (pg_edge.tasks.calls.to_json)
 
 A request's `model` picks the base (the served name, or none given) or an adapter by its name
 (`pg-edge serve --adapter NAME=DIR`); another name is a 404 in OpenAI's error format. Up to
@@ -133,7 +133,7 @@ def segment(h) -> None:
 
 
 def _vision_task(h, task: str) -> None:
-    from pg_edge.model_tasks import to_json
+    from pg_edge.tasks.calls import to_json
 
     srv = h.server
     body = h.read_json()

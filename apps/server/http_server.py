@@ -56,7 +56,7 @@ class PgEdgeServer(ThreadingHTTPServer):
     block_on_close = False  # stop() waits for the requests; idle connections are closed
     allow_reuse_address = True
     # listen() backlog: socketserver's default of 5 drops a burst of simultaneous connects (16
-    # clients at once in tests/test_server_load.py); the Gate, not the backlog, bounds the work.
+    # clients at once in tests/server/test_server_load.py); the Gate, not the backlog, bounds the work.
     request_queue_size = 128
 
     def __init__(self, pg, address: tuple[str, int], *, model_id: str, api_key: str | None = None,
@@ -192,7 +192,7 @@ class PgEdgeServer(ThreadingHTTPServer):
     # -- the model's extras ----------------------------------------------------------------
     def mask_decoder(self):
         """The VAE for /v1/segment, loaded on first use (PgEdgeError when there is none)."""
-        from pg_edge.model_tasks import find_vae
+        from pg_edge.tasks.calls import find_vae
 
         with self._vae_lock:
             if self._decoder is None:

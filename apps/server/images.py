@@ -25,9 +25,9 @@ from pathlib import Path
 from PIL import Image
 
 from pg_edge.errors import PgEdgeError
-from pg_edge.image_limits import FORMATS, max_image_pixels
-from pg_edge.processor import load_image
-from pg_edge.safetensors_check import open_regular
+from pg_edge.inputs.images import FORMATS, max_image_pixels
+from pg_edge.inputs.images import load_image
+from pg_edge.checkpoint.safetensors_check import open_regular
 
 from .openai_format import ApiError, bad
 
@@ -43,7 +43,7 @@ class ImagePolicy:
 
 
 def decode(data: bytes, param: str) -> Image.Image:
-    """The decoded image (pg_edge.image_limits: pixel limit, formats, first frame, EXIF)."""
+    """The decoded image (pg_edge.inputs.images: pixel limit, formats, first frame, EXIF)."""
     try:
         return load_image(data)
     except PgEdgeError as err:

@@ -1,5 +1,5 @@
 """Draw every figure of the README and docs/ from the code, with the numbers behind them
-(run: `python docs/figures/make_figures.py [--out DIR]`; tests/test_figures.py runs it in CI and
+(run: `python docs/figures/make_figures.py [--out DIR]`; tests/docs/test_figures.py runs it in CI and
 compares figures.json with the committed one).
 
     demo_segment.png      what `make demo` writes for the third sample (apps/demo.py's drawing)
@@ -11,7 +11,7 @@ compares figures.json with the committed one).
     quantize_recipes.png  each quantization recipe: size for PaliGemma 2 3B-224, agreement of the
                           demo model quantized with it against its float32 self
     figures.json          the data: generated texts, token layout, mask rows, recipe numbers,
-                          parameter counts of every official variant (pg_edge.variants)
+                          parameter counts of every official variant (pg_edge.model.variants)
 
 Every box, mask and token comes from generating with the shipped `demo` model, parsed and drawn
 by the code the commands use.
@@ -32,23 +32,25 @@ if str(ROOT) not in sys.path:
 
 import pg_edge  # noqa: E402
 from apps.demo import OBJECTS, annotate  # noqa: E402
-from pg_edge import demo, model_tasks, variants  # noqa: E402
-from pg_edge.explain import explain  # noqa: E402
-from pg_edge.processor import load_image  # noqa: E402
+from pg_edge import demo  # noqa: E402
+from pg_edge.tasks import calls
+from pg_edge.model import variants
+from pg_edge.tasks.explain import explain  # noqa: E402
+from pg_edge.inputs.images import load_image  # noqa: E402
 
 DEMO_FLOAT = ROOT / "apps" / "demo_model" / "hf"  # the demo model before quantization (HF layout)
 
 
 def task_figures(pg, out: Path) -> dict:
-    decoder = model_tasks.find_vae(pg)
+    decoder = calls.find_vae(pg)
     s2, s3 = demo.SAMPLES[1], demo.SAMPLES[2]
     cap, count = pg.caption(s3), pg.ask(s3, "how many shapes?")
     seg3 = pg.segment(s3, OBJECTS, vae=decoder)
     lines = [f"caption: {cap.text}", f"shapes: {count.text}"]
     annotate(load_image(s3), seg3.text, lines, decoder).save(out / "demo_segment.png")
     det = pg.detect(s2, OBJECTS)
-    model_tasks.draw(det, s2).save(out / "detect_shapes.png")
-    model_tasks.draw(seg3, s3).save(out / "segment_shapes.png")
+    calls.draw(det, s2).save(out / "detect_shapes.png")
+    calls.draw(seg3, s3).save(out / "segment_shapes.png")
     return {"caption": cap.text, "count": count.text, "detect": det.text, "segment": seg3.text}
 
 

@@ -8,7 +8,7 @@ Read in this order:
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
     layers.py      prefill evaluated layer by layer; float32 activations for quantized decoders
 
-`apply(model)` is called once at load (pg_edge.loader.build_model). On the CPU backend it turns
+`apply(model)` is called once at load (pg_edge.checkpoint.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
 numbers (bit-identical, tested), only computed differently. Each variant takes its CPU path
 only outside training and tracing, and otherwise runs its model class's code; the model files

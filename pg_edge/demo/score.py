@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pg_edge import task_text as tasks
+from pg_edge.tasks import parse
 from pg_edge.demo import shapes as S
 
 ALL = S.KINDS
@@ -95,7 +95,7 @@ def object_scores(sample: S.Sample, objects, use_masks: bool) -> tuple[list[floa
 def evaluate(pg, samples: Sequence[S.Sample], batch: int = 128, vae=None) -> Scores:
     """Run the four tasks on `samples` with `pg` (a pg_edge.PaliGemma) and score them."""
     from pg_edge.model.vae import add_masks
-    from pg_edge.model_tasks import find_vae
+    from pg_edge.tasks.calls import find_vae
 
     decoder = find_vae(pg, vae)
     images = [s.image for s in samples]
@@ -112,8 +112,8 @@ def evaluate(pg, samples: Sequence[S.Sample], batch: int = 128, vae=None) -> Sco
     cnt = np.mean([t.strip() == S.count(s.shapes) for t, s in zip(texts["count"], samples)])
     det, seg, extra = [], [], 0
     for s, dt, st in zip(samples, texts["detect"], texts["segment"]):
-        d, e1 = object_scores(s, tasks.parse_objects(dt, s.image.size).objects, use_masks=False)
-        objs = add_masks(tasks.parse_objects(st, s.image.size).objects, decoder, s.image.size)
+        d, e1 = object_scores(s, parse.parse_objects(dt, s.image.size).objects, use_masks=False)
+        objs = add_masks(parse.parse_objects(st, s.image.size).objects, decoder, s.image.size)
         m, e2 = object_scores(s, objs, use_masks=True)
         det += d
         seg += m

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..model.masks import suffix_mask_ar
-from ..processor import load_image
+from ..inputs.images import load_image
 
 SIZE = 224
 

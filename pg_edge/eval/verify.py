@@ -25,7 +25,7 @@ import numpy as np
 
 from . import metrics
 from ..errors import PgEdgeError
-from ..folder import is_quantized
+from ..checkpoint.folder import is_quantized
 from ..model.masks import suffix_mask_ar
 from ..pipeline import PaliGemma, load
 from .probes import Probe, Scored, resolve_probes, score, teacher_forced

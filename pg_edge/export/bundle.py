@@ -13,8 +13,8 @@ folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle
 the sizes it was traced for (image size, image tokens, prompt lengths, cache length, vocabulary,
 cache shape) in its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
-The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
-place: an interrupted export leaves nothing) and pg_edge.outputs' rule (check_output: never the
+The bundle is written with pg_edge.checkpoint.folder's atomic_folder (a temporary folder renamed into
+place: an interrupted export leaves nothing) and pg_edge.checkpoint.output_check's rule (check_output: never the
 model folder, inside it or around it; --force replaces only a pg-edge bundle).
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
-from ..folder import atomic_folder, quantization_section
-from ..outputs import check_output, local_input
+from ..checkpoint.folder import atomic_folder, quantization_section
+from ..checkpoint.output_check import check_output, local_input
 from .. import cpu, load
-from ..prompt_check import context_length
+from ..inputs.checks import context_length
 from . import graphs
 
 FORMAT = "pg-edge-bundle"

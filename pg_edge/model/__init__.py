@@ -7,4 +7,5 @@ these classes are pg_edge.cpu's, swapped in at load).
     masks.py          which key a query may see: the prefix-LM rule, the per-window choice, KV caches
     paligemma.py      vision -> connector -> merge with the text -> decoder
     vae.py            the segmentation mask decoder (VQ-VAE)
+    variants.py       the official variants' configs and their parameter counts
 """

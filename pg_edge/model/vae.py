@@ -21,7 +21,7 @@ layout change (conv OIHW -> OHWI; conv-transpose (in, out, kH, kW) -> (out, kH, 
 
 Padding: MLX's conv_transpose2d `padding=p` has torch's meaning (output = (in - 1) * stride -
 2p + k, here 2 * in) and takes the torch kernel without a spatial flip once transposed to
-(out, kH, kW, in); tests/test_vae.py checks it against torch.nn.ConvTranspose2d.
+(out, kH, kW, in); tests/model/test_vae.py checks it against torch.nn.ConvTranspose2d.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.safetensors_check import load_safetensors
-from pg_edge.task_text import SEG_CODES, SEG_PER_OBJECT, DetectedObject
+from pg_edge.checkpoint.safetensors_check import load_safetensors
+from pg_edge.tasks.parse import SEG_CODES, SEG_PER_OBJECT, DetectedObject
 
 FORMAT = "pg_edge.mask_decoder"  # safetensors metadata "format" of a converted file
 FORMAT_VERSION = "1"

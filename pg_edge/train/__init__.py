@@ -12,8 +12,8 @@ the suffix only, and a choice of what trains.
     export.py      adapters, or a fused converted folder
     (`pg-edge finetune` is pg_edge.cli.commands.finetune, apps/cli/commands/finetune.py)
 
-    from pg_edge.loader import load_model
-    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.checkpoint.loader import load_model
+    from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train import ModeSpec, TrainConfig, Trainer, load_dataset
 
     model, config, folder = load_model("pg2-3b-224")

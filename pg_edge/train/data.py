@@ -35,10 +35,10 @@ from typing import Sequence
 
 import numpy as np
 from ..errors import ImageError, PgEdgeError
-from ..image_limits import check_header
+from ..inputs.images import check_header
 from ..model.masks import suffix_mask_ar
-from ..processor import preprocess_image
-from ..tokenizer import Tokenizer
+from ..inputs.images import preprocess_image
+from ..inputs.tokenizer import Tokenizer
 
 REQUIRED_KEYS = ("image", "prefix", "suffix")
 FOLDER_LABELS = "labels.jsonl"

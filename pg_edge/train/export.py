@@ -23,11 +23,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .._mlx_lm import LoRALinear
 from .. import __version__
-from ..atomic import save_safetensors
+from ..checkpoint.atomic import save_safetensors
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, base_fingerprint, lora_targets
-from ..folder import FolderWriter, atomic_folder, is_quantized, read_config
+from ..checkpoint.folder import FolderWriter, atomic_folder, is_quantized, read_config
 from ..model.paligemma import PaliGemmaModel
-from ..outputs import check_output
+from ..checkpoint.output_check import check_output
 
 
 

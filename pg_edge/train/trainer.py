@@ -29,10 +29,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..atomic import atomic_file
+from ..checkpoint.atomic import atomic_file
 from ..errors import PgEdgeError
 from ..model.paligemma import PaliGemmaModel
-from ..prompt_check import context_length
+from ..inputs.checks import context_length
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .data import Dataset, batch_indices, split
 from .evaluate import evaluate

@@ -87,8 +87,8 @@ def convert_and_quantize(args: argparse.Namespace):
     anything is converted; the output appears only when complete."""
     import shutil
 
-    from pg_edge.atomic import clean_stale, temp_path
-    from pg_edge.outputs import check_output, local_input
+    from pg_edge.checkpoint.atomic import clean_stale, temp_path
+    from pg_edge.checkpoint.output_check import check_output, local_input
     from pg_edge.quantize import quantize
     from pg_edge.quantize.recipes import resolve_settings
 
@@ -109,7 +109,7 @@ def convert_and_quantize(args: argparse.Namespace):
             return quantize(source, out, settings=settings, force=args.force, probes=args.probes, quiet=quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)  # e.g. the float copy of a killed run
-    work = temp_path(out, "float")  # removed on any failure or signal (pg_edge.atomic)
+    work = temp_path(out, "float")  # removed on any failure or signal (pg_edge.checkpoint.atomic)
     work.mkdir()
     try:
         float_dir = convert_any(args.src, work / "float", dtype=args.dtype, force=False,

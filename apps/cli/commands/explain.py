@@ -1,6 +1,6 @@
 """`pg-edge explain MODEL --image IMG --prompt P [-o DIR]`: one generation, stage by stage.
 
-Prints each stage with its shapes and numbers (pg_edge.explain) and, with `-o DIR`, writes the
+Prints each stage with its shapes and numbers (pg_edge.tasks.explain) and, with `-o DIR`, writes the
 pictures: the model's input with its patch grid, the token layout, the attention mask of this
 input, and the parsed answer (boxes, masks). Bad input gets the one-line errors of `pg-edge run`;
 DIR may not be or hold an input, and pictures in it are replaced only if pg-edge drew them.
@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import pg_edge
     from pg_edge.errors import PgEdgeError
-    from pg_edge.explain import explain
-    from pg_edge.explain_draw import check_folder
-    from pg_edge.outputs import local_input
-    from pg_edge.processor import load_image
-    from pg_edge.prompt_check import check_max_tokens
+    from pg_edge.tasks.explain import explain
+    from pg_edge.tasks.explain_draw import check_folder
+    from pg_edge.checkpoint.output_check import local_input
+    from pg_edge.inputs.images import load_image
+    from pg_edge.inputs.checks import check_max_tokens
 
     image = load_image(args.image)  # a bad image, setting or output fails before the model loads
     check_max_tokens(args.max_tokens)

@@ -6,7 +6,7 @@
 
 Everything that can fail on bad input (model folder, tokenizer, every data line, settings) is
 checked before the output folder is created. OUT may not be, lie inside or contain the model
-folder or the data; --force replaces only a folder pg-edge finetune wrote (pg_edge.outputs). OUT receives log.jsonl, checkpoints/step-N
+folder or the data; --force replaces only a folder pg-edge finetune wrote (pg_edge.checkpoint.output_check). OUT receives log.jsonl, checkpoints/step-N
 (for --resume) and the export: OUT/adapters (adapters.safetensors + adapter_config.json) or
 OUT/model (a converted folder for `pg-edge run` / `pg_edge.load`).
 
@@ -106,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from pg_edge.errors import PgEdgeError
-    from pg_edge.folder import read_config, resolve
-    from pg_edge.outputs import check_output
-    from pg_edge.prompt_check import context_length
-    from pg_edge.loader import load_model
-    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.checkpoint.folder import read_config, resolve
+    from pg_edge.checkpoint.output_check import check_output
+    from pg_edge.inputs.checks import context_length
+    from pg_edge.checkpoint.loader import load_model
+    from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train.checkpoint import find_checkpoint, read_state
     from pg_edge.train.data import load_dataset
     from pg_edge.train.export import save_adapters, save_fused

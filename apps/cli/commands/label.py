@@ -1,5 +1,5 @@
 """`pg-edge label MODEL FOLDER --detect "cat ; dog" -o labels.json [--segment]`:
-auto-label a folder of images into COCO JSON (pg_edge/labeling.py), resumable."""
+auto-label a folder of images into COCO JSON (pg_edge/tasks/label.py), resumable."""
 from __future__ import annotations
 
 import argparse
@@ -29,17 +29,17 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pg_edge.labeling import check_label_output, label_folder
-    from pg_edge import task_text
+    from pg_edge.tasks.label import check_label_output, label_folder
+    from pg_edge.tasks import parse, prompts
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load
 
     if not Path(args.folder).is_dir():  # inputs checked before the model loads
         raise PgEdgeError(f"not a folder: {args.folder}")
-    task_text.detect(args.detect)
+    prompts.detect(args.detect)
     if args.vae is not None and not Path(args.vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {args.vae}")
-    from pg_edge.outputs import local_input
+    from pg_edge.checkpoint.output_check import local_input
 
     check_label_output(args.output, [args.folder, local_input(args.model), args.vae], args.force)
     pg = load(args.model)

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import pg_edge
-    from pg_edge.processor import load_image
+    from pg_edge.inputs.images import load_image
 
     image = load_image(args.image)  # a bad image fails before the model loads
     pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention)

@@ -98,7 +98,7 @@ def model_id(model: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pg_edge.atomic import Terminated
+    from pg_edge.checkpoint.atomic import Terminated
     from pg_edge.errors import PgEdgeError
 
     if not is_loopback(args.host) and not args.api_key:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stop(server) -> None:
-    """After a signal (later ones are ignored meanwhile, pg_edge.atomic.signals_raise): answer
+    """After a signal (later ones are ignored meanwhile, pg_edge.checkpoint.atomic.signals_raise): answer
     everyone, then wait for the model's worker to finish the step it is in (a generation stops
     at its next token; a long prefill cannot be cut): no request is left to start another."""
     print("pg-edge serve: stopping (answering waiting requests)", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Task subcommands over pg_edge.model_tasks:
+"""Task subcommands over pg_edge.tasks.calls:
 
     pg-edge caption MODEL --image I [--lang en]
     pg-edge ocr     MODEL --image I
@@ -7,9 +7,9 @@
     pg-edge segment MODEL --image I "cat" [--vae vae.safetensors] [-o masks.png] [--json]
 
 Text goes to stdout (one line per object for detect/segment: label and box in pixels);
-`--json` prints pg_edge.model_tasks.to_json instead; `-o` saves the image with boxes, labels and
+`--json` prints pg_edge.tasks.calls.to_json instead; `-o` saves the image with boxes, labels and
 masks drawn (atomically; never over the input image, model or VAE, and over an existing file only
-if pg-edge drew it: pg_edge.outputs). Inputs are checked (image readable, output format known, VAE present) before the
+if pg-edge drew it: pg_edge.checkpoint.output_check). Inputs are checked (image readable, output format known, VAE present) before the
 model is loaded.
 """
 from __future__ import annotations
@@ -65,12 +65,12 @@ def _check_output(path: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pg_edge import model_tasks
+    from pg_edge.tasks import calls
     from pg_edge.errors import PgEdgeError
     from pg_edge.pipeline import load
-    from pg_edge.processor import load_image
+    from pg_edge.inputs.images import load_image
 
-    from pg_edge.outputs import check_output, local_input, save_drawing
+    from pg_edge.checkpoint.output_check import check_output, local_input, save_drawing
 
     image = load_image(args.image)  # a bad image, output name or VAE fails before the model loads
     _check_output(getattr(args, "output", None))
@@ -82,20 +82,20 @@ def run(args: argparse.Namespace) -> int:
     pg = load(args.model)
     gen = sampling_kwargs(args)
     if args.task == "caption":
-        result = model_tasks.caption(pg, image, args.lang, **gen)
+        result = calls.caption(pg, image, args.lang, **gen)
     elif args.task == "ocr":
-        result = model_tasks.ocr(pg, image, **gen)
+        result = calls.ocr(pg, image, **gen)
     elif args.task == "ask":
-        result = model_tasks.ask(pg, image, args.question, args.lang, **gen)
+        result = calls.ask(pg, image, args.question, args.lang, **gen)
     elif args.task == "detect":
-        result = model_tasks.detect(pg, image, args.objects, **gen)
+        result = calls.detect(pg, image, args.objects, **gen)
     else:
-        result = model_tasks.segment(pg, image, args.objects, vae=vae, **gen)
+        result = calls.segment(pg, image, args.objects, vae=vae, **gen)
 
     if getattr(args, "output", None):
-        save_drawing(model_tasks.draw(result, image), args.output)
+        save_drawing(calls.draw(result, image), args.output)
     if args.json:
-        print(json.dumps(model_tasks.to_json(result)))
+        print(json.dumps(calls.to_json(result)))
     elif args.task in ("detect", "segment"):
         for obj in result.objects:
             box = ", ".join(f"{v:.1f}" for v in obj.box)

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pg_edge.errors import PgEdgeError
     from pg_edge.eval.probes import probes_for
-    from pg_edge.processor import load_image
+    from pg_edge.inputs.images import load_image
     from pg_edge.eval.verify import format_report, verify
 
     if args.prompts and not args.images:

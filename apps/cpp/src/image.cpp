@@ -54,7 +54,7 @@ uint8_t over_white(uint32_t c, uint32_t a) {
   return static_cast<uint8_t>(div255(t + (0x80u << PB)) >> PB);
 }
 
-// pg_edge.image_limits' pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
+// pg_edge.inputs.images's pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
 // from the header before any pixel is decoded.
 void check_pixels(long long w, long long h, const std::string& path) {
   const char* env = std::getenv("PG_EDGE_MAX_IMAGE_PIXELS");
@@ -282,7 +282,7 @@ uint8_t clip8(int32_t v) {
 
 RgbImage read_image(const std::string& path) {
   std::vector<uint8_t> data = read_file(path);
-  // Decoded, then turned upright by its EXIF orientation (as pg_edge.image_limits does).
+  // Decoded, then turned upright by its EXIF orientation (as pg_edge.inputs.images does).
   if (data.size() >= 8 && data[0] == 0x89 && data[1] == 'P' && data[2] == 'N' && data[3] == 'G')
     return upright(decode_png(data, path), png_orientation(data));
   if (data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF)
