@@ -78,9 +78,13 @@ def test_cancel_stops_a_running_generation(pg, images):
     t = threading.Thread(target=long_run)
     t.start()
     deadline = time.monotonic() + 30
-    while not pg._worker.busy and time.monotonic() < deadline:
+
+    def decoding():  # its row is in the batch and has handed out a token (the prefill is done)
+        rows = list(pg._scheduler.batch.rows)
+        return rows and rows[0].tokens
+
+    while not decoding() and time.monotonic() < deadline:
         time.sleep(0.005)
-    time.sleep(0.1)
     assert pg.cancel()
     t.join(timeout=10)
     assert not t.is_alive()
