@@ -154,29 +154,30 @@ def main(argv=None) -> int:
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = []
+    header = ("| model | N at once / one after another | tok/s @1 | @2 | @4 | @8 | base MB | base + 2 adapters MB "
+              "| 2 separate models MB | a batch row MB (measured / KV by arithmetic) |\n|---|---|---|---|---|---|---|---|---|---|")
+    if not args.json:
+        print(header, flush=True)
+
+    def report(r: dict) -> None:  # each model's row as soon as it is measured
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        t, m = r["tokens_per_s"], r["memory_mb"]
+        print(f"| {r['model']} | {r['at_once_s']} s / {r['one_after_another_s']} s = **{r['ratio']}** "
+              f"({r['requests']} requests, {r['tokens']} tokens) | {t[1]} | {t[2]} | {t[4]} | {t[8]} | {m['base']} "
+              f"| {m['base_plus_2_adapters']} | {m['2_separate_models']} | {r['row_mb']['measured']} / "
+              f"{r['row_mb']['kv_cache']} |", flush=True)
+
     if not args.skip_demo:
-        rows.append(bench_model("demo", "demo", DEMO_IMAGES, args.max_tokens, args.requests, args.rounds, args.rank))
+        report(bench_model("demo", "demo", DEMO_IMAGES, args.max_tokens, args.requests, args.rounds, args.rank))
     if args.cut:
         from bench.random_folder import make_hf_folder
 
         folder = make_hf_folder(Path(tempfile.mkdtemp(prefix="pg_edge_cut_")) / args.cut, args.cut,
                                 vision_layers=1, text_layers=args.cut_layers)
-        rows.append(bench_model(f"{args.cut} cut (1 vision, {args.cut_layers} text layers)", folder,
-                                [PHOTO, *DEMO_IMAGES], args.max_tokens, args.requests, args.rounds, args.rank))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print("| model | N at once / one after another | tok/s @1 | @2 | @4 | @8 | base MB | base + 2 adapters MB "
-          "| 2 separate models MB | a batch row MB (measured / KV by arithmetic) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        t = r["tokens_per_s"]
-        m = r["memory_mb"]
-        print(f"| {r['model']} | {r['at_once_s']} s / {r['one_after_another_s']} s = **{r['ratio']}** "
-              f"({r['requests']} requests, {r['tokens']} tokens) | {t[1]} | {t[2]} | {t[4]} | {t[8]} | {m['base']} "
-              f"| {m['base_plus_2_adapters']} | {m['2_separate_models']} | {r['row_mb']['measured']} / "
-              f"{r['row_mb']['kv_cache']} |")
+        report(bench_model(f"{args.cut} cut (1 vision, {args.cut_layers} text layers)", folder,
+                           [PHOTO, *DEMO_IMAGES], args.max_tokens, args.requests, args.rounds, args.rank))
     return 0
 
 
