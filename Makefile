@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 UNAME := $(shell uname -s)
 
-.PHONY: setup runtime system-deps demo demo-model test clean
+.PHONY: setup runtime system-deps demo demo-model qmv test clean
 
 # Debian packages some tests and examples need (Xvfb for the desktop example, the C++ example's
 # libraries), one per line in .ci/apt-packages.txt; installed when missing (as root), else named.
@@ -53,6 +53,12 @@ demo: runtime
 # the Debian packages. Not part of `make test`.
 demo-model: $(VENV)/.installed
 	$(PY) -m apps.demo_model.build
+
+# The optional compiled quantized matvec for MLX's CPU backend (pg_edge/cpu/qmv): needs a C++
+# compiler and CMake; built into ~/.cache/pg_edge/qmv, loaded by pg_edge when there.
+qmv: runtime
+	$(PIP) install -q nanobind==3.1.0
+	$(PY) -m pg_edge.cpu.qmv build
 
 test: setup
 	$(PY) -m pytest

@@ -63,11 +63,13 @@ def photo(image: Image.Image) -> tk.PhotoImage:
 
 
 class App:
-    """The window. `pg`: a loaded PaliGemma (or None and `model`: loaded in the background)."""
+    """The window. `pg`: a loaded PaliGemma (or None and `model`: loaded in the background, with
+    `adapters`, a `pg-edge finetune` adapters folder, applied when given)."""
 
     def __init__(self, root: tk.Tk, pg=None, model: str | None = None, image=None,
-                 gen: dict | None = None, vae=None):
+                 gen: dict | None = None, vae=None, adapters=None):
         self.root, self.pg, self.gen, self.vae = root, pg, gen or {"max_tokens": 64}, vae
+        self.adapters = adapters
         self.image: Image.Image | None = None
         self.result = None  # the last TaskResult (detect/segment) or text (caption/ask)
         self.busy = False
@@ -184,7 +186,7 @@ class App:
         import pg_edge
 
         try:
-            self._events.put(("loaded", pg_edge.load(model)))
+            self._events.put(("loaded", pg_edge.load(model, adapters=self.adapters)))
         except Exception as err:
             self._events.put(("error", f"cannot load {model}: {err}"))
 

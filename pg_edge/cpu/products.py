@@ -4,7 +4,8 @@ parameters, which `pg_edge.cpu.apply` swaps in at load.
 On MLX's CPU backend `mx.quantized_matmul` is fast only with float32 activations or scales;
 for many rows (prefill, SigLIP's patches) dequantizing and running the BLAS GEMM beats it; and
 every kernel runs on one core, so a product split by output rows over one CPU stream per core
-runs its pieces side by side (measurements: docs/performance.md). The variants keep the stored
+runs its pieces side by side (measurements: docs/performance.md). Decode-sized quantized
+products take pg_edge's compiled matvec instead when it is built (pg_edge.cpu.qmv). The variants keep the stored
 weights (the pieces are views) and only change how the product is computed; the output dtype
 always equals the input dtype, as on Metal.
 """
@@ -15,6 +16,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import qmv
 from .streams import cpu_streams, on_streams, stream_count, tracing
 
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
@@ -71,6 +73,9 @@ def _quantized_piece(layer, x, lo, hi, dense, stream):
 def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     """x float[..., in] @ dequant(weight).T -> float[..., out] in x's dtype, the CPU way."""
     rows = x.size // x.shape[-1]
+    if rows <= qmv.MAX_ROWS and not layer.training and not tracing() and qmv.supports(layer, x):
+        # decode: pg_edge's compiled matvec when built (pg_edge.cpu.qmv), on all cores itself
+        return qmv.product(layer, x)
     out_rows, in_size = layer["scales"].shape[0], x.shape[-1]
     elements = out_rows * in_size
     dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS

@@ -5,6 +5,8 @@ Sources:
                   "suffix": "a cat on a sofa"}; image paths are relative to the JSONL file
                   (absolute paths are kept). Blank lines are skipped.
     folder        a folder holding `labels.jsonl` in that same form, images beside it or below.
+    COCO file     a *.json COCO detection file (what `pg-edge label` writes, or any): boxes become
+                  `<loc>` answers, masks `<seg>` answers, see pg_edge/train/coco.py.
 
 Every line is checked before any training starts (the file is JSON, the keys are there and are
 strings, the suffix is not empty, the image exists and is an image within the pixel limit, from
@@ -110,9 +112,15 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
     return Example(path, obj["prefix"], obj["suffix"], where)
 
 
-def read_examples(source: str | Path) -> list[Example]:
-    """All examples of a JSONL file or a folder with labels.jsonl; DataError on any bad line."""
+def read_examples(source: str | Path, coco=None, note=lambda _: None) -> list[Example]:
+    """All examples of a JSONL file, a folder with labels.jsonl or a COCO *.json file (read with
+    `coco`, a pg_edge.train.coco.CocoOptions, default ones if None; `note` gets its remarks);
+    DataError on any bad line."""
     src = Path(source).expanduser()
+    from .coco import CocoOptions, is_coco, read_coco
+
+    if is_coco(src) and not src.is_dir():
+        return read_coco(src, coco or CocoOptions(), note)
     if src.is_dir():
         jsonl = src / FOLDER_LABELS
         if not jsonl.is_file():
@@ -159,7 +167,7 @@ class Dataset:
         self.suffixes: list[list[int]] = []
         for ex in self.examples:
             prompt = tokenizer.prompt_ids(ex.prefix, num_image_tokens)
-            suffix = tokenizer.suffix_ids(ex.suffix)
+            suffix = tokenizer.suffix_ids(ex.suffix if ex.suffix.strip() else "")  # "": <eos> alone
             if max_len is not None:
                 if len(prompt) >= max_len:
                     raise DataError(f"{ex.where}: the prompt alone is {len(prompt)} tokens "
@@ -230,10 +238,13 @@ class Dataset:
 
 
 def load_dataset(source: str | Path, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
-                 max_len: int | None = None, context: int | None = None) -> Dataset:
+                 max_len: int | None = None, context: int | None = None, coco=None,
+                 note=lambda _: None) -> Dataset:
     """read_examples + tokenization: everything that can fail on bad data, before training
-    (with `context`, the model's context length, also every example's length)."""
-    return Dataset(read_examples(source), tokenizer, image_size, num_image_tokens, max_len, context=context)
+    (with `context`, the model's context length, also every example's length; `coco` and `note`:
+    see read_examples)."""
+    return Dataset(read_examples(source, coco, note), tokenizer, image_size, num_image_tokens, max_len,
+                   context=context)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -84,7 +84,7 @@ def test_editable_checkout_resolves_the_installed_names():
         assert Path(module.__file__).parent == ROOT / INSTALLED[module.__name__]
 
 
-DATA = ("assets", "demo/model", "demo/samples")  # pg_edge's data folders (pyproject's package-data)
+DATA = ("assets", "demo/model", "demo/samples", "cpu/qmv")  # folders with package-data (pyproject)
 
 
 def expected_files() -> set[str]:

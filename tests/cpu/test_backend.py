@@ -66,6 +66,8 @@ def test_pg_edge_bench_json(converted, capsys):
     assert r["decode_tokens"] == 3 and r["decode_tps"] > 0 and r["ttft_s"] >= r["vision_s"] > 0
     assert r["peak_memory_gb"] > 0 and r["max_rss_gb"] > 0 and r["folder_gb"] > 0
     assert r["prompt_tokens"] == pg_edge.load(converted(version=2)).config.num_image_tokens + 4
+    from pg_edge.cpu import qmv
+    assert r["quantized_matvec"] == qmv.kernel()  # which quantized matvec ran: built or MLX's
 
 
 def test_pg_edge_bench_table(converted, capsys):
@@ -74,6 +76,7 @@ def test_pg_edge_bench_table(converted, capsys):
     assert main(["bench", str(converted(version=1)), "--tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "time to first token" in out and "tok/s" in out and "peak memory (MLX)" in out
+    assert "quantized matvec: " in out
 
 
 def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, capsys, monkeypatch):

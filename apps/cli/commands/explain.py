@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_edge.cli.commands.run import add_adapters_arg, check_adapters
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="run one generation and show every stage: shapes, tokens, mask, top candidates",
@@ -18,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     p.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect cat"')
     p.add_argument("-o", "--output", default=None, help="folder for the pictures (created)")
+    add_adapters_arg(p)
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate (default 32)")
     p.add_argument("--top", type=int, default=5, help="candidates shown per generated token (1-20, default 5)")
     p.add_argument("--vae", default=None, help="mask decoder for segment prompts (default: the model folder's)")
@@ -38,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)  # a bad image, setting or output fails before the model loads
     check_max_tokens(args.max_tokens)
+    check_adapters(args.adapters)
     if not 1 <= args.top <= 20:
         raise PgEdgeError(f"--top must be from 1 to 20, got {args.top}")
-    inputs = [args.image, local_input(args.model), args.vae]
+    inputs = [args.image, local_input(args.model), args.vae, args.adapters]
     if args.output:  # never an input; replaces only pictures an earlier explain drew
         check_folder(args.output, inputs)
-    pg = pg_edge.load(args.model)
+    pg = pg_edge.load(args.model, adapters=args.adapters)
     ex = explain(pg, image, args.prompt, max_tokens=args.max_tokens, top_k=args.top, vae=args.vae,
                  check=not args.no_check)
     ex.model = args.model  # the name as given ("demo", a hub id), not the resolved folder

@@ -3,6 +3,7 @@
     pg-edge finetune pg2-3b-224 --data train.jsonl --valid valid.jsonl --train attn -o run1
     pg-edge finetune pg2-3b-224-q4 --data photos/ --train lora --freeze-vision -o run2
     pg-edge finetune pg2-3b-224 --data train.jsonl --train lora -o run2 --resume run2
+    pg-edge finetune demo --data labels.json --train lora -o run3     # COCO, e.g. from pg-edge label
 
 Everything that can fail on bad input (model folder, tokenizer, every data line, settings) is
 checked before the output folder is created. OUT may not be, lie inside or contain the model
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from pg_edge.adapters import MODES
+from pg_edge.train.coco import PROMPTS, TASKS
 
 EXPORTS = ("adapters", "fused", "none")
 # argparse dest -> TrainConfig field, for settings that default to the recipe / checkpoint.
@@ -45,14 +47,26 @@ def add_parser(sub) -> None:
         "\"suffix\"} objects (image paths relative to the file) or a folder holding labels.jsonl.",
     )
     p.add_argument("model", help="converted (or quantized, for lora) model folder or hub id")
-    p.add_argument("--data", required=True, help="training JSONL file, or a folder with labels.jsonl")
-    p.add_argument("--valid", default=None, help="validation JSONL / folder: loss and exact match / box IoU")
+    p.add_argument("--data", required=True, help="training JSONL file, a folder with labels.jsonl, or a COCO "
+                   "detection *.json (what `pg-edge label` writes)")
+    p.add_argument("--valid", default=None, help="validation JSONL / folder / COCO: loss and exact match / box IoU")
     p.add_argument("--train", dest="mode", choices=MODES, required=True,
                    help="attn: decoder attention only (big_vision's recipe); lora: adapters on the "
                    "decoder, connector (and vision unless --freeze-vision); full: everything "
                    "(with --resume: the checkpoint's mode)")
     p.add_argument("--freeze-vision", action="store_true", default=None,
                    help="keep SigLIP frozen (lora: no vision adapters; full: vision not trained)")
+    c = p.add_argument_group("COCO data (--data / --valid *.json)")
+    c.add_argument("--images", default=None, metavar="DIR",
+                   help="folder the COCO file names are relative to (default: the folder `pg-edge label` "
+                   "recorded, else the JSON file's folder)")
+    c.add_argument("--coco-task", choices=TASKS, default="auto",
+                   help="segment (masks -> <seg> codes; needs --vae with the encoder), detect (boxes), or "
+                   "auto: segment when the file has masks and --vae has an encoder, else detect")
+    c.add_argument("--coco-prompt", choices=PROMPTS, default="all",
+                   help="all: one example per image naming every category; each: one per image and category")
+    c.add_argument("--vae", default=None, metavar="FILE",
+                   help="VQ-VAE with the mask encoder (big_vision's vae-oid.npz) for segment targets")
     g = p.add_argument_group("optimisation (default: the mode's recipe)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     g.add_argument("--batch-size", type=int, default=None, help="examples per step, all processes together (default 8)")
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.checkpoint.loader import load_model
     from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train.checkpoint import find_checkpoint, read_state
+    from pg_edge.train.coco import CocoOptions, is_coco
     from pg_edge.train.data import load_dataset
     from pg_edge.train.export import save_adapters, save_fused
     from pg_edge.train.trainer import Trainer
@@ -135,11 +150,19 @@ def run(args: argparse.Namespace) -> int:
 
     # The output is never the model or the data (nor inside or around them), and --force
     # replaces only a pg-edge training folder; then all data checks, before anything is written.
-    check_output(out, bool(args.force or ckpt), kind="training", inputs=[folder, args.data, args.valid],
+    check_output(out, bool(args.force or ckpt), kind="training", inputs=[folder, args.data, args.valid, args.images],
                  hint=f"pass --resume {out} to continue it or --force to replace it")
     size, n_img = config.vision.image_size, config.num_image_tokens
-    train = load_dataset(args.data, tokenizer, size, n_img, args.max_len, context=context)
-    valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len, context=context) if args.valid else None
+    given = [f for f, v in (("--images", args.images), ("--vae", args.vae)) if v is not None] + [
+        f for f, v, d in (("--coco-task", args.coco_task, "auto"), ("--coco-prompt", args.coco_prompt, "all")) if v != d]
+    if given and not any(d and is_coco(d) for d in (args.data, args.valid)):
+        raise PgEdgeError(f"{', '.join(given)} apply to COCO data (a *.json --data or --valid); "
+                          f"{args.data} is not one")
+    coco = CocoOptions(args.images, args.coco_task, args.coco_prompt, args.vae)
+    note = (lambda text: None) if args.quiet else (lambda text: print(f"note: {text}", file=sys.stderr))
+    train = load_dataset(args.data, tokenizer, size, n_img, args.max_len, context=context, coco=coco, note=note)
+    valid = load_dataset(args.valid, tokenizer, size, n_img, args.max_len, context=context, coco=coco,
+                         note=note) if args.valid else None
     if out.exists() and args.force and not ckpt and group.rank() == 0:
         shutil.rmtree(out)
 
@@ -158,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     elif export == "fused":
         target = save_fused(model, folder, out / "model", base_dtype=trainer.base_dtype, force=True)
     if not args.quiet:
-        last = next((r for r in reversed(trainer.history) if "loss" in r), {})
-        print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s, last loss "
-              f"{last.get('loss', float('nan')):.4f}" + (f"; wrote {target}" if target else ""))
+        last = next((r for r in reversed(trainer.history) if "loss" in r), None)
+        loss = f", last loss {last['loss']:.4f}" if last else " (none left to train)"
+        print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s{loss}"
+              + (f"; wrote {target}" if target else ""))
     return 0

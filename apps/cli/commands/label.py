@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_adapters_arg, add_sampling_args, check_adapters, sampling_kwargs
 
 
 def add_parser(sub) -> None:
@@ -24,8 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="start over instead of resuming the output "
                    "(replaces only a labels file pg-edge label wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_adapters_arg(p)
     add_sampling_args(p, max_tokens=128)
     p.set_defaults(func=run)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The model as the labels file records it (a resume must use the same): the model's name,
+    and the resolved adapters folder when --adapters is given."""
+    name = Path(args.model).name
+    return f"{name} + adapters {Path(args.adapters).expanduser().resolve()}" if args.adapters else name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.folder).is_dir():  # inputs checked before the model loads
         raise PgEdgeError(f"not a folder: {args.folder}")
     prompts.detect(args.detect)
+    check_adapters(args.adapters)
     if args.vae is not None and not Path(args.vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {args.vae}")
     from pg_edge.checkpoint.output_check import local_input
 
-    check_label_output(args.output, [args.folder, local_input(args.model), args.vae], args.force)
-    pg = load(args.model)
+    check_label_output(args.output, [args.folder, local_input(args.model), args.vae, args.adapters], args.force)
+    pg = load(args.model, adapters=args.adapters)
     counts = label_folder(pg, args.folder, args.detect, args.output, segment=args.segment,
                           vae=args.vae, gen=sampling_kwargs(args), force=args.force,
-                          quiet=args.quiet, model_name=Path(args.model).name)
+                          quiet=args.quiet, model_name=model_name(args))
     resumed = f", {counts['resumed']} done before" if counts["resumed"] else ""
     print(f"wrote {args.output}: {counts['images']} images, {counts['annotations']} annotations, "
           f"{counts['skipped']} skipped{resumed}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -23,6 +24,30 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
                 sampling=Sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed))
 
 
+def add_adapters_arg(p: argparse.ArgumentParser) -> None:
+    """`--adapters DIR`, the one definition every command that loads a model shares (run, caption,
+    ocr, ask, detect, segment, explain, label; the desktop example too)."""
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="adapters folder written by `pg-edge finetune` (OUT/adapters), applied on the model")
+
+
+def check_adapters(path: str | None) -> None:
+    """One-line PgEdgeError when --adapters names no adapters folder (checked before the model
+    loads; pg_edge.adapters checks the files' contents against the model at load)."""
+    if path is None:  # (pg_edge.adapters pulls in mlx-lm's LoRA layers: only when asked)
+        return
+    from pg_edge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
+    from pg_edge.errors import PgEdgeError
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise PgEdgeError(f"adapters folder not found: {path}")
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise PgEdgeError(f"{path} is not an adapters folder (no {' or '.join(missing)}; "
+                          "`pg-edge finetune --export adapters` writes OUT/adapters)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text for an image and a prompt",
                        description="Run a converted PaliGemma model on one image and prompt.")
@@ -30,7 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     p.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect cat"')
     add_sampling_args(p)
-    p.add_argument("--adapters", default=None, help="adapters folder from `pg-edge finetune` to apply")
+    add_adapters_arg(p)
     p.add_argument("--attention", choices=["window", "global"], default="window",
                    help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
                    "(default, as transformers) or global (as big_vision, which trained them)")
@@ -43,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     import pg_edge
     from pg_edge.inputs.images import load_image
 
-    image = load_image(args.image)  # a bad image fails before the model loads
+    image = load_image(args.image)  # a bad image or adapters folder fails before the model loads
+    check_adapters(args.adapters)
     pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention)
     if args.json:
         result = pg.generate(image, args.prompt, **sampling_kwargs(args))

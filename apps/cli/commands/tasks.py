@@ -1,6 +1,6 @@
 """Task subcommands over pg_edge.tasks.calls:
 
-    pg-edge caption MODEL --image I [--lang en]
+    pg-edge caption MODEL --image I [--lang en] [--adapters DIR]
     pg-edge ocr     MODEL --image I
     pg-edge ask     MODEL --image I "what is on the table?" [--lang en]
     pg-edge detect  MODEL --image I "cat ; dog" [-o boxes.png] [--json]
@@ -10,7 +10,8 @@ Text goes to stdout (one line per object for detect/segment: label and box in pi
 `--json` prints pg_edge.tasks.calls.to_json instead; `-o` saves the image with boxes, labels and
 masks drawn (atomically; never over the input image, model or VAE, and over an existing file only
 if pg-edge drew it: pg_edge.checkpoint.output_check). Inputs are checked (image readable, output format known, VAE present) before the
-model is loaded.
+model is loaded. Every task takes `--adapters DIR` (a `pg-edge finetune` export), so a detection or
+segmentation fine-tune gives parsed boxes and masks here as the base model does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from pg_edge.cli.commands.run import add_sampling_args, sampling_kwargs
+from pg_edge.cli.commands.run import add_adapters_arg, add_sampling_args, check_adapters, sampling_kwargs
 
 TASKS = {
     "caption": "a short caption of the image",
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
                            "vae.safetensors in the model folder")
         if task in ("caption", "ask"):
             p.add_argument("--lang", default="en", help="language code of the answer (default en)")
+        add_adapters_arg(p)
         add_sampling_args(p)
         p.add_argument("--json", action="store_true",
                        help="print one JSON object: text, objects (boxes in pixels, masks as RLE), timings")
@@ -74,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)  # a bad image, output name or VAE fails before the model loads
     _check_output(getattr(args, "output", None))
+    check_adapters(args.adapters)
     vae = getattr(args, "vae", None)
     if vae is not None and not Path(vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {vae}")
     if getattr(args, "output", None):  # never an input; an existing file only if pg-edge drew it
-        check_output(args.output, True, kind="drawing", inputs=[args.image, local_input(args.model), vae])
-    pg = load(args.model)
+        check_output(args.output, True, kind="drawing", inputs=[args.image, local_input(args.model), vae, args.adapters])
+    pg = load(args.model, adapters=args.adapters)
     gen = sampling_kwargs(args)
     if args.task == "caption":
         result = calls.caption(pg, image, args.lang, **gen)
