@@ -1,5 +1,6 @@
 # make demo: install the runtime alone (pip install -e .), then run the main job on the embedded
-#            default model. No test extras, no Debian packages.
+#            default model. No test extras, no Debian packages (it names the optional fast BLAS,
+#            libopenblas0-pthread, when missing: `make fast-blas` installs it).
 # make test: install everything (the test extras: torch, transformers, mlx-vlm, ...; the Debian
 #            packages of .ci/apt-packages.txt), then run the test suite.
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 UNAME := $(shell uname -s)
 
-.PHONY: setup runtime system-deps demo demo-model qmv test clean
+.PHONY: setup runtime system-deps fast-blas blas-hint demo demo-model qmv test clean
 
 # Debian packages some tests and examples need (Xvfb for the desktop example, the C++ example's
 # libraries), one per line in .ci/apt-packages.txt; installed when missing (as root), else named.
@@ -20,6 +21,22 @@ ifeq ($(UNAME),Linux)
 	    echo "installing Debian packages:" $$missing; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "missing Debian packages:" $$missing "(sudo apt-get install" $$missing")"; exit 1; fi; \
+	fi
+endif
+
+# The fast BLAS under MLX's CPU float32 products (pg_edge/blas.py loads it when present):
+# `make fast-blas` installs it when missing and run as root on Debian/Ubuntu, otherwise names it,
+# never a failure (pg_edge runs without it, on MLX's bundled reference BLAS, slower). `make setup`
+# (what `make test` runs) installs it through .ci/apt-packages.txt.
+BLAS_PACKAGE := libopenblas0-pthread
+fast-blas:
+ifeq ($(UNAME),Linux)
+	@if command -v dpkg >/dev/null && ! dpkg -s $(BLAS_PACKAGE) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(BLAS_PACKAGE) (fast float32 products for MLX's CPU backend)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BLAS_PACKAGE) >/dev/null) \
+	      || echo "could not install $(BLAS_PACKAGE): pg_edge runs on MLX's bundled BLAS (slower)"; \
+	  else echo "optional: sudo apt-get install $(BLAS_PACKAGE) (faster CPU prefill; pg_edge runs without it)"; fi; \
 	fi
 endif
 
@@ -45,7 +62,14 @@ endif
 runtime: $(VENV)/.runtime
 setup: system-deps $(VENV)/.installed
 
-demo: runtime
+# What `make demo` says about the fast BLAS: a hint when it is missing, never an install.
+blas-hint:
+ifeq ($(UNAME),Linux)
+	@ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || \
+	  echo "optional: $(BLAS_PACKAGE), a fast BLAS for CPU prefill (make fast-blas installs it); pg_edge runs without it"
+endif
+
+demo: runtime blas-hint
 	$(PY) -m apps.demo
 
 # Rebuild the built-in demo model from scratch (tokenizer, VQ-VAE, pretraining, convert,

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pg_edge  # noqa: E402,F401  (before MLX: loads the fast BLAS, pg_edge/blas.py; PG_EDGE_BLAS=off: not)
 import mlx.core as mx  # noqa: E402
 
 from pg_edge.benchmark import Clock, best, bench_image, folder_gb, max_rss_gb, timings  # noqa: E402

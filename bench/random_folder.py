@@ -20,11 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import pg_edge  # noqa: E402,F401  (first: it loads the fast BLAS before MLX, pg_edge/blas.py)
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
 from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402

@@ -39,14 +39,54 @@ sys.path.insert(0, str(HERE))
 from random_folder import DECODERS, VISION, make_hf_folder, make_mlx_lm_folder  # noqa: E402
 
 RECIPES = {"bf16": None, "8": "all8", "4": "all4", "default": "decoder4-vision8"}
-TOOLS = ["pg_edge", "mlx_vlm", "mlx_lm", "pg_edge_native"]
+TOOLS = ["pg_edge", "mlx_vlm", "mlx_lm", "pg_edge_native", "transformers"]
+MLX_PEERS = ("mlx_vlm", "mlx_lm")
 TIME_KEYS = ("load_s", "vision_s", "ttft_s")
 # higher is better for tok/s; for the rest lower is better
 FIGURES = ("load_s", "vision_s", "ttft_s", "decode_tps", "peak_memory_gb", "max_rss_gb", "folder_gb")
+HF = "float32"  # the `runs` key of transformers' row (one float32 run per depth, on the HF folder)
 
 
-def worker(args: list[str], env: dict | None = None, log=None) -> dict:
-    cmd = [sys.executable, str(HERE / "peer_worker.py"), *args]
+def decoder_bytes(folder: Path) -> int:
+    """Bytes of the decoder's tensors (`language_model.*`, the tied embedding once: it is the LM
+    head that every decode step reads whole) in a safetensors folder, from the file headers."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__" and "language_model." in k:
+                total += v["data_offsets"][1] - v["data_offsets"][0]
+    return total
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One tool's figures over interleaved rounds: times the best (least disturbed), memory the
+    largest, plus `spread_*` = (worst - best) / best of TTFT and decode, the run-to-run noise."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    out = dict(ok[-1])
+    for k in ok[0]:
+        if not isinstance(ok[0][k], (int, float)) or isinstance(ok[0][k], bool):
+            continue
+        vals = [r[k] for r in ok]
+        if k.endswith(("_s", "_s_cpu")):
+            out[k] = min(vals)
+        elif k.startswith("decode_tps"):
+            out[k] = max(vals)
+        elif k.endswith("_gb"):
+            out[k] = max(vals)
+    for k in ("ttft_s", "decode_tps"):
+        vals = [r[k] for r in ok]
+        out["spread_" + k] = (max(vals) - min(vals)) / min(vals)
+    out["rounds"] = len(ok)
+    return out
+
+
+def worker(args: list[str], env: dict | None = None, log=None, script: str = "peer_worker.py") -> dict:
+    cmd = [sys.executable, str(HERE / script), *args]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -55,7 +95,8 @@ def worker(args: list[str], env: dict | None = None, log=None) -> dict:
         print(f"  ! {' '.join(args[:3])}: failed ({' | '.join(tail)})", file=sys.stderr, flush=True)
         return {"error": " | ".join(tail)}
     r = json.loads(lines[-1][7:])
-    print(f"  {' '.join(args[:2]):<22} {Path(args[2]).name:<28} {time.perf_counter() - t0:6.1f} s wall",
+    what = "transformers" if script == "hf_worker.py" else " ".join(args[:2])
+    print(f"  {what:<22} {Path(args[2 if script != 'hf_worker.py' else 0]).name:<28} {time.perf_counter() - t0:6.1f} s wall",
           file=sys.stderr, flush=True)
     return r
 
@@ -81,6 +122,7 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
     bf16 = work / f"{a.preset}-{tag}-bf16"
     if a.precisions and not (bf16 / "config.json").exists():
         worker(["convert", "pg_edge", str(hf), str(bf16)])
+    folders = {}
     for prec in a.precisions:
         folder = bf16
         if RECIPES[prec]:
@@ -93,14 +135,32 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
         lm = work / f"{folder.name}-lm"
         if "mlx_lm" in a.tools and not (lm / "config.json").exists():
             make_mlx_lm_folder(folder, lm)
-        runs = {}
-        for tool in a.tools:
-            args = ["run", tool.replace("_native", ""), str(lm if tool == "mlx_lm" else folder),
-                    "--tokens", str(a.tokens), "--repeat", str(a.repeat)] + ([] if a.warmup else ["--no-warmup"])
-            if tool == "mlx_lm":
-                args += ["--prompt-tokens", str(runs.get("pg_edge", {}).get("prompt_tokens", 259))]
-            runs[tool] = worker(args, env={"PG_EDGE_QMM": "native"} if tool == "pg_edge_native" else None)
-        out["runs"][prec] = runs
+        folders[prec] = (folder, lm)
+    # Interleaved rounds: every tool once per round, so a slow spell of a shared machine hits all.
+    rounds: dict = {}
+    warm = ([] if a.warmup else ["--no-warmup"])
+    for _ in range(a.rounds):
+        if "transformers" in a.tools:
+            r = worker([str(hf), "--tokens", str(a.tokens), "--repeat", str(a.repeat), *warm], script="hf_worker.py")
+            if "error" not in r:  # transformers reads the bf16 decoder upcast: 4 bytes a weight
+                r["decode_bytes"] = 2 * decoder_bytes(bf16)
+            rounds.setdefault(HF, {}).setdefault("transformers", []).append(r)
+        for prec, (folder, lm) in folders.items():
+            for tool in (t for t in a.tools if t != "transformers"):
+                args = ["run", tool.replace("_native", ""), str(lm if tool == "mlx_lm" else folder),
+                        "--tokens", str(a.tokens), "--repeat", str(a.repeat), *warm]
+                if tool == "mlx_lm":
+                    args += ["--prompt-tokens", str(rounds.get(prec, {}).get("pg_edge", [{}])[-1]
+                                                    .get("prompt_tokens", 259))]
+                env = {"PG_EDGE_QMM": "native"} if tool == "pg_edge_native" else {}
+                if tool in MLX_PEERS and not a.peers_fast_blas:
+                    env["PG_EDGE_BLAS"] = "off"  # as their own users run them: MLX's bundled BLAS
+                r = worker(args, env=env)
+                if "error" not in r:
+                    r["decode_bytes"] = decoder_bytes(lm if tool == "mlx_lm" else folder)
+                rounds.setdefault(prec, {}).setdefault(tool, []).append(r)
+    for prec, tools in rounds.items():
+        out["runs"][prec] = {tool: combine(rs) for tool, rs in tools.items()}
     return out
 
 
@@ -127,9 +187,10 @@ def project(r1: dict, r2: dict, d1: tuple, d2: tuple, full: tuple) -> dict:
                                                           d1[1], d2[1], full[1])
                 per_tok = lin(1 / f1["decode_tps" + x], 1 / f2["decode_tps" + x], d1[1], d2[1], full[1])
                 p["decode_tps" + x] = 1 / per_tok
-            for k in ("load_s", "peak_memory_gb", "max_rss_gb", "folder_gb"):
+            for k in ("load_s", "peak_memory_gb", "max_rss_gb", "folder_gb", "decode_bytes"):
                 # weights scale with both towers; the decoder dominates: scale by decoder layers
-                p[k] = lin(f1[k], f2[k], d1[1], d2[1], full[1])
+                if k in f1 and k in f2:
+                    p[k] = lin(f1[k], f2[k], d1[1], d2[1], full[1])
             out[prec][tool] = p
     return out
 
@@ -179,6 +240,40 @@ def figures_table(runs: dict, label: str) -> str:
     return "\n".join(lines)
 
 
+def hf_table(runs: dict, label: str, bandwidth: float, x: str = "") -> str:
+    """pg_edge at each precision against transformers float32, and every decode as a fraction of
+    the roofline bandwidth / bytes read per token (the decoder's weights once)."""
+    th = runs.get(HF, {}).get("transformers")
+    clock = "process CPU time" if x else "wall clock"
+    lines = [f"pg_edge / transformers float32 ({label}; {clock}); speed > 1 = pg_edge faster, RSS < 1 = smaller; "
+             f"roofline = {bandwidth:.1f} GB/s read / decoder bytes per token",
+             f"{'precision':<9} {'tool':<13} {'TTFT s':>8} {'tok/s':>7} {'RSS GB':>7} {'TTFT x':>7} {'decode x':>8} "
+             f"{'RSS x':>6} {'GB/token':>8} {'roofline':>8} {'of it':>6}"]
+    rows = [(HF, "transformers", th)] if th and "error" not in th else []
+    rows += [(prec, tool, tools[tool]) for prec, tools in runs.items() if prec != HF
+             for tool in ("pg_edge",) if tool in tools and "error" not in tools[tool]]
+    for prec, tool, f in rows:
+        roof = bandwidth * 1e9 / f["decode_bytes"] if f.get("decode_bytes") else 0
+        ratio = (f"{th['ttft_s' + x] / f['ttft_s' + x]:>6.2f}x {f['decode_tps' + x] / th['decode_tps' + x]:>7.2f}x "
+                 f"{f['max_rss_gb'] / th['max_rss_gb']:>5.2f}x") if th and "error" not in th and tool != "transformers" \
+            else f"{'-':>7} {'-':>8} {'-':>6}"
+        lines.append(f"{prec:<9} {tool:<13} {f['ttft_s' + x]:>8.2f} {f['decode_tps' + x]:>7.2f} {f['max_rss_gb']:>7.2f} "
+                     f"{ratio} {f.get('decode_bytes', 0) / 1e9:>8.2f} {roof:>8.2f} "
+                     + (f"{f['decode_tps'] / roof:>6.0%}" if roof and not x else f"{'-':>6}"))
+    return "\n".join(lines)
+
+
+def noise_table(runs: dict, label: str) -> str:
+    lines = [f"run-to-run noise over interleaved rounds ({label}): (worst - best) / best",
+             f"{'precision':<9} {'tool':<15} {'rounds':>6} {'TTFT':>6} {'decode':>7}"]
+    for prec, tools in runs.items():
+        for tool, f in tools.items():
+            if "spread_ttft_s" in f:
+                lines.append(f"{prec:<9} {tool:<15} {f['rounds']:>6} {f['spread_ttft_s']:>6.0%} "
+                             f"{f['spread_decode_tps']:>7.0%}")
+    return "\n".join(lines)
+
+
 def convert_table(conv: dict) -> str:
     lines = ["conversion + quantization on the same HF folder (pg_edge / mlx-vlm)",
              f"{'bits':<6} {'pg_edge s':>10} {'mlx-vlm s':>10} {'time x':>7} {'pg RSS GB':>10} {'vlm RSS GB':>11} {'RSS x':>6}"]
@@ -199,7 +294,12 @@ def main() -> None:
     ap.add_argument("--cut", type=int, nargs="+", default=None,
                     help="layer-cut depth(s) (vision and decoder layers each); two depths: project full depth")
     ap.add_argument("--precisions", default="bf16,8,4,default")
-    ap.add_argument("--tools", default="pg_edge,mlx_vlm,mlx_lm,pg_edge_native")
+    ap.add_argument("--tools", default="pg_edge,mlx_vlm,mlx_lm,pg_edge_native",
+                    help="of " + ",".join(TOOLS) + " (transformers: float32 torch CPU, bench/hf_worker.py)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="interleaved rounds of every tool (each figure: the best round; noise reported)")
+    ap.add_argument("--peers-fast-blas", action="store_true",
+                    help="give mlx-vlm and mlx-lm the fast BLAS too (default: MLX's bundled one, as they run)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool; each figure is the best")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -221,14 +321,27 @@ def main() -> None:
     full = (VISION["num_hidden_layers"], DECODERS[name][2])
     result = {"preset": a.preset, "narrow": a.narrow, "machine": machine, "tokens": a.tokens,
               "command": " ".join(sys.argv), "depths": {}}
-    print(f"machine: {machine}")
+    from bandwidth import read_gbs
+
+    bandwidth = [read_gbs()]  # at the start and at the end of the run; the best is the roofline
+    print(f"machine: {machine}; read bandwidth {bandwidth[0]:.1f} GB/s (2 threads)", flush=True)
+
+    def tables(runs, label):
+        print(figures_table(runs, label))
+        print(ratio_table(runs, label))
+        print(ratio_table(runs, label, "_cpu"))
+        if "transformers" in a.tools:
+            print(hf_table(runs, label, max(bandwidth)))
+            print(hf_table(runs, label, max(bandwidth), "_cpu"))
+        if a.rounds > 1:
+            print(noise_table(runs, label))
+
     if a.narrow or not a.cut:
         d = run_depth(a, work, None, None)
         result["depths"]["narrow" if a.narrow else "full"] = d
         label = f"{a.preset} narrow-deep (widths 64, full depth)" if a.narrow else f"{a.preset} full size"
-        print(figures_table(d["runs"], label))
-        print(ratio_table(d["runs"], label))
-        print(ratio_table(d["runs"], label, "_cpu"))
+        bandwidth.append(read_gbs())
+        tables(d["runs"], label)
         if "convert" in d:
             print(convert_table(d["convert"]))
     else:
@@ -238,9 +351,8 @@ def main() -> None:
             if a.json:  # after each depth: a long run stopped later keeps what it measured
                 Path(a.json).write_text(json.dumps(result, indent=2))
             label = f"{a.preset} real widths, {n} vision + {n} decoder layer(s)"
-            print(figures_table(d["runs"], label))
-            print(ratio_table(d["runs"], label))
-            print(ratio_table(d["runs"], label, "_cpu"))
+            bandwidth.append(read_gbs())
+            tables(d["runs"], label)
             if "convert" in d:
                 print(convert_table(d["convert"]))
         if len(a.cut) == 2:
@@ -248,9 +360,9 @@ def main() -> None:
             proj = project(result["depths"][f"cut{n1}"], result["depths"][f"cut{n2}"], (n1, n1), (n2, n2), full)
             result["projected_full_depth"] = proj
             label = f"{a.preset} full depth {full}, PROJECTED from cuts {n1} and {n2}"
-            print(figures_table(proj, label))
-            print(ratio_table(proj, label))
-            print(ratio_table(proj, label, "_cpu"))
+            tables(proj, label)
+    result["read_bandwidth_gbs"] = bandwidth
+    print(f"read bandwidth over the run (GB/s, 2 threads): {', '.join(f'{b:.1f}' for b in bandwidth)}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {a.json}")

@@ -25,8 +25,14 @@ answers, the tasks as calls), errors.py, worker.py (the model's thread), adapter
 adapter_bank.py + multi_lora.py (LoRA adapters by name on one shared base, per batch row).
 
 Attributes are imported lazily so that `pg_edge.reference` and `pg_edge.inputs` can be used
-without importing MLX.
+without importing MLX. Before anything else, the first `import pg_edge...` loads the system's fast
+BLAS (OpenBLAS on Linux) so that MLX, imported later, runs its float32 products on it
+(blas.py; PG_EDGE_BLAS=off turns it off; `pg_edge.backend_info()` says what was found).
 """
+from . import blas as _blas
+
+_blas.load()  # must precede the first `import mlx.core` of the process (pg_edge/blas.py)
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -36,6 +42,7 @@ _LAZY = {
     "Sampling": ("pg_edge.generate", "Sampling"),
     "PgEdgeError": ("pg_edge.errors", "PgEdgeError"),
     "set_max_image_pixels": ("pg_edge.inputs.images", "set_max_image_pixels"),
+    "backend_info": ("pg_edge.blas", "backend_info"),
 }
 
 

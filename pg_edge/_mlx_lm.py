@@ -51,7 +51,7 @@ def defer_package_init(name: str) -> None:
 defer_package_init("mlx_lm")
 
 # After the deferral (E402).
-from mlx_lm.models.cache import KVCache, RotatingKVCache  # noqa: E402
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 
@@ -65,4 +65,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["KVCache", "RotatingKVCache", "make_sampler", "LoRALinear", "defer_package_init"]
+__all__ = ["KVCache", "QuantizedKVCache", "RotatingKVCache", "make_sampler", "LoRALinear", "defer_package_init"]

@@ -18,8 +18,9 @@ between two steps, at a token boundary. Each step:
    its own, the decode mask built from every key's validity (so Gemma2's sliding windows and
    the bidirectional prefix are right per row).
 
-Caches are mlx-lm's KVCache (every key kept): a row joining or leaving rebuilds them in
-place. Greedy rows take the argmax of the raw logits; sampled rows use their own Sampling.
+Caches are mlx-lm's KVCache, or its QuantizedKVCache with `kv_bits=8` (every key kept): a row
+joining or leaving rebuilds them in place. Greedy rows take the argmax of the raw logits;
+sampled rows use their own Sampling.
 A row computes the same operations whatever else is in the batch (masked keys add exact
 zeros), so greedy results equal the request run alone.
 """
@@ -129,10 +130,10 @@ class Batch:
             self.caches, self.valid = cache, new_valid
         else:
             for c, new in zip(self.caches, cache):
-                k, v = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
-                nk, nv = new.keys[..., :new.offset, :], new.values[..., :new.offset, :]
-                k, v, nk, nv = (_left_pad(a, S2) for a in (k, v, nk, nv))
-                c.state = (mx.concatenate([k, nk]), mx.concatenate([v, nv]), S2)
+                k, v = (_kv(lambda a: _left_pad(a[..., :c.offset, :], S2), t) for t in (c.keys, c.values))
+                nk, nv = (_kv(lambda a: _left_pad(a[..., :new.offset, :], S2), t) for t in (new.keys, new.values))
+                c.keys, c.values = (_kv2(lambda a, b: mx.concatenate([a, b]), o, n) for o, n in ((k, nk), (v, nv)))
+                c.offset = S2
             old = np.zeros((self.valid.shape[0], S2), dtype=bool)
             old[:, S2 - S:] = self.valid
             self.valid = np.concatenate([old, new_valid])
@@ -177,8 +178,8 @@ class Batch:
         lead = int(np.argmax(valid.any(axis=0)))  # columns only padding uses now
         idx = mx.array(keep, dtype=mx.int32)
         for c in self.caches:
-            k, v = c.keys[..., lead:c.offset, :], c.values[..., lead:c.offset, :]
-            c.state = (k[idx], v[idx], c.offset - lead)
+            c.keys, c.values = (_kv(lambda a: a[..., lead:c.offset, :][idx], t) for t in (c.keys, c.values))
+            c.offset -= lead
         self.valid = valid[:, lead:]
 
     def cancel_all(self) -> bool:
@@ -242,161 +243,14 @@ def _closed(req: Request) -> bool:
     return getattr(req, "_abandoned", False)
 
 
-def _left_pad(a: mx.array, S: int) -> mx.array:
-    """[B, H, s, d] -> [B, H, S, d] with zeros in front."""
-    pad = S - a.shape[2]
-    return mx.pad(a, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else a
+def _kv(f, t):
+    """f over a cache's keys or values: one array (KVCache), or the (packed, scales, biases)
+    triple of mlx-lm's QuantizedKVCache (`pg_edge.load(kv_bits=8)`), each [B, H, S, *]."""
+    return tuple(f(a) for a in t) if isinstance(t, tuple) else f(t)
 
 
-class RowStream(WorkerStream):
-    """The caller's end of one batched request (a WorkerStream: cancel() keeps it readable,
-    close() abandons it)."""
-
-    def __init__(self, req: Request):
-        super().__init__(req.channel)
-        self.request = req
-
-    def close(self) -> None:
-        self.request._abandoned = True
-        super().close()
-
-
-class Scheduler:
-    """Waiting requests and the running batch of one PaliGemma (see the module docstring)."""
-
-    def __init__(self, pg, max_batch: int = 8):
-        self.pg = weakref.proxy(pg)  # no cycle: a dropped PaliGemma is freed at once
-        self.max_batch = max_batch
-        self.batch = Batch(pg)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.joining: list[Request] = []
-        self.lock = threading.Lock()
-        self.posted = False  # a step job is queued or running
-        self.closed: Exception | None = None
-        self.most_rows = 0  # the largest batch run so far (tests and benchmarks read it)
-
-    @property
-    def rows(self) -> int:
-        return len(self.batch.rows)
-
-    def submit(self, req: Request) -> RowStream:
-        with self.lock:
-            if self.closed is not None:
-                raise self.closed
-            self.waiting.append(req)
-            if not self.posted:
-                self._post()  # raises if the model was closed
-                self.posted = True
-        return RowStream(req)
-
-    def _post(self) -> None:
-        """Queue one step on the worker. The job holds the scheduler weakly: a PaliGemma
-        dropped by its app is not kept alive by a queued or finishing step."""
-        ref = weakref.ref(self)
-
-        def step():
-            scheduler = ref()
-            if scheduler is not None:
-                scheduler._step()
-
-        self.pg._worker.post(step)
-
-    def _step(self) -> None:
-        """Steps while there are rows or waiting requests, in one worker job; when another job
-        waits for the worker (image features, an adapter added...), it runs first: this job
-        queues its successor behind it and returns, at a token boundary."""
-        worker = self.pg._worker
-        while True:
-            with self.lock:
-                room = max(1, self.max_batch) - len(self.batch.rows)
-                while room > 0 and self.waiting:
-                    req = self.waiting.popleft()
-                    if _closed(req):
-                        continue
-                    self.joining.append(req)
-                    room -= 1
-                if not self.batch.rows and self.joining:
-                    mx.reset_peak_memory()
-            try:
-                self.batch.step(self.joining)
-                self.most_rows = max(self.most_rows, len(self.batch.rows))
-            except Exception as err:  # the batch cannot go on: every row gets the error
-                self.batch.fail_all(err)
-            with self.lock:
-                self.joining = []
-                more = self.closed is None and (self.batch.rows or self.waiting)
-                yield_worker = more and (worker.others_waiting() or worker.cancelled())
-                if not more or yield_worker:
-                    self.posted = False
-                if yield_worker:
-                    try:
-                        self._post()
-                        self.posted = True
-                    except PgEdgeError as err:
-                        self._end(err)
-            self.batch.flush()
-            if not more or yield_worker:
-                return
-
-    def cancel_all(self) -> bool:
-        for r in self.rows:
-            r.channel.cancel.set()
-        return bool(self.rows)
-
-    def fail_all(self, err: BaseException) -> None:
-        for r in self.rows:
-            self.outbox.append((r.channel, (_DONE, err)))
-        self.rows, self.caches, self.valid = [], None, np.zeros((0, 0), dtype=bool)
-
-    # -- 3. one decode step --------------------------------------------------------------------
-    def decode(self) -> None:
-        B = len(self.rows)
-        self.valid = np.concatenate([self.valid, np.ones((B, 1), dtype=bool)], axis=1)
-        tokens = mx.array([[r.next_token] for r in self.rows], dtype=mx.int32)
-        offset = mx.array([r.pos for r in self.rows], dtype=mx.int32)
-        self.pg._route([r.slot for r in self.rows])
-        logits = self.model.step(tokens, mx.array(self.valid), offset, self.caches, capped=False)[:, -1]
-        for r, t in zip(self.rows, self._sample(logits, self.rows)):
-            r.next_token = t
-            r.pos += 1
-
-    def _sample(self, logits: mx.array, rows: list[Request]) -> list[int]:
-        """float[B, V] raw (uncapped) logits -> one token per row, by the row's sampling."""
-        lg = logits.astype(mx.float32) + self.bias(logits.shape[-1])
-        greedy = mx.argmax(lg, axis=-1)
-        picks = []
-        for i, r in enumerate(rows):
-            if r.sampling.temperature == 0:
-                picks.append(None)
-                continue
-            logprobs = _logprobs(self.model.cap_logits(logits[i:i + 1].astype(mx.float32)) + self.bias(lg.shape[-1]))
-            tok = r.sampling.sampler(self.limit)(logprobs)
-            picks.append(mx.where(tok < self.limit, tok, greedy[i:i + 1]))
-        out = greedy.tolist()
-        for i, p in enumerate(picks):
-            if p is not None:
-                out[i] = int(p.item())
-        return out
-
-    def step(self, admit: list[Request]) -> None:
-        """Admit `admit`, hand out tokens, decode the next one (what one worker job does)."""
-        admit = [r for r in admit if not _closed(r)]  # dropped by their callers while waiting
-        if admit:
-            try:
-                self.admit(admit)
-            except Exception:  # one request's own problem (a removed adapter...): each alone
-                for req in admit:
-                    try:
-                        self.admit([req])
-                    except Exception as err:  # the batch goes on without it
-                        self.outbox.append((req.channel, (_DONE, err)))
-        self.emit()
-        if self.rows:
-            self.decode()
-
-
-def _closed(req: Request) -> bool:
-    return getattr(req, "_abandoned", False)
+def _kv2(f, t, u):
+    return tuple(f(a, b) for a, b in zip(t, u)) if isinstance(t, tuple) else f(t, u)
 
 
 def _left_pad(a: mx.array, S: int) -> mx.array:

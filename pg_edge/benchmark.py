@@ -12,6 +12,8 @@ run decodes the same number of tokens):
     peak_memory_gb  MLX's peak allocation counter over load + one generation
     max_rss_gb      the process's peak resident memory (so includes Python and the tokenizer)
     folder_gb       bytes on disk of the folder
+    blas            the BLAS under MLX's CPU float32 products (pg_edge/blas.py) and
+    matmul_gflops   MLX's float32 1024 x 1024 matmul speed here with it
 """
 from __future__ import annotations
 
@@ -74,6 +76,19 @@ def decode_tokens(pg, image, prompt: str, tokens: int) -> dict:
     return {**timings(vision, prefill, decode, tokens), "prompt_tokens": int(ids.shape[1]), "tokens": out}
 
 
+def matmul_gflops(n: int = 1024, repeat: int = 5) -> float:
+    """MLX's float32 n x n matmul on the default device, GFLOP/s (best of `repeat`): what the
+    BLAS under it delivers (netlib's reference BLAS ~2, OpenBLAS ~35-70 on 2 x86 cores)."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
 class Clock:
     """Wall and process-CPU time since the last lap. On a shared machine the CPU time (all of
     this process's threads) is the steadier figure: other processes' load barely moves it."""
@@ -116,6 +131,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
     warm-up call (a full-size model on a slow backend, where it would cost a whole prefill;
     the first call then includes one-time kernel setup)."""
     import pg_edge
+    from .blas import describe
 
     if tokens < 1:
         raise PgEdgeError(f"tokens must be >= 1, got {tokens}")
@@ -134,6 +150,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": max_rss_gb(),
         "folder_gb": folder_gb(pg.folder), "device": str(mx.default_device()),
         "quantized_matvec": qmv.kernel() if mx.default_device().type == mx.cpu else "mlx",
+        "blas": describe(), "matmul_gflops": matmul_gflops(),
     }
 
 
@@ -147,9 +164,10 @@ def to_text(r: dict) -> str:
         ("peak memory (MLX)", f"{r['peak_memory_gb']:.3f} GB"),
         ("peak memory (process RSS)", f"{r['max_rss_gb']:.3f} GB"),
         ("folder size", f"{r['folder_gb']:.3f} GB"),
+        ("float32 matmul 1024^2 (MLX)", f"{r['matmul_gflops']:.1f} GFLOP/s"),
     ]
     w = max(len(k) for k, _ in rows)
     head = f"pg_edge on {r['device']}: {r['folder']}"
     if "quantized_matvec" in r:
         head += f"\n  quantized matvec: {r['quantized_matvec']}"
-    return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows])
+    return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows] + [f"  BLAS: {r['blas']}"])

@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .errors import PgEdgeError
 from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
@@ -282,21 +283,30 @@ def _no_adapters(adapter) -> int:
     return 0
 
 
+KV_BITS = (None, 8)  # `load(kv_bits=)`: the float cache, or mlx-lm's 8-bit one
+
+
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
          adapters: "str | os.PathLike | dict | None" = None, attention: str = "window",
-         max_batch: int = 8) -> PaliGemma:
+         max_batch: int = 8, kv_bits: int | None = None) -> PaliGemma:
     """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id);
     `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top, or
     {name: folder} of LoRA adapters loaded by name on the shared base (pick one per call with
     `adapter=name`); `max_batch`: how many concurrent generations decode together;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
-    see pg_edge.model.masks.ATTENTION_MODES."""
+    see pg_edge.model.masks.ATTENTION_MODES. `kv_bits`: 8 keeps generation's KV cache quantized
+    (mlx-lm's QuantizedKVCache): about half a bf16 cache's memory and reads; docs/performance.md
+    has its measured agreement with the float cache (4 bits agreed too poorly to offer). None
+    (default): the cache in the activations' float dtype."""
+    if kv_bits not in KV_BITS:
+        raise PgEdgeError(f"kv_bits must be 8 or None, got {kv_bits!r}")
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     model, config = load_folder(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     model.set_attention(attention)
+    model.kv_bits = kv_bits
     named = adapters if isinstance(adapters, dict) else {}
     if adapters is not None and not isinstance(adapters, dict):
         from .adapters import load_adapters

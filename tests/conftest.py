@@ -26,6 +26,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from tokenizers
 
+# Before any test module imports mlx.core: pg_edge's package init loads the fast BLAS
+# (pg_edge/blas.py), so the suite runs with it on where one is installed (PG_EDGE_BLAS=off: not).
+import pg_edge  # noqa: E402,F401
+
 import hashlib
 import shutil
 import time

@@ -6,7 +6,8 @@ Read in this order:
                    many rows, products split by output rows over the streams
     ops.py         leaner RMSNorm / RoPE / softcap graphs, and CpuRMSNorm
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
-    layers.py      prefill evaluated layer by layer; float32 activations for quantized decoders
+    layers.py      prefill evaluated layer by layer; float32 vision for 16-bit and quantized models,
+                   float32 activations for quantized decoders
 
 `apply(model)` is called once at load (pg_edge.checkpoint.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
@@ -27,7 +28,7 @@ from ..model.gemma import Attention, GemmaModel, RMSNorm
 from ..model.paligemma import PaliGemmaModel
 from ..model.siglip import SiglipAttention, SiglipEncoder
 from .attention import CpuAttention, CpuSiglipAttention
-from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
+from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder, CpuVisionPaliGemmaModel
 from . import products
 from .ops import CpuRMSNorm
 from .products import CpuEmbedding, CpuLinear, CpuQuantizedEmbedding, CpuQuantizedLinear
@@ -37,7 +38,8 @@ from .streams import tracing_on
 SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding,
          nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding,
          RMSNorm: CpuRMSNorm, Attention: CpuAttention, SiglipAttention: CpuSiglipAttention}
-# Swapped when the model holds quantized layers (their dense prefill pieces).
+# Swapped when the model holds quantized or 16-bit float layers (their dense or float32 prefill
+# pieces).
 LAYER_BY_LAYER = {GemmaModel: CpuGemmaModel, SiglipEncoder: CpuSiglipEncoder}
 
 
@@ -57,22 +59,26 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
     mode = mode or policy()
     if mode != "cpu":
         return mode
-    quantized_decoder = quantized = False
+    quantized_decoder = quantized = half = False
     for path, module in model.named_modules():
         swap = SWAPS.get(type(module))
-        if swap is None or (swap in (CpuLinear, CpuEmbedding) and module["weight"].size < products.SPLIT_MIN_ELEMENTS):
-            continue  # small float layers gain nothing from the split: left as they are
+        if swap in (CpuLinear, CpuEmbedding):
+            half = half or module["weight"].dtype in (mx.bfloat16, mx.float16)
+            if module["weight"].size < products.SPLIT_MIN_ELEMENTS:
+                continue  # small float layers gain nothing from the split: left as they are
+        if swap is None:
+            continue
         module.__class__ = swap
         if swap in (CpuQuantizedLinear, CpuQuantizedEmbedding):
             quantized = True
             quantized_decoder = quantized_decoder or path.startswith("language_model.")
-    if quantized:
+    if quantized or half:
         for _, module in model.named_modules():
             swap = LAYER_BY_LAYER.get(type(module))
             if swap is not None:
                 module.__class__ = swap
-    if quantized_decoder and type(model) is PaliGemmaModel:
-        model.__class__ = CpuPaliGemmaModel
+        if type(model) is PaliGemmaModel:  # float32 vision; and decoder, when it is quantized
+            model.__class__ = CpuPaliGemmaModel if quantized_decoder else CpuVisionPaliGemmaModel
     return mode
 
 

@@ -72,7 +72,7 @@ class CpuAttention(Attention):
         return super().attend(q, k, v, mask)
 
     def cap(self, scores: mx.array) -> mx.array:
-        return ops.softcap(scores, self.softcap) if lean(self) else super().cap(scores)
+        return ops.softcap(scores.astype(mx.float32), self.softcap) if lean(self) else super().cap(scores)
 
 
 class CpuSiglipAttention(SiglipAttention):

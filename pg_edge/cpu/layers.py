@@ -1,10 +1,11 @@
-"""CPU variants of the stacks: prefill evaluated layer by layer, and a quantized decoder's
-activations in float32.
+"""CPU variants of the stacks: prefill evaluated layer by layer, the vision tower of a 16-bit
+or quantized model in float32, and a quantized decoder's activations in float32.
 
 A quantized model's dense prefill products dequantize pieces of every layer; in one lazy graph
 MLX keeps many layers' pieces alive at once, so evaluating each layer's output frees its pieces
 before the next layer builds its own (docs/performance.md, "Dense prefill in bounded pieces").
-MLX's CPU quantized kernel is fast with float32 activations, and the CPU runs float32 natively.
+MLX's CPU quantized kernel is fast with float32 activations, its float32 products run on the
+BLAS (pg_edge/blas.py) while its bf16 ones do not, and the CPU runs float32 natively.
 """
 from __future__ import annotations
 
@@ -43,9 +44,22 @@ class CpuSiglipEncoder(SiglipEncoder):
         return x
 
 
-class CpuPaliGemmaModel(PaliGemmaModel):
-    """`PaliGemmaModel` whose decoder computes in float32 from the embedding on (a quantized
-    decoder: every quantized product then takes the fast kernel without casts around it)."""
+class CpuVisionPaliGemmaModel(PaliGemmaModel):
+    """`PaliGemmaModel` whose vision tower and connector compute in float32 in inference (a
+    16-bit or quantized model: every SigLIP product then is a float32 GEMM or dequantizes in
+    float32; MLX promotes the 16-bit weights it meets). The features leave in float32 and
+    `embed` casts them to the decoder's dtype, as it does any features."""
+
+    def encode_image(self, pixel_values: mx.array) -> mx.array:
+        if not lean(self):
+            return super().encode_image(pixel_values)
+        return self.multi_modal_projector(self.vision_tower(pixel_values.astype(mx.float32)))
+
+
+class CpuPaliGemmaModel(CpuVisionPaliGemmaModel):
+    """`CpuVisionPaliGemmaModel` whose decoder also computes in float32 from the embedding on
+    (a quantized decoder: every quantized product then takes the fast kernel without casts
+    around it)."""
 
     def embed_text(self, ids: mx.array) -> mx.array:
         return super().embed_text(ids).astype(mx.float32)

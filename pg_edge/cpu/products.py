@@ -2,8 +2,10 @@
 parameters, which `pg_edge.cpu.apply` swaps in at load.
 
 On MLX's CPU backend `mx.quantized_matmul` is fast only with float32 activations or scales;
-for many rows (prefill, SigLIP's patches) dequantizing and running the BLAS GEMM beats it; and
-every kernel runs on one core, so a product split by output rows over one CPU stream per core
+for many rows (prefill, SigLIP's patches) dequantizing and running the BLAS GEMM beats it; a
+16-bit float weight's many-row product runs in float32 (MLX's bf16/fp16 matmul has no BLAS
+behind it: ~1-2 GFLOP/s here, float32 with OpenBLAS 20-45, pg_edge/blas.py); and every kernel
+runs on one core, so a product split by output rows over one CPU stream per core
 runs its pieces side by side (measurements: docs/performance.md). Decode-sized quantized
 products take pg_edge's compiled matvec instead when it is built (pg_edge.cpu.qmv). The variants keep the stored
 weights (the pieces are views) and only change how the product is computed; the output dtype
@@ -17,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import qmv
-from .streams import cpu_streams, on_streams, stream_count, tracing
+from .streams import cpu_streams, lean, on_streams, stream_count, tracing
 
 # Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
 DENSE_ROWS = 32
@@ -107,9 +109,26 @@ def float32_scales(layer) -> tuple:
     return hit[1], hit[2]
 
 
-def cpu_float_product(weight: mx.array, x: mx.array) -> mx.array:
-    """x float[..., in] @ weight[out, in].T, split over the CPU streams for decode-sized x."""
+def float32_product(weight: mx.array, x: mx.array) -> mx.array:
+    """x float[..., in] @ weight[out, in].T for a 16-bit weight, computed in float32: pieces of
+    the weight (at most DENSE_PIECE_ELEMENTS each) cast to float32 one round of streams at a
+    time (inference only: evaluated as it goes), the BLAS GEMM; the result in x's dtype."""
+    split = weight.size >= SPLIT_MIN_ELEMENTS and stream_count() > 1
+    pieces = row_pieces(weight.shape[0], weight.shape[1], True, split)
+    x32 = x.astype(mx.float32)
+    parts = on_streams(lambda i, s: mx.matmul(x32, weight[pieces[i][0]:pieces[i][1]].astype(mx.float32, stream=s).T,
+                                              stream=s), len(pieces), True)
+    y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def cpu_float_product(weight: mx.array, x: mx.array, lean_ok: bool = False) -> mx.array:
+    """x float[..., in] @ weight[out, in].T: with `lean_ok` (inference, not tracing) a 16-bit
+    weight's product over DENSE_ROWS+ rows in float32 (`float32_product`); decode-sized x split
+    over the CPU streams."""
     rows = x.size // x.shape[-1]
+    if lean_ok and rows >= DENSE_ROWS and weight.dtype in (mx.bfloat16, mx.float16):
+        return float32_product(weight, x)
     if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
         return x @ weight.T
     streams = cpu_streams()
@@ -134,10 +153,11 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 class CpuLinear(nn.Linear):
-    """`Linear` whose decode-sized products are split over the CPU streams (same parameters)."""
+    """`Linear` whose decode-sized products are split over the CPU streams and whose 16-bit
+    many-row products run in float32 (same parameters)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = cpu_float_product(self["weight"], x)
+        y = cpu_float_product(self["weight"], x, lean(self))
         return y + self["bias"] if "bias" in self else y
 
 
@@ -145,4 +165,4 @@ class CpuEmbedding(nn.Embedding):
     """`Embedding` whose tied-head product is split over the CPU streams."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return cpu_float_product(self["weight"], x)
+        return cpu_float_product(self["weight"], x, lean(self))

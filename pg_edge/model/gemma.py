@@ -34,12 +34,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        w1 = 1.0 + self.weight if self.training else self.offset_weight()
+        return mx.fast.rms_norm(x, w1, self.eps)
+
+    def offset_weight(self) -> mx.array:
+        """1 + weight, computed once per weight array (outside the parameters, never saved or
+        trained) rather than by one extra kernel per norm per decode step."""
+        hit = self.__dict__.get("_offset")
+        if hit is None or hit[0] is not self.weight:
+            hit = (self.weight, 1.0 + self.weight)
+            object.__setattr__(self, "_offset", hit)
+        return hit[1]
 
 
 def softcap(x: mx.array, cap: float | None) -> mx.array:
     """tanh(x / cap) * cap; x itself when cap is None (Gemma 1)."""
     return x if not cap else mx.tanh(x / cap) * cap
+
+
+_FLOAT32_SOFTCAPS: dict = {}  # cap -> its compiled function
+
+
+def float32_softcap(x: mx.array, cap: float) -> mx.array:
+    """softcap(x in float32, cap) as one compiled function: MLX fuses the cast, the division,
+    the tanh and the product into one elementwise kernel (4 kernels unfused)."""
+    cap = float(cap)
+    f = _FLOAT32_SOFTCAPS.get(cap)
+    if f is None:
+        f = _FLOAT32_SOFTCAPS[cap] = mx.compile(lambda y: mx.tanh(y.astype(mx.float32) / cap) * cap, shapeless=True)
+    return f(x)
 
 
 class Attention(nn.Module):
@@ -64,9 +87,14 @@ class Attention(nn.Module):
         q, k, v = (self._heads(p(x), n) for p, n in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads),
                                                       (self.v_proj, self.n_kv_heads)))
         q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
+        bits = getattr(cache, "bits", None)  # mlx-lm's QuantizedKVCache (pg_edge.model.masks.make_cache)
+        if bits and T > 1 and cache.offset == 0:
+            cache.update_and_fetch(k, v)  # a prefill attends with its exact keys; decode reads the quantized ones
+        elif cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if T <= PREFILL_CHUNK:
+        if isinstance(k, tuple):
+            o = self.quantized_attend(q, k, v, mask, cache.group_size, bits)
+        elif T <= PREFILL_CHUNK:
             o = self.attend(q, k, v, mask)
         else:
             # Long prefill (896 px): queries in chunks against all keys, so the [T, S] scores never
@@ -98,16 +126,36 @@ class Attention(nn.Module):
         B, H, T, E = q.shape
         K = k.shape[1]
         q = (q * self.scale).reshape(B, K, H // K, T, E)
-        scores = (q @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)  # [B, K, H / K, T, S]
-        scores = self.cap(scores)
+        scores = self.cap(q @ k[:, :, None].swapaxes(-1, -2))  # float32[B, K, H / K, T, S]
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
         probs = mx.softmax(scores, axis=-1).astype(v.dtype)
         return (probs @ v[:, :, None]).reshape(B, H, T, E)
 
+    def quantized_attend(self, q, k, v, mask, group_size: int, bits: int) -> mx.array:
+        """Attention over a quantized KV cache, without dequantizing it: the scores and the
+        weighted values are quantized products against the stored keys and values.
+
+        q float[B, H, T, E]; k, v (data, scales, biases) as mlx-lm's QuantizedKVCache returns
+        them, each [B, K, S, ...]; mask None or bool[B, 1, T, S]. -> float[B, H, T, E]."""
+        B, H, T, E = q.shape
+        K = k[0].shape[1]
+        q = (q * self.scale).reshape(B, K, H // K, T, E)
+        k, v = [tuple(t[:, :, None] for t in kv) for kv in (k, v)]  # one kv head serves its H / K queries
+        scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+        scores = self.cap(scores) if self.softcap else scores.astype(mx.float32)
+        if mask is not None:
+            scores = mx.where(mask[:, :, None], scores, mx.finfo(mx.float32).min)
+        probs = mx.softmax(scores, axis=-1).astype(q.dtype)
+        return mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits).reshape(B, H, T, E)
+
     def cap(self, scores: mx.array) -> mx.array:
-        """Gemma2's attention softcap on float32 scores."""
-        return softcap(scores, self.softcap)
+        """Gemma2's attention softcap: scores in the activations' dtype -> capped float32.
+        Outside training one fused kernel (`float32_softcap`); no float32 copy of the cache
+        exists (the scores are [.., T, S], the keys stay in their dtype)."""
+        if self.training:
+            return softcap(scores.astype(mx.float32), self.softcap)
+        return float32_softcap(scores, self.softcap)
 
 
 class MLP(nn.Module):

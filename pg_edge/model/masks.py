@@ -34,7 +34,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .._mlx_lm import KVCache, RotatingKVCache
+from .._mlx_lm import KVCache, QuantizedKVCache, RotatingKVCache
 from ..errors import PgEdgeError
 from .config import TextConfig
 
@@ -120,12 +120,35 @@ def decode_masks(windows: set, valid: mx.array | None, T: int, S: int, bounded: 
     return out
 
 
-def make_cache(windows: list, padded: bool) -> list:
+class WindowedQuantizedKVCache(QuantizedKVCache):
+    """mlx-lm's QuantizedKVCache for a sliding-window layer: a one-token decode step gets the
+    last `max_size` (= window) keys and values, views of the stored ones, which are exactly
+    what that token may see, so the step needs no mask (as with RotatingKVCache). Every key
+    stays stored (no rotation: past the window that is a few tokens at 896 px)."""
+
+    def __init__(self, max_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_size = max_size
+
+    def update_and_fetch(self, keys, values):
+        k, v = super().update_and_fetch(keys, values)
+        if keys.shape[2] == 1 and self.offset > self.max_size:
+            k, v = (tuple(t[..., -self.max_size:, :] for t in kv) for kv in (k, v))
+        return k, v
+
+
+def make_cache(windows: list, padded: bool, kv_bits: int | None = None, head_dim: int = 256) -> list:
     """One mlx-lm cache per decoder layer (`windows`: each layer's). A sliding-window layer
     keeps only its last `window` keys (RotatingKVCache): a generated token may not look further
     back, so attention over the rotated keys without a mask is exactly the windowed attention.
     With padded rows the decode mask must line up with every key's validity, so those runs
-    keep every key (KVCache)."""
+    keep every key (KVCache).
+    With `kv_bits` (8: `pg_edge.load(kv_bits=8)`), every layer keeps its keys in mlx-lm's
+    QuantizedKVCache (group size 64, or 32 when `head_dim` is not a multiple of 64); a sliding
+    layer's unpadded decode reads its last `window` keys only (WindowedQuantizedKVCache)."""
+    if kv_bits:
+        q = dict(group_size=64 if head_dim % 64 == 0 else 32, bits=kv_bits)
+        return [WindowedQuantizedKVCache(w, **q) if w and not padded else QuantizedKVCache(**q) for w in windows]
     return [RotatingKVCache(max_size=w) if w and not padded else KVCache() for w in windows]
 
 

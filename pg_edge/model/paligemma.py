@@ -38,6 +38,9 @@ class PaliGemmaModel(nn.Module):
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config.vision.hidden_size, config.text.hidden_size)
         self.language_model = LanguageModel(config.text, tie_word_embeddings)
+        # Bits of the KV cache `make_cache` builds: None = the activations' float dtype;
+        # 8 = mlx-lm's QuantizedKVCache (`pg_edge.load(kv_bits=8)`).
+        self.kv_bits = None
 
     # -- stages --------------------------------------------------------------------------
     def encode_image(self, pixel_values: mx.array) -> mx.array:
@@ -82,7 +85,7 @@ class PaliGemmaModel(nn.Module):
 
     def make_cache(self, padded: bool = False) -> list:
         """One KV cache per decoder layer for a generation (padded: some rows are left-padded)."""
-        return make_cache(self.layer_windows(), padded)
+        return make_cache(self.layer_windows(), padded, self.kv_bits, self.config.text.head_dim)
 
     def cap_logits(self, logits: mx.array) -> mx.array:
         """The logits `capped=True` gives, from those `capped=False` gives."""
@@ -128,7 +131,9 @@ class PaliGemmaModel(nn.Module):
         """Decode: tokens int[B, T] appended causally after the cache; valid bool[B, S] covers
         every key including the new ones (None: no padding anywhere); offset: position of
         tokens[:, 0], int or int[B]. Returns logits float[B, T, V] (capped: as in __call__)."""
-        h = self.embed(tokens, None)
+        # Generated ids are real text ids (never `<image>`): a plain lookup, no remapping.
+        h = self.embed_text(tokens)
+        h = h * mx.array(self.config.text.hidden_size**0.5, dtype=h.dtype)
         windows = self.layer_windows()
         S = cache[0].offset + tokens.shape[1]
         masks = decode_masks(set(windows), valid, tokens.shape[1], S, bounded_windows(windows, cache))

@@ -126,9 +126,14 @@ def cpp_json(runner, bundle, image, prompt, *extra) -> dict:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_cpp_greedy_ids_equal_pg_edge(runner, model, images, name):
+def test_cpp_greedy_ids_equal_pg_edge(runner, model, images, name, monkeypatch):
     folder, bundle = model(name)
     lengths = json.loads((bundle / "manifest.json").read_text())["functions"]["prefill"]["prompt_lengths"]
+    if name.endswith("_bf16"):
+        # The bundle is the model's 16-bit graph; on the CPU pg_edge computes a 16-bit model's
+        # vision and prefill in float32 (pg_edge/cpu/), which moves near-tie greedy tokens of
+        # this tiny random model: compare with the model's own graph, as exported.
+        monkeypatch.setenv("PG_EDGE_QMM", "native")
     pg = pg_edge.load(folder)
     used = set()
     for image, prompt in CASES:

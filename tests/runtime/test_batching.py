@@ -68,6 +68,17 @@ def test_concurrent_mixed_requests_equal_their_run_alone(pg):
     assert pg._scheduler.most_rows > 2  # they did share a batch
 
 
+def test_an_8_bit_kv_cache_batches_too(adapters):
+    """kv_bits=8 (mlx-lm's QuantizedKVCache): rows joining and leaving rebuild the packed keys,
+    scales and biases; each request equals its run alone."""
+    a, b = adapters
+    with pg_edge.load(DEMO, adapters={"a": a, "b": b}, kv_bits=8) as q:
+        expected = alone(q, JOBS)
+        q._scheduler.most_rows = 0
+        assert at_once(q, JOBS) == expected
+        assert q._scheduler.most_rows > 2
+
+
 def test_named_adapter_equals_the_adapter_applied_alone(pg, adapters):
     """A row's LoRA delta, gathered from the shared stacks, is mlx-lm's LoRALinear arithmetic."""
     with pg_edge.load(DEMO, adapters=adapters[0]) as applied:

@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--attention", choices=["window", "global"], default="window",
                    help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
                    "(default, as transformers) or global (as big_vision, which trained them)")
+    p.add_argument("--kv-bits", type=int, choices=[8], default=None,
+                   help="keep the KV cache quantized to 8 bits: about half a bf16 cache's memory "
+                   "and reads (its agreement with the float cache: docs/performance.md)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token ids, timings, peak memory")
     p.set_defaults(func=run)
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)  # a bad image or adapters folder fails before the model loads
     check_adapters(args.adapters)
-    pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention)
+    pg = pg_edge.load(args.model, adapters=args.adapters, attention=args.attention, kv_bits=args.kv_bits)
     if args.json:
         result = pg.generate(image, args.prompt, **sampling_kwargs(args))
         print(json.dumps(result.to_dict()))

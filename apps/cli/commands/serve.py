@@ -97,6 +97,22 @@ def model_id(model: str) -> str:
     return path.name if path.exists() else model
 
 
+def _few_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena, and a freed image buffer
+    stays in the arena of the thread that freed it: with images decoded on connection threads
+    and resized on the worker, the server's peak memory grew with every thread that had held
+    one (docs/hardening.md, pixel budget). A few shared arenas keep the pixel budget a bound on
+    memory too. No-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from pg_edge.checkpoint.atomic import Terminated
     from pg_edge.errors import PgEdgeError
@@ -126,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from pg_edge.pipeline import load
 
     from pg_edge.server import make_server
+
+    _few_malloc_arenas()
 
     pg = load(args.model, attention=args.attention, adapters=adapters, max_batch=args.max_batch)
     try:

@@ -1,0 +1,84 @@
+"""MLX's CPU products with and without float32, on one PG2 3B-224 prefill-sized MLP product.
+
+    python bench/float32_products.py                  # with the fast BLAS (pg_edge/blas.py)
+    PG_EDGE_BLAS=off python bench/float32_products.py # MLX's bundled reference BLAS
+
+x [259, 2304] (224 px: 256 image tokens + a short prompt) against a 9216 x 2304 weight: MLX's bf16
+GEMM; float32 on one stream, in two pieces on two streams, in ten pieces evaluated one round of
+streams at a time (pg_edge.cpu.products.float32_product's way); the 4-bit layer dequantized in
+float32 pieces + GEMM against MLX's float32 quantized kernel; and one decode row: the bf16
+matvec on one stream and split over two, against casting the weight to float32 per token.
+Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pg_edge  # noqa: E402  (first: the fast BLAS before MLX)
+import mlx.core as mx  # noqa: E402
+
+from pg_edge.cpu.streams import cpu_streams, on_streams  # noqa: E402
+
+
+def best(f, repeat: int = 3) -> float:
+    mx.eval(f())
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        mx.eval(f())
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    print(f"BLAS: {pg_edge.blas.describe()}")
+    R, O, I = 259, 9216, 2304
+    w = (mx.random.normal((O, I)) * 0.02).astype(mx.bfloat16)
+    x = mx.random.normal((R, I)).astype(mx.bfloat16)
+    x32 = x.astype(mx.float32)
+    mx.eval(w, x, x32)
+    gflop = 2 * R * O * I / 1e9
+
+    def pieces(n, eager):
+        step = O // n
+        return mx.concatenate(on_streams(lambda i, s: mx.matmul(
+            x32, w[i * step:(i + 1) * step].astype(mx.float32, stream=s).T, stream=s), n, eager), -1)
+
+    wq, sc, bi = mx.quantize(w, 64, 4)
+    sc32, bi32 = sc.astype(mx.float32), bi.astype(mx.float32)
+    mx.eval(wq, sc32, bi32)
+
+    def dequantized(n):
+        step = O // n
+        return mx.concatenate(on_streams(lambda i, s: mx.matmul(x32, mx.dequantize(
+            wq[i * step:(i + 1) * step], sc32[i * step:(i + 1) * step], bi32[i * step:(i + 1) * step], 64, 4,
+            stream=s).T, stream=s), n, True), -1)
+
+    rows = [("bf16 GEMM, one stream", lambda: x @ w.T, 1),
+            ("float32 GEMM, one stream", lambda: x32 @ w.astype(mx.float32).T, 3),
+            ("float32, 2 pieces on 2 streams", lambda: pieces(2, False), 3),
+            ("float32, 10 pieces, rounds of streams", lambda: pieces(10, True), 3),
+            ("4-bit dequantized float32 pieces + GEMM", lambda: dequantized(10), 3),
+            ("4-bit MLX quantized kernel, float32", lambda: mx.quantized_matmul(x32, wq, sc32, bi32, True, 64, 4), 1)]
+    for name, f, r in rows:
+        print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")
+    x1 = x[:1]
+    streams = cpu_streams()
+
+    def split(n):
+        step = O // n
+        return mx.concatenate([mx.matmul(x1, w[i * step:(i + 1) * step].T, stream=streams[i % len(streams)])
+                               for i in range(n)], -1)
+
+    for name, f in [("decode row: bf16 matvec, one stream", lambda: x1 @ w.T),
+                    (f"decode row: bf16 matvec, {len(streams)} streams", lambda: split(len(streams))),
+                    ("decode row: weight cast to float32 + matvec", lambda: x1.astype(mx.float32) @ w.astype(mx.float32).T)]:
+        print(f"{name:<42} {1e3 * best(f, 5):7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
