@@ -8,7 +8,7 @@
 
 Read in this order (an image's path to the image tokens merged into the sequence):
 
-    pipeline.py           `load` (folder -> PaliGemma); `PaliGemma.generate` -> `_start`
+    pipeline.py           `load` (folder -> PaliGemma); `PaliGemma.generate` -> `_request`
     inputs/processor.py   `PaliGemma.prepare` = `Processor.__call__`: images + prompts -> Inputs
                           (token ids int32[B, T], valid bool[B, T], pixels float32[B, S, S, 3])
     inputs/images.py      `preprocess_image`: path -> checked, upright, RGB, resized, [-1, 1]
@@ -16,11 +16,13 @@ Read in this order (an image's path to the image tokens merged into the sequence
     pipeline.py           `PaliGemma.image_features`: pixels -> float[B, N, D], cached by hash
     model/paligemma.py    `encode_image` (model/siglip.py, then the projector); `embed` puts the
                           image features where the `<image>` ids are (the merge)
-    generate.py           prefill and decode over that sequence (masks: model/masks.py)
+    batching.py           prefill and decode over that sequence, concurrent requests in one
+                          batch (generate.py: the one-batch layers; masks: model/masks.py)
 
 Beside them: checkpoint/ (model folders on disk: find, check, read, write), model/ (the MLX
 model and its config), cpu/ (the CPU backend's class variants), tasks/ (prompts, parsing
-answers, the tasks as calls), errors.py, worker.py (the model's thread), adapters.py.
+answers, the tasks as calls), errors.py, worker.py (the model's thread), adapters.py, and
+adapter_bank.py + multi_lora.py (LoRA adapters by name on one shared base, per batch row).
 
 Attributes are imported lazily so that `pg_edge.reference` and `pg_edge.inputs` can be used
 without importing MLX. Before anything else, the first `import pg_edge...` loads the system's fast

@@ -5,8 +5,11 @@
         adapter_config.json    format, mode (lora/attn/full), LoRA rank/alpha/scale/targets, base
                                model name and architecture fingerprint (`base_fingerprint`)
 
-The runtime applies them with `load_adapters` (`pg_edge.load(model, adapters=ADAPTERS)`): the
-same `apply_mode` the trainer starts from, then the saved weights. The LoRA layers are mlx-lm's
+The runtime reads them two ways. `pg_edge.load(model, adapters=ADAPTERS)` applies one folder
+to the loaded base with `load_adapters`: the same `apply_mode` the trainer starts from, then the
+saved weights. `pg_edge.load(model, adapters={"name": ADAPTERS, ...})` keeps the base shared and
+adds each LoRA folder's factors by name (`lora_factors`, used by pg_edge.adapter_bank). Both
+check a folder against its base first (`read_adapters`). The LoRA layers are mlx-lm's
 (mlx_lm.tuner), imported with this module, which pg_edge.load imports only for adapters.
 
 The modes:
@@ -225,12 +228,10 @@ def _read_spec(folder: Path, config) -> ModeSpec:
     return spec
 
 
-def load_adapters(model: PaliGemmaModel, folder: str | Path) -> ModeSpec:
-    """Apply saved adapters (or trained weights) to a freshly loaded copy of their base model.
-
-    Checked before the model changes: the config (format, mode, LoRA rank/alpha/dropout, scale
-    = alpha / rank), the base's architecture fingerprint when recorded, then every tensor's name,
-    shape and dtype against what the mode puts in this model (LoRA's a/b of the recorded rank)."""
+def read_adapters(folder: str | Path, model: PaliGemmaModel) -> tuple[ModeSpec, dict, dict]:
+    """(spec, weights, config) of an adapter folder, checked against `model` without changing
+    it: the config (format, mode, LoRA rank/alpha/dropout, scale = alpha / rank) and the base's
+    architecture fingerprint when recorded. One-line PgEdgeError otherwise."""
     folder = Path(folder)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -243,6 +244,53 @@ def load_adapters(model: PaliGemmaModel, folder: str | Path) -> ModeSpec:
         raise PgEdgeError(f"adapters in {folder} were made for another base model "
                           f"({config.get('base_model') or 'unnamed'}, architecture {theirs}; this model's is "
                           f"{mine}); load them on the base they were trained on")
+    return spec, weights, config
+
+
+def lora_factors(folder: str | Path, model: PaliGemmaModel) -> tuple[ModeSpec, dict]:
+    """A LoRA adapter folder read for sharing a base: (spec, {layer path: (A float[in, r],
+    B float[r, out])}), every tensor's name and shape checked against the layers of `model`
+    (which is not changed). attn/full adapters replace base weights and are refused."""
+    from .multi_lora import MultiLoRALinear, dims
+
+    folder = Path(folder)
+    spec, weights, _ = read_adapters(folder, model)
+    if spec.mode != "lora":
+        raise PgEdgeError(f"adapters in {folder} are --train {spec.mode} (base weights replaced, not a "
+                          "low-rank delta): only LoRA adapters share a base; load that one alone with "
+                          "pg_edge.load(MODEL, adapters=DIR) or a fused folder")
+    modules = dict(model.named_modules())
+    paths = lora_targets(model, spec.freeze_vision)
+    expected = {f"{p}.{k}" for p in paths for k in LORA_KEYS}
+    if set(weights) != expected:
+        extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+        raise PgEdgeError(f"{folder / ADAPTER_FILE} does not fit this model ({len(extra)} unexpected, "
+                          f"{len(missing)} missing, e.g. {(extra or missing)[0]}); made for another base?")
+    r = spec.lora.rank
+    factors = {}
+    for p in paths:
+        layer = modules[p]
+        inp, out = dims(layer.linear if isinstance(layer, MultiLoRALinear) else layer)
+        a, b = weights[f"{p}.lora_a"], weights[f"{p}.lora_b"]
+        for name, w, need in (("lora_a", a, (inp, r)), ("lora_b", b, (r, out))):
+            if tuple(w.shape) != need:
+                raise PgEdgeError(f"{folder / ADAPTER_FILE}: {p}.{name} has shape {tuple(w.shape)}, this model "
+                                  f"needs {need} (adapters of another base, or rank {r} in the config does "
+                                  "not match the weights)")
+            if not mx.issubdtype(w.dtype, mx.floating):
+                raise PgEdgeError(f"{folder / ADAPTER_FILE}: {p}.{name} has dtype {w.dtype}, not a float")
+        factors[p] = (a, b)
+    return spec, factors
+
+
+def load_adapters(model: PaliGemmaModel, folder: str | Path) -> ModeSpec:
+    """Apply saved adapters (or trained weights) to a freshly loaded copy of their base model.
+
+    Checked before the model changes: the config and fingerprint (`read_adapters`), then every
+    tensor's name, shape and dtype against what the mode puts in this model (LoRA's a/b of the
+    recorded rank)."""
+    folder = Path(folder)
+    spec, weights, _ = read_adapters(folder, model)
     trainable = set(apply_mode(model, spec))
     if set(weights) != trainable:
         extra, missing = sorted(set(weights) - trainable), sorted(trainable - set(weights))

@@ -10,9 +10,18 @@ Vision features are cached by the content of the preprocessed pixels, so several
 image run SigLIP once (`vision_calls` counts the encoder runs).
 
 Threads may share one object: the model calls run on its worker thread one at a time
-(pg_edge/worker.py), and the vision-feature cache is shared by all callers. `pg.cancel()` stops
-the generation that is running (its result says finish_reason "cancelled"); breaking out of a
-`stream` loop stops that stream's generation.
+(pg_edge/worker.py), and the vision-feature cache is shared by all callers. Generations asked for
+at the same time (`generate`, `stream` and the tasks, from several threads) decode together in
+one batch of up to `max_batch` rows (pg_edge/batching.py: a request joins at a token boundary
+and leaves at its end); greedy results equal each one run alone. `pg.cancel()` stops the
+generations that are running (their results say finish_reason "cancelled"); breaking out of a
+`stream` loop, or setting the `cancel` event a call was given, stops that one alone.
+
+Adapters by name share the loaded base (pg_edge/adapter_bank.py):
+
+    pg = pg_edge.load("model", adapters={"receipts": "adapters/receipts"})
+    pg.add_adapter("defects", "adapters/defects")
+    pg.generate("r.jpg", "ocr", adapter="receipts")       # adapter=None: the base alone
 """
 from __future__ import annotations
 
@@ -31,19 +40,21 @@ from .errors import PgEdgeError
 from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
-from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
+from .batching import Request, Scheduler, run_alone
+from .errors import PgEdgeError
+from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .checkpoint.folder import resolve
 from .checkpoint.loader import load_folder
 from .model.paligemma import PaliGemmaModel
 from .inputs.images import ImageInput
 from .inputs.processor import Inputs, Processor, Tokenizer
 from .inputs.checks import check_context, check_max_tokens, context_length
-from .worker import ModelWorker, serialized, serialized_stream
+from .worker import ModelWorker, serialized
 
 
 class PaliGemma:
     def __init__(self, model: PaliGemmaModel, config: PaliGemmaConfig, tokenizer: Tokenizer,
-                 folder: Path | None = None, vision_cache_size: int = 16):
+                 folder: Path | None = None, vision_cache_size: int = 16, max_batch: int = 8):
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -53,6 +64,8 @@ class PaliGemma:
         self._vision_cache: OrderedDict[str, mx.array] = OrderedDict()
         self._vision_cache_size = vision_cache_size
         self._worker = ModelWorker()  # owns every model call (see pg_edge/worker.py)
+        self._bank = None  # named adapters (pg_edge.adapter_bank), made by the first add_adapter
+        self._scheduler = Scheduler(self, max_batch)
         # Dropped without close(): the thread is parked all the same (it never refers back here).
         # Not at interpreter exit: the thread must then stay blocked on its queue (a thread still
         # running Python when the interpreter finalizes is ended, and MLX aborts).
@@ -61,15 +74,67 @@ class PaliGemma:
         # here, so the worker thread can use them.
         mx.eval(model.parameters())
 
+    @property
+    def max_batch(self) -> int:
+        """How many generations decode together at most (1: one at a time)."""
+        return self._scheduler.max_batch
+
+    @max_batch.setter
+    def max_batch(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PgEdgeError(f"max_batch must be a positive integer, got {n!r}")
+        self._scheduler.max_batch = n
+
     def cancel(self) -> bool:
-        """Stop the generation running now (any thread may call this); True if one was."""
-        return self._worker.cancel()
+        """Stop the generations running now (any thread may call this); True if one was."""
+        return self._scheduler.cancel_all() or self._worker.cancel()
 
     def close(self) -> None:
-        """Release the model's worker thread: the running generation stops (finish_reason
+        """Release the model's worker thread: the running generations stop (finish_reason
         "cancelled"), queued and later calls raise PgEdgeError. Also on leaving a `with` block;
         a PaliGemma dropped without close() releases it when garbage-collected."""
         self._worker.close()
+        self._scheduler.close(PgEdgeError("this model was closed (PaliGemma.close())"))
+
+    # -- adapters by name --------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters loaded on this base."""
+        return self._bank.names() if self._bank is not None else []
+
+    @serialized
+    def add_adapter(self, name: str, folder: str | os.PathLike) -> None:
+        """Load a LoRA adapter folder (`pg-edge finetune --export adapters`) under `name`; the
+        base weights stay shared. Refused in one line if it was made for another base."""
+        from .adapter_bank import AdapterBank
+
+        if self._bank is None:
+            self._bank = AdapterBank(self.model)
+        self._bank.add(name, folder)
+        mx.eval(self.model.parameters())
+
+    @serialized
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter `name` (refused while a running generation uses it)."""
+        if self._bank is None:
+            raise PgEdgeError(f"no adapter named {name!r} (adapters: none loaded)")
+        busy = sum(r.adapter == name for r in self._scheduler.batch.rows)
+        if busy:
+            raise PgEdgeError(f"adapter {name!r} is in use by {busy} running generation(s)")
+        self._bank.remove(name)
+        drop = [k for k in self._vision_cache if k.endswith("|" + name)]
+        for k in drop:
+            del self._vision_cache[k]
+
+    def _check_adapter(self, adapter) -> None:
+        if adapter is not None or self._bank is not None:
+            (self._bank.slot(adapter) if self._bank is not None else
+             _no_adapters(adapter))
+
+    def _route(self, slots: list[int]) -> None:
+        """Which adapter slot each row of the next model call uses (0: the base alone)."""
+        if self._bank is not None:
+            self._bank.routing.set(slots)
 
     def __enter__(self) -> "PaliGemma":
         return self
@@ -79,12 +144,22 @@ class PaliGemma:
 
     # -- stages --------------------------------------------------------------------------
     @serialized
-    def image_features(self, pixel_values: np.ndarray) -> mx.array:
-        """float32[B, S, S, 3] -> float[B, N, D]; rows seen before come from the cache."""
-        keys = [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self._vision_cache]
+    def image_features(self, pixel_values: np.ndarray, adapter: str | None = None) -> mx.array:
+        """float32[B, S, S, 3] -> float[B, N, D] (with `adapter`'s vision and connector
+        deltas); rows seen before come from the cache, keyed by pixels and adapter."""
+        return self._features(pixel_values, adapter)
+
+    def _features(self, pixel_values: np.ndarray, adapter) -> mx.array:
+        """`adapter`: one name (or None) for every row, or a list of them, one per row; the
+        rows not cached yet are encoded in one call, each with its own adapter."""
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(pixel_values)
+        slots = [self._bank.slot(a) if self._bank is not None else _no_adapters(a) for a in names]
+        keys = [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() + ("" if a is None else "|" + a)
+                for p, a in zip(pixel_values, names)]
+        missing = [i for i, k in enumerate(keys) if k not in self._vision_cache and k not in keys[:i]]
         if missing:
             self.vision_calls += 1
+            self._route([slots[i] for i in missing])
             feats = self.model.encode_image(mx.array(pixel_values[missing]))
             mx.eval(feats)
             for j, i in enumerate(missing):
@@ -100,18 +175,72 @@ class PaliGemma:
         return self.processor(images, prompts)
 
     @serialized
-    def logits(self, image: ImageInput, prompt: str) -> np.ndarray:
+    def logits(self, image: ImageInput, prompt: str, *, adapter: str | None = None) -> np.ndarray:
         """float32[V] next-token logits after the prompt (for parity checks)."""
         inp = self.prepare([image], [prompt])
         check_context(int(inp.valid.sum()), 0, context_length(self.config), self.config.num_image_tokens)
-        feats = self.image_features(inp.pixel_values)
+        feats = self._features(inp.pixel_values, adapter)
+        self._route([self._bank.slot(adapter) if self._bank is not None else 0])
         out = self.model(mx.array(inp.input_ids), image_features=feats, last_only=True)
         return np.array(out[0, -1].astype(mx.float32))
 
-    # -- generation: thin calls onto pg_edge.generate's layers ----------------------------
-    def _start(self, images: Sequence[ImageInput], prompts: Sequence[str], max_tokens: int):
-        """Inputs and image features for a generation, timed; resets the peak-memory count.
-        What does not fit the context is refused here, before any compute."""
+    # -- generation: requests into the running batch (pg_edge.batching) ----------------------
+    def _request(self, image: ImageInput, prompt: str, max_tokens: int, sampling, settings,
+                 adapter, cancel) -> Request:
+        """One generation's inputs, checked and prepared: what does not fit the context, or
+        names no loaded adapter, is refused here, before any compute."""
+        sampling = Sampling.of(sampling, **settings)
+        max_tokens = check_max_tokens(max_tokens)
+        self._check_adapter(adapter)
+        inp = self.prepare([image], [prompt])
+        check_context(int(inp.valid.sum()), max_tokens, context_length(self.config), self.config.num_image_tokens)
+        ids = inp.input_ids[0][inp.valid[0]]
+        return Request(ids, inp.pixel_values[0], adapter, sampling, max_tokens, cancel)
+
+    def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
+               sampling: Sampling | None = None, adapter: str | None = None, cancel=None,
+               **settings) -> Iterator[Chunk]:
+        """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
+        `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
+        seed); default greedy. `adapter`: a loaded adapter's name (None: the base alone).
+        `cancel`: a threading.Event; setting it ends this generation ("cancelled").
+        From another thread than the worker the iterator is a pg_edge.batching.RowStream:
+        `.cancel()` ends the generation early (the last chunk still comes), `.close()` drops it.
+        Concurrent calls decode together (see the module docstring)."""
+        # Prepared on the worker, as every call's inputs are (one thread's allocator: big images
+        # from many callers do not each leave their own heap behind).
+        req = self._worker.call(self._request, image, prompt, max_tokens, sampling, settings, adapter, cancel)
+        if self._worker.on_worker():
+            return run_alone(self, req)
+        return self._scheduler.submit(req)
+
+    def generate(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
+                 sampling: Sampling | None = None, adapter: str | None = None, cancel=None,
+                 **settings) -> GenerationResult:
+        """Run to eos or max_tokens; returns text, token ids, timings and peak memory."""
+        stream = self.stream(image, prompt, max_tokens=max_tokens, sampling=sampling, adapter=adapter,
+                             cancel=cancel, **settings)
+        try:
+            for chunk in stream:
+                if chunk.result is not None:
+                    return chunk.result
+        except BaseException:
+            getattr(stream, "close", lambda: None)()
+            raise
+        raise PgEdgeError("the generation ended without a result")
+
+    @serialized
+    def generate_batch(self, images: Sequence[ImageInput], prompts: Sequence[str], *, max_tokens: int = 256,
+                       sampling: Sampling | None = None, adapter=None, **settings) -> list[GenerationResult]:
+        """Several (image, prompt) pairs at once, as one fixed batch; prompts of different
+        lengths are left-padded. `adapter`: one name for every row, or a list (one per row).
+        Greedy results equal running each pair alone."""
+        sampling = Sampling.of(sampling, **settings)
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(images)
+        if len(names) != len(images):
+            raise PgEdgeError(f"{len(names)} adapters for {len(images)} images")
+        for name in names:
+            self._check_adapter(name)
         max_tokens = check_max_tokens(max_tokens)
         inp = self.prepare(images, prompts)
         context = context_length(self.config)
@@ -119,43 +248,11 @@ class PaliGemma:
             check_context(int(n), max_tokens, context, self.config.num_image_tokens)
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        feats = self.image_features(inp.pixel_values)
+        feats = mx.concatenate([self._features(inp.pixel_values[i:i + 1], name) for i, name in enumerate(names)])
         valid = None if inp.valid.all() else mx.array(inp.valid)
-        return mx.array(inp.input_ids), feats, valid, time.perf_counter() - t0
-
-    @serialized_stream
-    def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
-               sampling: Sampling | None = None, **settings) -> Iterator[Chunk]:
-        """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
-        `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
-        seed); default greedy. From another thread than the worker the iterator is a
-        pg_edge.worker.WorkerStream: `.cancel()` ends the generation early (the last chunk still
-        comes), `.close()` drops it."""
-        sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
-        yield from stream_generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                                   max_tokens=max_tokens, vision_seconds=vision_s,
-                                   should_stop=self._worker.cancelled)
-
-    @serialized
-    def generate(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
-                 sampling: Sampling | None = None, **settings) -> GenerationResult:
-        """Run to eos or max_tokens; returns text, token ids, timings and peak memory."""
-        sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start([image], [prompt], max_tokens)
-        return generate(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                        max_tokens=max_tokens, vision_seconds=vision_s,
-                        should_stop=self._worker.cancelled)
-
-    @serialized
-    def generate_batch(self, images: Sequence[ImageInput], prompts: Sequence[str], *, max_tokens: int = 256,
-                       sampling: Sampling | None = None, **settings) -> list[GenerationResult]:
-        """Several (image, prompt) pairs at once; prompts of different lengths are left-padded.
-        Greedy results equal running each pair alone."""
-        sampling = Sampling.of(sampling, **settings)
-        ids, feats, valid, vision_s = self._start(images, prompts, max_tokens)
-        return generate_batch(self.model, self.tokenizer, ids, feats, valid=valid, sampling=sampling,
-                              max_tokens=max_tokens, vision_seconds=vision_s,
+        self._route([self._bank.slot(n) if self._bank is not None else 0 for n in names])
+        return generate_batch(self.model, self.tokenizer, mx.array(inp.input_ids), feats, valid=valid,
+                              sampling=sampling, max_tokens=max_tokens, vision_seconds=time.perf_counter() - t0,
                               should_stop=self._worker.cancelled)
 
     # -- tasks (pg_edge.tasks.calls): prompts in the official forms, outputs parsed ------------
@@ -175,18 +272,27 @@ class PaliGemma:
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
-        # On the worker as a whole: the mask decoder's MLX work is serialised with the rest.
-        return self._worker.call(calls.segment, self, image, objects, vae=vae, **gen)
+        # The generation joins the batch like any other; the mask decoder runs on the worker.
+        decoder = self._worker.call(calls.find_vae, self, vae)  # a missing one fails fast
+        return calls.segment(self, image, objects, vae=decoder, masks=self._worker.call, **gen)
+
+
+def _no_adapters(adapter) -> int:
+    if adapter is not None:
+        raise PgEdgeError(f"no adapter named {adapter!r} (adapters: none loaded)")
+    return 0
 
 
 KV_BITS = (None, 8)  # `load(kv_bits=)`: the float cache, or mlx-lm's 8-bit one
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
-         adapters: str | os.PathLike | None = None, attention: str = "window",
-         kv_bits: int | None = None) -> PaliGemma:
+         adapters: "str | os.PathLike | dict | None" = None, attention: str = "window",
+         max_batch: int = 8, kv_bits: int | None = None) -> PaliGemma:
     """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id);
-    `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top;
+    `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top, or
+    {name: folder} of LoRA adapters loaded by name on the shared base (pick one per call with
+    `adapter=name`); `max_batch`: how many concurrent generations decode together;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
     see pg_edge.model.masks.ATTENTION_MODES. `kv_bits`: 8 keeps generation's KV cache quantized
@@ -201,9 +307,18 @@ def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
     model.set_attention(attention)
     model.kv_bits = kv_bits
-    if adapters is not None:
+    named = adapters if isinstance(adapters, dict) else {}
+    if adapters is not None and not isinstance(adapters, dict):
         from .adapters import load_adapters
 
         load_adapters(model, adapters)
         model.eval()
-    return PaliGemma(model, config, tokenizer, folder)
+    pg = PaliGemma(model, config, tokenizer, folder, max_batch=max_batch)
+    pg.max_batch = max_batch  # checked
+    try:
+        for name, where in named.items():
+            pg.add_adapter(name, where)
+    except BaseException:
+        pg.close()
+        raise
+    return pg

@@ -193,6 +193,16 @@ class ModelWorker:
             return make_gen()
         return WorkerStream(self._submit(make_gen, streaming=True))
 
+    def post(self, fn: Callable) -> None:
+        """Queue fn() on the worker without waiting for it (its result and errors are dropped:
+        fn handles its own). Raises PgEdgeError once the worker is closed."""
+        self._submit(fn, streaming=False)
+
+    def others_waiting(self) -> bool:
+        """On the worker: do other jobs wait in its queue (a long job may hand over)?"""
+        carrier = self._carrier
+        return carrier is not None and not carrier.jobs.empty()
+
     def cancel(self) -> bool:
         """Ask the running job to stop; True if there was one. Queued jobs still run."""
         carrier = self._carrier

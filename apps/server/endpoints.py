@@ -1,10 +1,15 @@
 """The endpoints of `pg-edge serve`, each a function of the connection's Handler.
 
     GET  /health                  {"status": "ok", "model", "busy", "waiting", "rejected", "pixels_held"}
-    GET  /v1/models               the one model this server runs
+    GET  /v1/models               the served base model, then every adapter loaded on it
     POST /v1/chat/completions     OpenAI chat format (apps/server/openai_format.py); stream: true = SSE
     POST /v1/detect, /v1/segment  {"image": data URL, "objects": "cat ; dog", ...} -> the JSON of
                                   `pg-edge detect/segment --json` (pg_edge.tasks.calls.to_json)
+
+A request's `model` picks the base (the served name, or none given) or an adapter by its name
+(`pg-edge serve --adapter NAME=DIR`); another name is a 404 in OpenAI's error format. Up to
+`--max-batch` requests generate at once, in one batch (pg_edge/batching.py), each with its own
+adapter; one client hanging up cancels its own row only.
 
 A request's image is fetched and its header read in the connection's thread (a bad one is a
 400 at once); it is decoded only once the Gate has admitted the request and holds its pixels
@@ -22,17 +27,17 @@ from contextlib import contextmanager
 from .gate import ClientGone, shutting_down
 from .images import decode, header_pixels, image_bytes
 from .openai_format import (ApiError, StopMatcher, bad, chunk, completion, finish_reason,
-                            generation_settings, models_list, new_id, parse_chat, usage)
+                            generation_settings, models_list, new_id, parse_chat, pick_model, usage)
 
 
 def health(h) -> None:
     gate = h.server.gate
-    h.send_json(200, {"status": "ok", "model": h.server.model_id, "busy": gate.running,
-                       "waiting": gate.waiting, "rejected": gate.rejected, "pixels_held": gate.pixels_held})
+    h.send_json(200, {"status": "ok", "model": h.server.model_id, "busy": gate.running > 0,
+                       "running": gate.running, "waiting": gate.waiting, "rejected": gate.rejected, "pixels_held": gate.pixels_held})
 
 
 def models(h) -> None:
-    h.send_json(200, models_list(h.server.model_id, h.server.created))
+    h.send_json(200, models_list(h.server.model_id, h.server.created, h.server.pg.adapters))
 
 
 @contextmanager
@@ -62,19 +67,19 @@ def cut(srv, tokens: int) -> ApiError:
 
 def chat(h) -> None:
     srv = h.server
-    req = parse_chat(h.read_json(), srv.model_id, srv.max_tokens)
+    req = parse_chat(h.read_json(), srv.model_id, srv.max_tokens, srv.pg.adapters)
     cid = new_id()
     pieces: list[str] = []
 
     def start_stream():  # at the first piece: an error before it still gets a status code
         if not h.streaming:
             h.start_stream()
-            h.event(chunk(cid, srv.model_id, {"role": "assistant", "content": ""}))
+            h.event(chunk(cid, req.model, {"role": "assistant", "content": ""}))
 
     def emit(text: str) -> None:
         if req.stream:
             start_stream()
-            h.event(chunk(cid, srv.model_id, {"content": text}))
+            h.event(chunk(cid, req.model, {"content": text}))
         else:
             pieces.append(text)
 
@@ -88,12 +93,12 @@ def chat(h) -> None:
     use = usage(result.prompt_tokens, len(result.tokens))
     if req.stream:
         start_stream()
-        h.event(chunk(cid, srv.model_id, {}, finish))
+        h.event(chunk(cid, req.model, {}, finish))
         if req.include_usage:
-            h.event(chunk(cid, srv.model_id, None, use=use))
+            h.event(chunk(cid, req.model, None, use=use))
         h.event("[DONE]")
     else:
-        h.send_json(200, completion(cid, srv.model_id, "".join(pieces), finish, use))
+        h.send_json(200, completion(cid, req.model, "".join(pieces), finish, use))
 
 
 def _run(h, req, image, emit, entry):
@@ -134,16 +139,17 @@ def _vision_task(h, task: str) -> None:
     body = h.read_json()
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    if body.get("model") not in (None, srv.model_id):
-        raise ApiError(404, f"the model '{body['model']}' does not exist; this server runs "
-                       f"'{srv.model_id}'", param="model", code="model_not_found")
+    _, adapter = pick_model(body, srv.model_id, srv.pg.adapters)
     objects = body.get("objects")
     if not (isinstance(objects, str) or isinstance(objects, list)
             and all(isinstance(o, str) for o in objects)):
         raise bad("'objects' must be a string like \"cat ; dog\" or a list of names", "objects")
     gen = generation_settings(body, srv.max_tokens)
+    if adapter is not None:
+        gen["adapter"] = adapter
     decoder = srv.mask_decoder() if task == "segment" else None  # a missing VAE fails fast
     with generation(h, body.get("image"), "image") as (image, entry), _cancel_on_hangup(h) as watch:
+        gen["cancel"] = watch["cancel"]
         if task == "detect":
             result = srv.pg.detect(image, objects, **gen)
         else:
@@ -158,15 +164,16 @@ def _vision_task(h, task: str) -> None:
 
 @contextmanager
 def _cancel_on_hangup(h):
-    """While a blocking task call runs: poll the client and cancel the generation if it left
-    (yields a dict whose "gone" says whether it did)."""
-    done, state = threading.Event(), {"gone": False}
+    """While a blocking task call runs: poll the client and, if it left, set the event its
+    generation was given (yields a dict: "cancel" that event, "gone" whether the client left).
+    Only this request's row stops; the others in the batch go on."""
+    done, state = threading.Event(), {"gone": False, "cancel": threading.Event()}
 
     def watch():
         while not done.wait(0.05):
             if h.gone():
                 state["gone"] = True
-                h.server.pg.cancel()
+                state["cancel"].set()
                 return
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -1,7 +1,7 @@
-"""Admission: one generation at a time, a bounded line of waiting requests, a budget of decoded
-pixels shared by all of them, never a hang.
+"""Admission: up to `capacity` generations at a time (the model's batch, `--max-batch`), a
+bounded line of waiting requests, a budget of decoded pixels shared by all of them, never a hang.
 
-    gate = Gate(queue_size=8, wait_timeout=120, pixel_budget=100_000_000)
+    gate = Gate(queue_size=8, wait_timeout=120, pixel_budget=100_000_000, capacity=4)
     with gate.slot(gone=client_hung_up, pixels=w * h, prepare=decode) as image:
         ...generate...          # the model is this request's; `image` is what decode() returned
 
@@ -48,11 +48,13 @@ class _Ticket:
 
 
 class Gate:
-    def __init__(self, queue_size: int = 8, wait_timeout: float = 120.0, pixel_budget: int = 100_000_000):
+    def __init__(self, queue_size: int = 8, wait_timeout: float = 120.0, pixel_budget: int = 100_000_000,
+                 capacity: int = 1):
         self.queue_size, self.wait_timeout, self.pixel_budget = queue_size, wait_timeout, pixel_budget
+        self.capacity = capacity  # requests that hold the model at once (rows of its batch)
         self._cond = threading.Condition()
         self._line: collections.deque[_Ticket] = collections.deque()
-        self.running = False
+        self.running = 0
         self.rejected = 0
         self.pixels_held = 0
         self.closed = False
@@ -106,7 +108,7 @@ class Gate:
                 raise ApiError(413, f"the image has {pixels:,} pixels; this server decodes at most "
                                f"{self.pixel_budget:,} at once (pg-edge serve --pixel-budget)",
                                code="image_too_large")
-            if len(self._line) + self.running > self.queue_size:
+            if len(self._line) + max(0, self.running - self.capacity + 1) > self.queue_size:
                 self.rejected += 1
                 raise busy(f"the server is busy ({len(self._line)} requests waiting for the "
                            f"model, limit {self.queue_size}); retry later")
@@ -121,9 +123,10 @@ class Gate:
                 self._cond.notify_all()  # the next in line may hold its pixels too
             value = prepare()
             with self._cond:
-                self._wait(lambda: not self.running and self._line[0] is ticket, deadline, gone)
+                self._wait(lambda: self.running < self.capacity and self._line[0] is ticket, deadline, gone)
                 self._line.popleft()
-                self.running = True
+                self.running += 1
+                self._cond.notify_all()  # the next in line may take a free row too
         except BaseException:
             with self._cond:
                 if ticket in self._line:
@@ -136,6 +139,6 @@ class Gate:
             yield value
         finally:
             with self._cond:
-                self.running = False
+                self.running -= 1
                 self.pixels_held -= pixels
                 self._cond.notify_all()

@@ -2,8 +2,8 @@
 its connections bounded, and a shutdown that answers everyone.
 
 Each connection gets a thread running apps/server/handler.py (the HTTP side) and
-apps/server/endpoints.py (the routes); the model runs one generation at a time behind a Gate
-(apps/server/gate.py: a bounded line and a budget of decoded pixels).
+apps/server/endpoints.py (the routes); the model runs up to `max_batch` generations at once, in
+one batch, behind a Gate (apps/server/gate.py: a bounded line and a budget of decoded pixels).
 
 Connections: at most `max_connections` at once. When a new one arrives and all are taken, the
 connection that has waited longest for its next request (an idle keep-alive one) or for the
@@ -64,12 +64,14 @@ class PgEdgeServer(ThreadingHTTPServer):
                  queue_timeout: float = 120.0, image_policy: ImagePolicy | None = None,
                  vae=None, verbose: bool = False, max_connections: int = 64,
                  pixel_budget: int = 100_000_000, allowed_hosts=(), request_timeout: float = 30.0,
-                 idle_timeout: float = 30.0, write_timeout: float = 30.0):
+                 idle_timeout: float = 30.0, write_timeout: float = 30.0, max_batch: int | None = None):
         self.pg, self.model_id, self.api_key, self.vae = pg, model_id, api_key, vae
         self.max_body_bytes, self.max_tokens, self.verbose = max_body_bytes, max_tokens, verbose
         self.request_timeout, self.idle_timeout, self.write_timeout = request_timeout, idle_timeout, write_timeout
         self.image_policy = image_policy or ImagePolicy(max_bytes=max_body_bytes)
-        self.gate = Gate(queue_size, queue_timeout, pixel_budget)
+        if max_batch is not None:  # requests generating at once, in one batch (pg.max_batch)
+            pg.max_batch = max_batch
+        self.gate = Gate(queue_size, queue_timeout, pixel_budget, capacity=pg.max_batch)
         self.hosts = HostPolicy(address[0], allowed_hosts)
         self.routes = ROUTES
         self.history: collections.deque = collections.deque(maxlen=64)

@@ -123,14 +123,25 @@ def _url(part: dict) -> str:
     return url["url"] if isinstance(url, dict) else url
 
 
-def parse_chat(body, model_id: str, max_tokens_limit: int) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raise ApiError (400/404) naming the field."""
+def pick_model(body: dict, model_id: str, adapters=()) -> tuple[str, str | None]:
+    """The request's `model`: the served base (or none given) -> (model_id, None); an adapter's
+    name -> (name, name); anything else: 404 model_not_found, as OpenAI answers it."""
+    model = body.get("model")
+    if model is None or model == model_id:
+        return model_id, None
+    if isinstance(model, str) and model in adapters:
+        return model, model
+    names = ", ".join(f"'{n}'" for n in (model_id, *adapters))
+    raise ApiError(404, f"the model '{model}' does not exist; this server runs {names}",
+                   param="model", code="model_not_found")
+
+
+def parse_chat(body, model_id: str, max_tokens_limit: int, adapters=()) -> ChatRequest:
+    """Validate a /v1/chat/completions body; raise ApiError (400/404) naming the field.
+    `adapters`: the adapter names a request's `model` may pick (gen["adapter"])."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise ApiError(404, f"the model '{model}' does not exist; this server runs '{model_id}'",
-                       param="model", code="model_not_found")
+    model, adapter = pick_model(body, model_id, adapters)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
@@ -168,8 +179,10 @@ def parse_chat(body, model_id: str, max_tokens_limit: int) -> ChatRequest:
                   "'caption en'", f"messages[{last_user[0]}].content")
     if image_url is None:
         raise bad("no image in the messages: PaliGemma needs one image_url part", "messages")
-    return ChatRequest(model_id, prompt, image_url, stream, include_usage,
-                       _stops(body), generation_settings(body, max_tokens_limit))
+    gen = generation_settings(body, max_tokens_limit)
+    if adapter is not None:
+        gen["adapter"] = adapter
+    return ChatRequest(model, prompt, image_url, stream, include_usage, _stops(body), gen)
 
 
 class StopMatcher:
@@ -238,6 +251,9 @@ def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None,
     return out
 
 
-def models_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                        "owned_by": "pg_edge"}]}
+def models_list(model_id: str, created: int, adapters=()) -> dict:
+    """The served base, then every adapter on it (`parent`: the base's id)."""
+    base = [{"id": model_id, "object": "model", "created": created, "owned_by": "pg_edge"}]
+    return {"object": "list", "data": base + [
+        {"id": name, "object": "model", "created": created, "owned_by": "pg_edge", "parent": model_id}
+        for name in adapters]}

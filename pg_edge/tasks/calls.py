@@ -114,18 +114,20 @@ def find_vae(pg, vae=None):
     return load_mask_decoder(vae)
 
 
-def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, **gen) -> TaskResult:
+def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, masks=None, **gen) -> TaskResult:
     """`segment a ; b`: a box and a bool[H, W] mask per found instance.
 
     vae: a MaskDecoder, a path to one (made by `pg-edge convert-vae`), or None for
     `vae.safetensors` in the model folder. It is loaded before generating, so a missing
-    decoder fails fast.
+    decoder fails fast. masks: how to call the mask decoding (`masks(fn, *args)`; PaliGemma
+    passes its worker's `call`, so the decoder's MLX work runs with the model's).
     """
     from ..model.vae import add_masks
 
     decoder = find_vae(pg, vae)
     result = _object_task(pg, "segment", image, prompts.segment(objects), gen)
-    result.objects = add_masks(result.objects, decoder, result.image_size)
+    run = masks or (lambda fn, *args: fn(*args))
+    result.objects = run(add_masks, result.objects, decoder, result.image_size)
     return result
 
 

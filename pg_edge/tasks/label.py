@@ -22,6 +22,10 @@ image folder (nor inside it or around it), and an existing file that pg-edge lab
 write is never replaced, even with --force (`check_label_output`). Unreadable images are
 skipped with a reason; detections whose label is not one of the requested names go to
 `pg_edge.unmatched` instead of `annotations`.
+
+Images run in batches of `pg.max_batch`: each batch's generations are asked for at once (from a
+small thread pool) and decode together (pg_edge/batching.py); results are recorded in file
+order, so a resumed run starts after the last image recorded.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -240,31 +245,58 @@ def label_folder(pg, folder, objects, output, *, segment: bool = False, vae=None
             meta["skipped"].append({"file": name, "reason": valid_text(f"cannot read folder: {reason}")})
             counts["skipped"] += 1
     t0 = last_save = time.perf_counter()
-    try:
-        for i, path in enumerate(files, 1):
-            name = json_name(path, folder)
-            try:
-                image = load_image(path)
-            except PgEdgeError as err:
-                reason = valid_text(str(err))
-                meta["skipped"].append({"file": name, "reason": reason})
-                counts["skipped"] += 1
-                print(f"\nskipped {name}: {reason}" if sys.stderr.isatty() else f"skipped {name}: {reason}",
-                      file=sys.stderr)
-                _progress(i, len(files), name, "skipped", t0, quiet)
-                continue
-            if segment:
-                result = calls.segment(pg, image, names, vae=decoder, **(gen or {}))
-            else:
-                result = calls.detect(pg, image, names, **(gen or {}))
-            n = _add(coco, name, result, raw_name(path, folder))
-            meta["done"].append(name)
-            counts["images"] += 1
-            counts["annotations"] += n
-            _progress(i, len(files), name, f"{n} object{'s' * (n != 1)}", t0, quiet)
-            if time.perf_counter() - last_save > SAVE_EVERY_S:
-                save_atomic(coco, out)
-                last_save = time.perf_counter()
-    finally:
-        save_atomic(coco, out)  # also on Ctrl-C: the next run resumes from here
+    size = max(1, getattr(pg, "max_batch", 1))
+    jobs: list = []
+    with ThreadPoolExecutor(max_workers=size, thread_name_prefix="pg_edge-label") as pool:
+        try:
+            for start in range(0, len(files), size):
+                # A batch of images at once: their generations decode together (pg_edge.batching);
+                # the results are written in file order, so a resume starts after the last one.
+                chunk = list(enumerate(files[start:start + size], start + 1))
+                jobs = [pool.submit(_label_one, pg, path, names, segment, decoder, gen or {}) for _, path in chunk]
+                for (i, path), job in zip(chunk, jobs):
+                    name = json_name(path, folder)
+                    try:
+                        result = job.result()
+                    except _Unreadable as err:
+                        reason = valid_text(str(err))
+                        meta["skipped"].append({"file": name, "reason": reason})
+                        counts["skipped"] += 1
+                        print(f"\nskipped {name}: {reason}" if sys.stderr.isatty() else f"skipped {name}: {reason}",
+                              file=sys.stderr)
+                        _progress(i, len(files), name, "skipped", t0, quiet)
+                        continue
+                    n = _add(coco, name, result, raw_name(path, folder))
+                    meta["done"].append(name)
+                    counts["images"] += 1
+                    counts["annotations"] += n
+                    _progress(i, len(files), name, f"{n} object{'s' * (n != 1)}", t0, quiet)
+                    if time.perf_counter() - last_save > SAVE_EVERY_S:
+                        save_atomic(coco, out)
+                        last_save = time.perf_counter()
+        except BaseException:
+            for job in jobs:  # Ctrl-C or an error: the batch's other generations are not waited for
+                job.cancel()
+            if hasattr(pg, "cancel"):
+                pg.cancel()
+            raise
+        finally:
+            save_atomic(coco, out)  # also on Ctrl-C: the next run resumes from here
     return counts
+
+
+class _Unreadable(PgEdgeError):
+    """An image file that cannot be read: skipped and recorded, the run goes on."""
+
+
+def _label_one(pg, path: Path, names: list[str], segment: bool, decoder, gen: dict):
+    """One image's detect / segment result (run in the labeling pool's threads)."""
+    try:
+        image = load_image(path)
+    except PgEdgeError as err:
+        raise _Unreadable(str(err)) from None
+    if segment:
+        if hasattr(pg, "segment"):  # PaliGemma: the mask decoder runs on the model's worker
+            return pg.segment(image, names, vae=decoder, **gen)
+        return calls.segment(pg, image, names, vae=decoder, **gen)
+    return calls.detect(pg, image, names, **gen)

@@ -74,11 +74,12 @@ def is_shutdown_error(obj) -> bool:
                                                  (signal.SIGTERM, False)])
 def test_a_signal_with_requests_queued_answers_everyone_and_exits_cleanly(converted, tmp_path, sig,
                                                                            running_streams):
-    """1 running (streamed, or not) + 3 queued requests, then SIGTERM / Ctrl-C: every client gets
+    """1 running (streamed, or not) + 3 queued requests (--max-batch 1: they wait in line rather
+    than join the batch), then SIGTERM / Ctrl-C: every client gets
     an answer, the cut one is not reported complete, the exit is 143 / 0, never an abort."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", "serve", str(converted(version=1)), "--port", "0",
-                             "--max-tokens", str(LONG)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                             "--max-tokens", str(LONG), "--max-batch", "1"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))
         out, started = {}, threading.Event()
@@ -130,7 +131,8 @@ def test_a_signal_with_requests_queued_answers_everyone_and_exits_cleanly(conver
 @pytest.fixture(scope="module")
 def long_server(converted):
     pg = pg_edge.load(converted(version=1))
-    srv = make_server(pg, "127.0.0.1", 0, model_id="tiny", max_tokens=LONG, queue_size=4, queue_timeout=30)
+    srv = make_server(pg, "127.0.0.1", 0, model_id="tiny", max_tokens=LONG, queue_size=4, queue_timeout=30,
+                      max_batch=1)  # one request holds the model: the others wait in the line
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()

@@ -54,8 +54,32 @@ def add_parser(sub) -> None:
     p.add_argument("--attention", choices=["window", "global"], default="window",
                    help="PaliGemma 2's sliding-window layers past 4096 tokens (896 px): window "
                    "(default, as transformers) or global (as big_vision, which trained them)")
+    p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=[],
+                   help="a LoRA adapters folder (`pg-edge finetune --export adapters`) served on the "
+                   "same base under NAME: a request's \"model\": NAME picks it; repeatable")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generating at once, in one batch (default 8; 1: one at a time)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     p.set_defaults(func=run)
+
+
+def adapter_args(pairs: list[str], base: str) -> dict:
+    """--adapter NAME=DIR values -> {NAME: DIR}, checked before the model loads."""
+    from pg_edge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
+    from pg_edge.errors import PgEdgeError
+
+    out: dict = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise PgEdgeError(f"--adapter takes NAME=DIR, got {pair!r}")
+        if name in out or name == base:
+            raise PgEdgeError(f"--adapter {name}: the name is taken (by {'the base model' if name == base else 'another --adapter'})")
+        missing = [f for f in (ADAPTER_CONFIG, ADAPTER_FILE) if not (Path(folder).expanduser() / f).is_file()]
+        if missing:
+            raise PgEdgeError(f"--adapter {name}: {folder} is not an adapters folder (no {' or '.join(missing)})")
+        out[name] = Path(folder).expanduser()
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -71,6 +95,22 @@ def model_id(model: str) -> str:
     """The id clients use: a folder's name as typed (pg2-3b-224), or the hub id itself."""
     path = Path(model).expanduser()
     return path.name if path.exists() else model
+
+
+def _few_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena, and a freed image buffer
+    stays in the arena of the thread that freed it: with images decoded on connection threads
+    and resized on the worker, the server's peak memory grew with every thread that had held
+    one (docs/hardening.md, pixel budget). A few shared arenas keep the pixel budget a bound on
+    memory too. No-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,23 +134,31 @@ def run(args: argparse.Namespace) -> int:
         raise PgEdgeError(f"--allow-files: no such folder {args.allow_files}")
     if args.vae is not None and not Path(args.vae).is_file():
         raise PgEdgeError(f"mask decoder not found: {args.vae}")
+    if args.max_batch < 1:
+        raise PgEdgeError(f"--max-batch must be positive, got {args.max_batch}")
+    name = args.model_name or model_id(args.model)
+    adapters = adapter_args(args.adapter, name)
 
     from pg_edge.pipeline import load
 
     from pg_edge.server import make_server
 
-    pg = load(args.model, attention=args.attention)
+    _few_malloc_arenas()
+
+    pg = load(args.model, attention=args.attention, adapters=adapters, max_batch=args.max_batch)
     try:
-        server = make_server(pg, args.host, args.port, model_id=args.model_name or model_id(args.model),
+        server = make_server(pg, args.host, args.port, model_id=name,
                              allow_remote_images=args.allow_remote_images, files_root=args.allow_files,
                              api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                              max_tokens=args.max_tokens, queue_size=args.queue_size,
                              queue_timeout=args.queue_timeout, vae=args.vae, verbose=args.verbose,
                              pixel_budget=args.pixel_budget, allowed_hosts=args.allowed_host,
-                             request_timeout=args.request_timeout)
+                             request_timeout=args.request_timeout, max_batch=args.max_batch)
     except OSError as err:
         raise PgEdgeError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
-    print(f"pg-edge serve: {server.model_id} on {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    also = f" + adapters {', '.join(pg.adapters)}" if pg.adapters else ""
+    print(f"pg-edge serve: {server.model_id}{also} on {server.url}, batches of up to {pg.max_batch} "
+          "(Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
