@@ -91,14 +91,23 @@ def test_python_snippet_runs(doc, index, code, capsys):
 
 def test_finetuning_walkthrough_runs(tmp_path):
     """docs/finetuning.md's walkthrough, block by block: bash blocks with bash (pg-edge is this
-    checkout's), Python blocks with python, `pg-edge serve` in the background on a free port."""
+    checkout's), Python blocks with python, each `pg-edge serve` in the background on a free port
+    (stopped when the next one starts). Checked: the adapters box what the base did not, the fused
+    model's server answers with "red" boxes, the two-adapter server lists both and each adapter
+    answers with its own name."""
+    from pg_edge.tasks.parse import parse_objects
+
     steps = walkthrough(ROOT / "docs" / "finetuning.md")
-    assert [lang for lang, _ in steps] == ["bash", "python", "bash", "bash", "python"]
+    assert [lang for lang, _ in steps] == ["bash", "python", "bash", "bash", "python",
+                                           "python", "bash", "bash", "python"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = None
+    server, outputs = None, []
     try:
         for lang, code in steps:
             if code.startswith("pg-edge serve "):
+                if server is not None:
+                    server.kill()
+                    server.wait()
                 argv = shlex.split(code.split("#")[0])
                 assert argv[-2:] == ["--port", "8080"]
                 server = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", *argv[1:-1], "0"], cwd=tmp_path,
@@ -112,11 +121,17 @@ def test_finetuning_walkthrough_runs(tmp_path):
             assert out.returncode == 0, (code, out.stderr[-2000:])
             if "--adapters run/adapters" in code:  # the fine-tune boxes what the base did not
                 assert out.stdout.count("red  [") >= 2, out.stdout
-        answer = out.stdout  # the openai client's reply: the fused fine-tune's boxes
-        from pg_edge.tasks.parse import parse_objects
-
-        objects = parse_objects(answer, (224, 224)).objects
-        assert len(objects) >= 2 and {o.label for o in objects} == {"red"}, answer
+            if lang == "python" and "OpenAI(" in code:
+                outputs.append(out.stdout)
+        fused, both = outputs
+        objects = parse_objects(fused, (224, 224)).objects
+        assert len(objects) >= 2 and {o.label for o in objects} == {"red"}, fused
+        listed, *answers = both.splitlines()
+        assert listed == "['demo', 'red', 'blue']"
+        for name, line in zip(("red", "blue"), answers):
+            assert line.startswith(name + " ")
+            objects = parse_objects(line[len(name) + 1:], (224, 224)).objects
+            assert len(objects) >= 2 and {o.label for o in objects} == {name}, line
     finally:
         if server is not None:
             server.kill()
@@ -130,6 +145,6 @@ def test_readme_labels_example_is_the_walkthroughs():
     walked = {line.split("  #")[0].strip() for lang, code in walkthrough(ROOT / "docs" / "finetuning.md")
               if lang == "bash" for line in code.splitlines()}
     commands = [line for line in shown.splitlines() if not line.startswith("#")]
-    assert len(commands) == 3
+    assert len(commands) == 4
     for line in commands:
         assert line.split("  #")[0].strip() in walked, line
