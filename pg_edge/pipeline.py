@@ -41,7 +41,6 @@ from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
 from .batching import Request, Scheduler, run_alone
-from .errors import PgEdgeError
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .checkpoint.folder import resolve
 from .checkpoint.loader import load_folder

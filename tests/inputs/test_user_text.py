@@ -61,8 +61,9 @@ def test_prompt_past_the_context_is_refused_before_any_compute(converted, sample
         raise AssertionError("computed before refusing")
 
     monkeypatch.setattr(pg, "image_features", boom)
-    for layer in ("generate", "stream_generate", "generate_batch"):
-        monkeypatch.setattr(pipeline, layer, boom)
+    monkeypatch.setattr(pg, "_features", boom)  # the vision tower, as batching calls it
+    monkeypatch.setattr(pg._scheduler, "submit", boom)  # a request into the running batch
+    monkeypatch.setattr(pipeline, "generate_batch", boom)
     long = "cat, " * 4500  # 9,000 tokens (plus 16 image tokens) > 8192
     with pytest.raises(PgEdgeError, match=r"the prompt is \d+ tokens \(16 of them image tokens\), past the "
                                           r"model's context of 8192 tokens"):

@@ -27,7 +27,7 @@ def served(converted, tmp_path, _sample_images_cache):
     """The README's `pg-edge serve pg2-3b-224 --port 8080`, on a free port: (port, folder)."""
     (tmp_path / "pg2-3b-224").symlink_to(converted(version=1))
     _sample_images_cache["chelsea"].resize((90, 60)).save(tmp_path / "cat.jpg")
-    command = readme_block("bash", "pg-edge serve").split("#")[0].split()
+    command = readme_block("bash", "pg-edge serve pg2-3b-224").split("#")[0].split()
     assert command[:3] == ["pg-edge", "serve", "pg2-3b-224"] and command[-2:] == ["--port", "8080"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "pg_edge.cli", *command[1:-1], "0"], cwd=tmp_path, env=env,
