@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 import pg_edge
@@ -25,15 +24,16 @@ FIGURE = Path(__file__).resolve().parents[2] / "docs" / "figures" / "desktop_det
 
 
 def scripted(token_ids, delay=0.0):
-    """A stand-in for pg_edge.generate.generate_step yielding fixed tokens (then nothing)."""
+    """A stand-in for pg_edge.batching.Batch._sample (what picks each row's next token, at
+    admission and at every decode step): fixed tokens, `delay` seconds each (then eos)."""
+    tokens = iter(token_ids)
 
-    def generate_step(model, input_ids, image_features, *, max_tokens=256, **_):
-        for t in token_ids[:max_tokens]:
-            if delay:
-                time.sleep(delay)
-            yield mx.array([t] * input_ids.shape[0]), None
+    def _sample(self, logits, rows):
+        if delay:
+            time.sleep(delay)
+        return [next(tokens, self.pg.tokenizer.eos_id) for _ in rows]
 
-    return generate_step
+    return _sample
 
 
 def pump(root, until, timeout=30.0):
@@ -106,7 +106,7 @@ def test_desktop_window(monkeypatch):
             # 3. Stop: a generation of 400 slow tokens (8 s; the demo model's context is 512)
             # ends when Stop is clicked.
             endless = (pg.tokenizer.encode(" circle") * 400)[:400]
-            monkeypatch.setattr("pg_edge.generate.generate_step", scripted(endless, delay=0.02))
+            monkeypatch.setattr("pg_edge.batching.Batch._sample", scripted(endless, delay=0.02))
             app.gen = {"max_tokens": len(endless)}
             click_widget(display, app.task_buttons["caption"])
             pump(root, lambda: app.task.get() == "caption")
