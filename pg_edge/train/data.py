@@ -7,7 +7,7 @@ Sources:
     folder        a folder holding `labels.jsonl` in that same form, images beside it or below.
 
 Every line is checked before any training starts (the file is JSON, the keys are there and are
-strings, the suffix is not empty, the image exists and is an image); all bad lines are reported
+strings, the image exists and is an image); all bad lines are reported
 at once, each by file and line number, as one `DataError`.
 
 One example becomes one row (big_vision's layout, and the one inference uses):
@@ -16,6 +16,9 @@ One example becomes one row (big_vision's layout, and the one inference uses):
     mask_ar   0 ...         0 ...              1 ...          0 ...     (0: bidirectional prefix)
     loss      0 ...         0 ...              1 ...          0 ...     (suffix + eos only)
     valid     1 ...         1 ...              1 ...          0 ...     (right padding)
+
+An empty suffix (or one of blanks) is a valid answer: "nothing here", as detection data says of an
+object that is not in the image. Its row trains the `<eos>` alone, predicted from the `"\n"`.
 
 Rows are right-padded, so every row's positions start at 0 at index 0.
 
@@ -91,8 +94,6 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
     wrong = [k for k in REQUIRED_KEYS if not isinstance(obj[k], str)]
     if wrong:
         return f"{', '.join(repr(k) for k in wrong)} must be a string"
-    if not obj["suffix"].strip():
-        return "empty suffix (nothing to learn)"
     if not obj["image"].strip():
         return "empty image path"
     path = Path(obj["image"]).expanduser()
@@ -155,7 +156,7 @@ class Dataset:
         self.suffixes: list[list[int]] = []
         for ex in self.examples:
             prompt = tokenizer.prompt_ids(ex.prefix, num_image_tokens)
-            suffix = tokenizer.suffix_ids(ex.suffix)
+            suffix = tokenizer.suffix_ids(ex.suffix if ex.suffix.strip() else "")  # "": <eos> alone
             if max_len is not None:
                 if len(prompt) >= max_len:
                     raise DataError(f"{ex.where}: the prompt alone is {len(prompt)} tokens "
