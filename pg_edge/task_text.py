@@ -82,6 +82,21 @@ def _check_text(what: str, text: str) -> str:
     return text
 
 
+def object_names(objects: str | Sequence[str]) -> list[str]:
+    """The names a detect/segment prompt asks for: "cat ; dog" or ["cat", "dog"] -> ["cat", "dog"]
+    (checked as in the prompt)."""
+    return _objects(objects).split(" ; ")
+
+
+def split_asked(objects: Sequence["DetectedObject"], names: Sequence[str]
+                ) -> tuple[list["DetectedObject"], list["DetectedObject"]]:
+    """(objects whose label is one of `names`, the others), each in output order; labels and
+    names compare with surrounding blanks dropped and case folded."""
+    wanted = {n.strip().casefold() for n in names}
+    asked = [o for o in objects if o.label.strip().casefold() in wanted]
+    return asked, [o for o in objects if o.label.strip().casefold() not in wanted]
+
+
 def _objects(objects: str | Sequence[str]) -> str:
     # A single string may already be "cat ; dog" (as typed on a command line).
     items = objects.split(";") if isinstance(objects, str) else list(objects)

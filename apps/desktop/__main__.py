@@ -1,8 +1,10 @@
-"""`python -m apps.desktop [MODEL] [--image cat.jpg] [--max-tokens 64] [--vae vae.safetensors]`"""
+"""`python -m apps.desktop [MODEL] [--image cat.jpg] [--max-tokens 96] [--vae vae.safetensors]`"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import MAX_TOKENS, defaults_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", default="demo",
                    help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
     p.add_argument("--image", default=None, help="image to open at start (default with demo: a sample)")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default 64)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"most tokens per answer (default {MAX_TOKENS}: three segment masks)")
     p.add_argument("--vae", default=None, help="mask decoder for segment (default: in the model folder)")
     args = p.parse_args(argv)
     try:
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except tk.TclError as err:
         print(f"cannot open a window: {err}", file=sys.stderr)
         return 2
-    App(root, model=args.model, image=image, gen={"max_tokens": args.max_tokens}, vae=args.vae)
+    App(root, model=args.model, image=image, gen={"max_tokens": args.max_tokens}, vae=args.vae,
+        defaults=defaults_for(args.model))
     root.mainloop()
     return 0
 
