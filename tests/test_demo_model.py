@@ -5,7 +5,8 @@ rebuilds it from the HF source in the repository, the README's commands on it, l
 Scores (pg_edge/demo/score.py) on the test split (seeds disjoint from training), 100 images,
 every prompt form (caption, count, detect one kind / two kinds / all three in a shuffled order,
 segment one kind / all three, a kind that is not in the image), generations batched; the float
-model on the first 50 (CI time), against the quantized model's scores on the same 50.
+model on the first 50 and the forms with a target (CI time), against the quantized model's
+scores on the same 50.
 Detection and segmentation match predictions to ground truth per kind, greedily by IoU, each
 ground-truth object at most once; an unmatched ground truth scores 0.
 """
@@ -39,7 +40,10 @@ N_FLOAT = 50  # the float model runs on the first half only (CI time); compared 
 # quantization falls far below them: a random or mis-converted model scores ~0 on all.
 TARGETS = {"caption": 0.90, "count": 0.95, "detect_single": 0.75, "segment_single": 0.70,
            "detect_all": 0.75, "absent": 0.95}
-# Float vs quantized "within noise": two images in fifty for the rates, 0.02 IoU.
+# The float model is scored on the forms with a target (CI time: pairs and three-kind masks are
+# the quantized model's alone). Float vs quantized "within noise": two images in fifty for the
+# rates, 0.02 IoU.
+FLOAT_FORMS = ("caption", "count", "detect_single", "detect_all", "segment_single", "absent")
 NOISE = {"caption": 0.04, "count": 0.04, "absent": 0.04, "detect_single": 0.02, "detect_pair": 0.02,
          "detect_all": 0.02, "segment_single": 0.02, "segment_all": 0.02}
 
@@ -79,7 +83,8 @@ def test_shipped_quantized_model_scores_every_prompt_form(quant_halves):
     s = quant_halves[0].merge(quant_halves[1])
     print("quantized:", s.as_dict(), "targets:", TARGETS)
     assert s.n_images >= 100 and sorted(s.scores) == sorted(score.FORMS)
-    assert s.counts["absent"] >= 60 and min(s.counts.values()) >= 100  # objects or images per form
+    # images (caption, count, absent: the images with a kind missing) or objects (IoU forms)
+    assert s.counts["absent"] >= 80 and all(n >= 100 for f, n in s.counts.items() if f != "absent")
     for name, target in TARGETS.items():
         assert s[name] >= target, (name, s[name])
 
@@ -87,10 +92,10 @@ def test_shipped_quantized_model_scores_every_prompt_form(quant_halves):
 def test_float_model_scores_as_well(rebuilt, test_samples, quant_halves):
     float_dir, _ = rebuilt
     pg = pg_edge.load(float_dir)
-    s = score.evaluate(pg, test_samples[:N_FLOAT], vae=demo.MODEL_DIR / "vae.safetensors")
+    s = score.evaluate(pg, test_samples[:N_FLOAT], vae=demo.MODEL_DIR / "vae.safetensors", forms=FLOAT_FORMS)
     print("float:", s.as_dict())
-    for name, noise in NOISE.items():
-        assert s[name] >= quant_halves[0][name] - noise, name
+    for name in FLOAT_FORMS:
+        assert s[name] >= quant_halves[0][name] - NOISE[name], name
 
 
 def _tensors(folder: Path) -> dict:

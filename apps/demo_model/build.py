@@ -117,12 +117,17 @@ def commands(stage: str, w: Path) -> list[list[str]]:
         return [py("apps.demo_model.seg_table", "--model", w / "hf_finetuned", "--vae", VAE_SOURCE, "-o",
                    w / "seg_table.json")]
     if stage == "retask":
-        t = r["retask"]
-        return [py("apps.demo_model.pretrain", "--tokenizer", w / "hf_finetuned", "--vae", w / "seg_table.json",
-                   "--init", w / "hf_finetuned", "-o", HF_SOURCE, "--steps", t["steps"], "--batch-size",
-                   t["batch_size"], "--lr", t["lr"], "--warmup", t["warmup"], "--smooth-loc", 0, "--single", 0,
-                   "--mix", t["mix"], "--prompts", t["prompts"], "--start-index", t["start_index"],
-                   "--save-every", 200, "--threads", 1, *(["--float32"] if t.get("float32") else []))]
+        out = []
+        for i, t in enumerate(r["retask"]):
+            last = i == len(r["retask"]) - 1
+            stop = ["--stop-at", t["stop_at"]] if "stop_at" in t else []
+            out.append(py("apps.demo_model.pretrain", "--tokenizer", w / "hf_finetuned", "--vae", w / "seg_table.json",
+                          "--init", w / ("hf_finetuned" if i == 0 else f"hf_retask{i}"),
+                          "-o", HF_SOURCE if last else w / f"hf_retask{i + 1}", "--steps", t["steps"], *stop,
+                          "--batch-size", t["batch_size"], "--lr", t["lr"], "--warmup", t["warmup"],
+                          "--smooth-loc", 0, "--single", 0, "--mix", t["mix"], "--prompts", t["prompts"],
+                          "--start-index", t["start_index"], "--save-every", 200, "--threads", 1))
+        return out
     if stage == "ship":
         q = r["quantize"]
         return [pg_edge("convert", HF_SOURCE, "-o", w / "float", "--dtype", r["convert"]["dtype"], "--force", "--quiet"),
