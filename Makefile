@@ -1,11 +1,13 @@
-# make demo: set up, then run the main job on the embedded default.
-# make test: set up, then run the test suite.
+# make demo: install the runtime alone (pip install -e .), then run the main job on the embedded
+#            default model. No test extras, no Debian packages.
+# make test: install everything (the test extras: torch, transformers, mlx-vlm, ...; the Debian
+#            packages of .ci/apt-packages.txt), then run the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 UNAME := $(shell uname -s)
 
-.PHONY: setup system-deps demo demo-model test clean
+.PHONY: setup runtime system-deps demo demo-model qmv test clean
 
 # Debian packages some tests and examples need (Xvfb for the desktop example, the C++ example's
 # libraries), one per line in .ci/apt-packages.txt; installed when missing (as root), else named.
@@ -21,6 +23,14 @@ ifeq ($(UNAME),Linux)
 	fi
 endif
 
+# The runtime: pg_edge and its dependencies (mlx, mlx-lm, numpy, pillow, sentencepiece, ...).
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# Everything the tests need besides: the runtime plus the test extras.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -30,17 +40,25 @@ ifeq ($(UNAME),Linux)
 	$(PIP) install -q torch==2.13.0
 endif
 	$(PIP) install -q -e ".[test]"
-	touch $@
+	touch $@ $(VENV)/.runtime
 
+runtime: $(VENV)/.runtime
 setup: system-deps $(VENV)/.installed
 
-demo: setup
+demo: runtime
 	$(PY) -m apps.demo
 
 # Rebuild the built-in demo model from scratch (tokenizer, VQ-VAE, pretraining, convert,
-# fine-tune, export, quantize): apps/demo_model/README.md. Not part of `make test`.
-demo-model: setup
+# fine-tune, export, quantize): apps/demo_model/README.md. Needs the test extras (torch), not
+# the Debian packages. Not part of `make test`.
+demo-model: $(VENV)/.installed
 	$(PY) -m apps.demo_model.build
+
+# The optional compiled quantized matvec for MLX's CPU backend (pg_edge/cpu/qmv): needs a C++
+# compiler and CMake; built into ~/.cache/pg_edge/qmv, loaded by pg_edge when there.
+qmv: runtime
+	$(PIP) install -q nanobind==3.1.0
+	$(PY) -m pg_edge.cpu.qmv build
 
 test: setup
 	$(PY) -m pytest

@@ -31,12 +31,12 @@ def annotate(image, text: str, lines: list[str], decoder=None):
     with `decoder` when given), and `lines` written in a strip below it."""
     from PIL import Image, ImageDraw
 
-    from pg_edge import task_text as tasks
-    from pg_edge.draw import draw_objects
-    from pg_edge.vae import add_masks
+    from pg_edge.tasks import parse
+    from pg_edge.tasks.draw import draw_objects
+    from pg_edge.model.vae import add_masks
 
     big = image.convert("RGB").resize((image.width * SCALE, image.height * SCALE), Image.NEAREST)
-    objects = tasks.parse_objects(text, big.size).objects  # boxes in the big picture's pixels
+    objects = parse.parse_objects(text, big.size).objects  # boxes in the big picture's pixels
     if decoder is not None:
         objects = add_masks(objects, decoder, big.size)
     drawn = draw_objects(big, objects)
@@ -51,9 +51,13 @@ def annotate(image, text: str, lines: list[str], decoder=None):
 def run(images: list[Path], out: Path) -> int:
     import pg_edge
     from pg_edge import demo
-    from pg_edge.processor import load_image
-    from pg_edge.model_tasks import find_vae
+    from pg_edge.inputs.images import load_image
+    from pg_edge.tasks.calls import find_vae
+    from pg_edge.checkpoint.output_check import inputs_overlap
 
+    for path in images:  # the pictures written are never one of those given
+        for kind in ("detect", "segment"):
+            inputs_overlap(out / f"{Path(path).stem}_{kind}.png", images)
     t0 = time.perf_counter()
     pg = pg_edge.load(demo.NAME)
     decoder = find_vae(pg)
@@ -95,8 +99,10 @@ def _parameters(pg) -> int:
     scale (its packed uint32 words hold several weights each)."""
     from mlx.utils import tree_flatten
 
+    from pg_edge.checkpoint.folder import quantization_section
+
     tensors = dict(tree_flatten(pg.model.parameters()))
-    group = (pg.config.raw.get("quantization") or {}).get("group_size", 64)
+    group = (quantization_section(pg.config.raw) or {}).get("group_size", 64)
     n = 0
     for k, v in tensors.items():
         if k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] + ".scales" in tensors:

@@ -41,7 +41,7 @@ def synthetic(model: str, layers: int, tokenizer_from: Path, out: Path, q4: bool
                             out / "float")
     if not q4:
         return folder
-    from quantize import quantize
+    from pg_edge.quantize import quantize
 
     quantize(folder, out / "q4", probes=0)
     return out / "q4"
@@ -70,9 +70,9 @@ def _random_folder(raw: dict, tokenizer_from: Path, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from pg_edge.folder import FolderWriter
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge.checkpoint.folder import FolderWriter
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     raw["text_config"].update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))
@@ -107,7 +107,7 @@ def bench(folder: Path, image: Path, prompt: str, max_tokens: int, runs: int) ->
         bundle = export_bundle(folder, Path(tmp) / "bundle", max_tokens=max(max_tokens, 256))
         size = sum(f.stat().st_size for f in bundle.iterdir()) / 1e6
         common = ["--image", str(image), "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"]
-        py_cmd = [sys.executable, "-m", "apps.cli", "run", str(folder), *common]
+        py_cmd = [sys.executable, "-m", "pg_edge.cli", "run", str(folder), *common]
         cc_cmd = [str(RUNNER), str(bundle), *common]
         py_runs, cc_runs = [], []
         for _ in range(runs):  # interleaved, so a busy moment hits both alike

@@ -7,7 +7,7 @@ The model is PaliGemma 2 3B-224 at its real widths (SigLIP 1152 / MLP 4304 padde
 the quantizer pads it, Gemma2 2304 / MLP 9216, 8 heads x 256, 4 kv heads, vocabulary 257216)
 with random weights, built in memory (PaliGemmaModel + nn.quantize: no files), quantized with
 the project's default recipe (decoder 4-bit; vision, connector, embeddings 8-bit; group 64),
-with LoRA rank 8 (pg_edge.train.modes, `lora` mode) and AdamW. The batch is the issue's: one
+with LoRA rank 8 (pg_edge.adapters, `lora` mode) and AdamW. The batch is the issue's: one
 224 px image (256 image tokens), "<bos>caption en\\n", 32 suffix tokens (eos included).
 
 Layer counts are cut (27 SigLIP -> --vision-layers, 26 decoder -> --text-layers) so the run
@@ -53,8 +53,8 @@ def build(vision_layers: int, text_layers: int, dtype_name: str):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from pg_edge.config import PaliGemmaConfig
-    from pg_edge.paligemma import PaliGemmaModel
+    from pg_edge.model.config import PaliGemmaConfig
+    from pg_edge.model.paligemma import PaliGemmaModel
 
     dtype = getattr(mx, dtype_name)
     model = PaliGemmaModel(PaliGemmaConfig.from_dict(config_raw(vision_layers, text_layers)))
@@ -74,14 +74,14 @@ def build(vision_layers: int, text_layers: int, dtype_name: str):
 def batch(image_tokens: int = 256, suffix: int = 32, seed: int = 0):
     import numpy as np
 
+    from pg_edge.model.masks import suffix_mask_ar
     from pg_edge.train.data import Batch
 
     rng = np.random.default_rng(seed)
     prompt = [257152] * image_tokens + [2, 4, 5, 6, 108]  # <image> x 256, <bos>, "caption en", "\n"
     ids = np.array([prompt + list(rng.integers(1000, 256000, suffix - 1)) + [1]], dtype=np.int32)
     T = ids.shape[1]
-    mask_ar = np.zeros((1, T), np.int32)
-    mask_ar[0, len(prompt):] = 1
+    mask_ar = suffix_mask_ar(len(prompt), T - len(prompt))[None]
     pixels = rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
     return Batch(ids, mask_ar, np.ones((1, T), bool), mask_ar.astype(bool), pixels, np.zeros(1, np.int64))
 
@@ -93,7 +93,7 @@ def measure(vision_layers: int, text_layers: int, dtype: str, freeze_vision: boo
     import mlx.optimizers as optim
 
     from pg_edge.train.loss import loss_inputs, weighted_loss
-    from pg_edge.train.modes import LoraSettings, ModeSpec, apply_mode, count_parameters
+    from pg_edge.adapters import LoraSettings, ModeSpec, apply_mode, count_parameters
 
     t0 = time.perf_counter()
     model = build(vision_layers, text_layers, dtype)

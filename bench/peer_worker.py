@@ -96,7 +96,7 @@ def run_mlx_lm(folder: str, tokens: int, prompt_tokens: int, repeat: int, warmup
 def convert(tool: str, hf: str, out: str, bits: int | None, recipe: str | None) -> dict:
     t0 = time.perf_counter()
     if tool == "pg_edge":
-        from apps.cli import main
+        from pg_edge.cli import main
 
         argv = ["convert", hf, "-o", out, "--force", "--quiet"]
         if bits:

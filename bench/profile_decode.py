@@ -62,7 +62,7 @@ def main() -> None:
         finally:
             setattr(cls, name, old)
 
-    from pg_edge import gemma
+    from pg_edge.model import gemma
 
     step_ms()
     whole = min(step_ms() for _ in range(3))

@@ -1,10 +1,10 @@
-"""The CPU kernel measurements behind pg_edge/backend.py, on this machine.
+"""The CPU kernel measurements behind pg_edge/cpu/products.py, on this machine.
 
     python bench/qmm_kernels.py [--rows 1] [--streams 2]
 
 For each weight shape (PaliGemma 2 3B's tied LM head, MLP and attention, and the narrow-deep
 bench's 64-wide head) and bit width: one `mx.quantized_matmul` with each activation / scale
-dtype pair, dequantize + dense GEMM, and pg_edge's own product (backend.cpu_quantized_product:
+dtype pair, dequantize + dense GEMM, and pg_edge's own product (products.cpu_quantized_product:
 float32 kernel, dense pieces, split over `--streams` CPU streams). Prints wall and process-CPU
 milliseconds per product; wall < CPU means the product ran on several cores at once.
 """
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     os.environ["PG_EDGE_CPU_STREAMS"] = str(a.streams)
-    from pg_edge import backend
+    from pg_edge.cpu import products
 
     mx.set_default_device(mx.cpu)
     print(f"{'weight':28s} {'bits':>4s} {'product':34s} {'wall ms':>9s} {'cpu ms':>9s}")
@@ -58,10 +58,10 @@ def main() -> None:
                 runs[f"quantized_matmul x {xd} scales {sd}"] = (
                     lambda x=x, ss=ss, bb=bb: mx.quantized_matmul(x, q, ss, bb, transpose=True, group_size=64, bits=bits))
             x = mx.random.normal((a.rows, k))
-            if n * k <= backend.DENSE_MAX_ELEMENTS:
+            if n * k <= products.DENSE_MAX_ELEMENTS:
                 runs["dequantize + GEMM float32"] = lambda: x @ mx.dequantize(q, s.astype(mx.float32),
                                                                                b.astype(mx.float32), group_size=64, bits=bits).T
-            runs[f"pg_edge ({a.streams} streams)"] = lambda: backend.cpu_quantized_product(lin, x)
+            runs[f"pg_edge ({a.streams} streams)"] = lambda: products.cpu_quantized_product(lin, x)
             for label, fn in runs.items():
                 wall, cpu = timed(fn, a.repeat)
                 print(f"{name:28s} {bits:4d} {label.replace('mlx.core.', ''):34s} {wall:9.2f} {cpu:9.2f}", flush=True)

@@ -4,7 +4,7 @@ beside the full-size size of the same mix: the evidence behind quantize.recipes.
     .venv/bin/python bench/quantize_recipes.py              # PG1 and PG2 fixtures, 6 probes
     .venv/bin/python bench/quantize_recipes.py --probes 3 --versions 1
 
-The fixtures are bench/fixtures/quantizable.py's random-weight PaliGemma 1 and 2 models (widths 64, so
+The fixtures are fixtures/quantizable.py's random-weight PaliGemma 1 and 2 models (widths 64, so
 every matrix can be quantized; SigLIP MLP 72, padded like the real 4304). Random weights are a
 pessimistic stand-in for trained ones, so read the numbers as a ranking, not as the quality a
 real checkpoint keeps. Sizes are bench/quantize_sizes.py's arithmetic for PaliGemma 2 3B-224.
@@ -19,12 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
+from fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
 from bench.quantize_sizes import config_raw, predicted_bytes  # noqa: E402
-from convert.hf import convert_hf  # noqa: E402
-from quantize import quantize  # noqa: E402
-from quantize.recipes import RECIPES, resolve_settings  # noqa: E402
+from pg_edge.convert.hf import convert_hf  # noqa: E402
+from pg_edge.quantize import quantize  # noqa: E402
+from pg_edge.quantize.recipes import RECIPES, resolve_settings  # noqa: E402
 
 # name -> resolve_settings arguments: the recipes, then all8 with one component at 4 bits
 # (which component's 4 bits cost the most quality), then the default at other group sizes.
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     full = config_raw("pg2-3b-224")
     bf16 = sum(predicted_bytes(full, None).values())
     with tempfile.TemporaryDirectory() as tmp:
-        from bench.fixtures.tokenizer import build_tokenizer
+        from fixtures.tokenizer import build_tokenizer
 
         tok = build_tokenizer(Path(tmp) / "tok")
         srcs = {}

@@ -26,36 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from pg_edge.folder import FolderWriter  # noqa: E402
-from pg_edge.config import PaliGemmaConfig  # noqa: E402
-from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
-from pg_edge.weights import component  # noqa: E402
-from quantize import QuantPlan, quantize  # noqa: E402
-from quantize.recipes import COMPONENTS, RECIPES, resolve_settings  # noqa: E402
+from pg_edge.checkpoint.folder import FolderWriter  # noqa: E402
+from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
+from pg_edge.model.variants import official_config, parameter_counts, variants  # noqa: E402
+from pg_edge.checkpoint.weights import component  # noqa: E402
+from pg_edge.quantize import QuantPlan, quantize  # noqa: E402
+from pg_edge.quantize.recipes import COMPONENTS, RECIPES, resolve_settings  # noqa: E402
 
-VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-              patch_size=14, image_size=224, model_type="siglip_vision_model")
-# (text model_type, D, layers, q heads, kv heads, head_dim, MLP width)
-DECODERS = {
-    "pg1-3b": ("gemma", 2048, 18, 8, 1, 256, 16384),
-    "pg2-3b": ("gemma2", 2304, 26, 8, 4, 256, 9216),
-    "pg2-10b": ("gemma2", 3584, 42, 16, 8, 256, 14336),
-    "pg2-28b": ("gemma2", 4608, 46, 32, 16, 128, 36864),
-}
-MODELS = [f"{d}-{s}" for d in DECODERS for s in (224, 448, 896)]
+MODELS = [f"{d}-{s}" for d, s in variants()]
 
 
 def config_raw(model: str, vision_layers: int | None = None, text_layers: int | None = None,
                vocab: int = 257216) -> dict:
+    """"pg2-3b-224" -> its config.json dict (pg_edge.model.variants.official_config)."""
     name, size = model.rsplit("-", 1)
-    kind, D, L, N, K, H, F = DECODERS[name]
-    text = dict(model_type=kind, hidden_size=D, num_hidden_layers=text_layers or L, num_attention_heads=N,
-                num_key_value_heads=K, head_dim=H, intermediate_size=F, vocab_size=vocab)
-    vision = dict(VISION, image_size=int(size))
-    if vision_layers:
-        vision["num_hidden_layers"] = vision_layers
-    return dict(model_type="paligemma", text_config=text, vision_config=vision, projection_dim=D,
-                torch_dtype="bfloat16")
+    return official_config(name, int(size), vocab=vocab, vision_layers=vision_layers, text_layers=text_layers)
 
 
 def predicted_bytes(raw: dict, settings) -> dict[str, int]:
@@ -73,12 +59,7 @@ def predicted_bytes(raw: dict, settings) -> dict[str, int]:
     return out
 
 
-def param_counts(raw: dict) -> dict[str, int]:
-    model = PaliGemmaModel(PaliGemmaConfig.from_dict(raw))
-    out = {c: 0 for c in COMPONENTS}
-    for k, v in tree_flatten(model.parameters()):
-        out[component(k)] += math.prod(v.shape)
-    return out
+param_counts = parameter_counts
 
 
 def variants(group_size: int) -> list[tuple[str, object]]:

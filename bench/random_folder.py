@@ -26,8 +26,8 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pg_edge.config import PaliGemmaConfig  # noqa: E402
-from pg_edge.paligemma import PaliGemmaModel  # noqa: E402
+from pg_edge.model.config import PaliGemmaConfig  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               patch_size=14, model_type="siglip_vision_model", vision_use_head=False)
@@ -86,7 +86,7 @@ def random_tensor(key: str, shape: tuple, seed: int) -> mx.array:
 def make_hf_folder(out: Path, preset: str = "pg2-3b-224", vision_layers: int | None = None,
                    text_layers: int | None = None, narrow: bool = False, shard_gb: float = 2.0) -> Path:
     """Write a complete random HF PaliGemma folder (weights, config, tokenizer files)."""
-    from bench.fixtures.tokenizer import build_tokenizer, set_image_geometry
+    from fixtures.tokenizer import build_tokenizer, set_image_geometry
 
     out = Path(out)
     if out.exists():
@@ -130,7 +130,7 @@ def make_hf_folder(out: Path, preset: str = "pg2-3b-224", vision_layers: int | N
 def make_mlx_lm_folder(converted: Path, out: Path) -> Path:
     """The decoder of a converted (float or quantized) pg_edge folder as an mlx-lm Gemma/Gemma2
     model folder: `language_model.model.*` -> `model.*`, same tensors, same quantization."""
-    from pg_edge.folder import SIDE_FILES, iter_shards
+    from pg_edge.checkpoint.folder import SIDE_FILES, iter_shards
 
     converted, out = Path(converted), Path(out)
     if out.exists():

@@ -3,7 +3,7 @@ quantization recipe against its float source through MLX and through the referen
 
     .venv/bin/python bench/verify_fixtures.py
 
-Uses bench/fixtures/quantizable.py's random-weight PaliGemma 1 and 2 (widths that every group size
+Uses fixtures/quantizable.py's random-weight PaliGemma 1 and 2 (widths that every group size
 divides) and the test tokenizer; everything is built in a temporary folder.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures.tokenizer import build_tokenizer  # noqa: E402
-from bench.fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
+from fixtures.tokenizer import build_tokenizer  # noqa: E402
+from fixtures.quantizable import make_quantizable_checkpoint  # noqa: E402
 
-from convert.hf import convert_hf  # noqa: E402
+from pg_edge.convert.hf import convert_hf  # noqa: E402
 from pg_edge.eval.verify import verify  # noqa: E402
-from quantize import quantize  # noqa: E402
+from pg_edge.quantize import quantize  # noqa: E402
 
 RECIPES = ("all8", "decoder4-vision8", "all4")
 
@@ -36,7 +36,7 @@ def main() -> None:
             print(f"PG{v} float32, MLX vs reference: max rel {r.mlx['max_rel_err']:.1e}  "
                   f"top-1 {r.mlx['top1_agreement']:.3f}  KL {r.mlx['mean_kl']:.1e}  greedy {r.greedy_agreement:.0%}")
             for recipe in RECIPES:
-                q = quantize(f, root / f"{recipe}{v}", recipe=recipe, probes=0).output
+                q = quantize(f, root / f"{recipe}{v}", recipe, probes=0).output
                 r = verify(str(q), str(f))
                 m, ref = r.mlx, r.reference
                 print(f"PG{v} {recipe:<17} vs float: MLX top-1 {m['top1_agreement']:.3f} KL {m['mean_kl']:.3f} "

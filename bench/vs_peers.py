@@ -13,7 +13,7 @@ all8, 4 = all4, default = decoder4-vision8). On each folder, in separate process
 mlx-vlm (its own load + stream_generate) on the same folder, and mlx-lm (its own load +
 stream_generate) on the same decoder tensors as a plain Gemma/Gemma2 LM, with as many prompt
 tokens. `pg_edge_native` is pg_edge with the backend policy off (PG_EDGE_QMM=native): MLX's
-quantized kernels as they are, to show what pg_edge/backend.py buys.
+quantized kernels as they are, to show what pg_edge/cpu/ buys.
 
 --cut A B projects every time and memory figure to the preset's full depth, linearly from the
 two depths (cost = fixed + per-layer x layers; vision figures by vision layers, the rest by
@@ -86,7 +86,7 @@ def run_depth(a, work: Path, vision_layers, text_layers, convert: bool = True) -
         if RECIPES[prec]:
             folder = work / f"{a.preset}-{tag}-{prec}"
             if not (folder / "config.json").exists():
-                from apps.cli import main
+                from pg_edge.cli import main
 
                 main(["quantize", str(bf16), "-o", str(folder), "--recipe", RECIPES[prec], "--probes", "0",
                       "--quiet", "--force"])

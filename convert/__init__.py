@@ -3,7 +3,7 @@
     hf.py          Hugging Face folders / hub ids (any of the three key layouts)
     big_vision.py  big_vision .npz checkpoints (npz.py reads them, split or whole, in place)
     vae.py         big_vision's vae-oid.npz -> the mask decoder file
-The folder itself (layout, atomic writer, side files) is the runtime's: pg_edge/folder.py.
+The folder itself (layout, atomic writer, side files) is the runtime's: pg_edge/checkpoint/folder.py.
 """
 from __future__ import annotations
 

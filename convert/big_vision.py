@@ -29,9 +29,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from pg_edge.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
+from pg_edge.model.config import IMAGE_TOKEN_INDEX, PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import FolderWriter, Progress
+from pg_edge.checkpoint.folder import FolderWriter, Progress
+from pg_edge.checkpoint.output_check import check_output
 
 from . import parse_dtype
 from .hf import check_complete
@@ -348,8 +349,11 @@ def convert_big_vision(src: str | Path, out: str | Path, *, dtype: str = "bfloat
     Raises CheckpointError naming the key on a missing, unknown or misshapen tensor.
     """
     target = parse_dtype(dtype)
+    check_output(out, force, kind="model", inputs=[src, tokenizer])  # before the .npz is opened
     ckpt = Checkpoint(src)
+    inputs = [src, tokenizer, *ckpt.npz.files]
     try:
+        check_output(out, force, kind="model", inputs=inputs)  # every part of a split checkpoint
         version, dims, rules = plan(ckpt.shapes, ckpt.prefix)
         config = hf_config(version, dims, dtype, text_overrides)
         PaliGemmaConfig.from_dict(config)  # fails now on bad overrides, not after the writing
@@ -357,7 +361,8 @@ def convert_big_vision(src: str | Path, out: str | Path, *, dtype: str = "bfloat
             shards = shard_plan(rules, dims, target.size, max_shard_bytes)
             progress = Progress(len(shards), "convert", quiet)
             used: set[str] = set()
-            with FolderWriter(out, force=force, source=str(src), converter="big_vision") as writer:
+            with FolderWriter(out, force=force, source=str(src), converter="big_vision",
+                              inputs=inputs) as writer:
                 for n, (label, items) in enumerate(shards, 1):
                     tensors: dict[str, mx.array] = {}
                     for r, i in items:

@@ -5,7 +5,7 @@
 format (pickled `.bin` files are refused, never unpickled), every safetensors header (the
 format's rules, no tensor in two shards), and, from the headers alone, that every parameter the
 model needs is present with the right shape and nothing else is. `convert_hf` then streams the
-tensors one at a time (pg_edge.tensor_stream): read with plain positioned reads, renamed to
+tensors one at a time (pg_edge.checkpoint.stream_convert): read with plain positioned reads, renamed to
 the classic keys, transposed where MLX's layout differs, cast, and written at their offset in
 the output shard, so memory stays near a few 32 MB blocks whatever the checkpoint's size. The
 same opened source feeds `pg-edge convert -q`, which quantizes in the same pass.
@@ -16,13 +16,15 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.demo import float_source_note
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config, resolve
-from pg_edge.paligemma import PaliGemmaModel
-from pg_edge.processor import Tokenizer
-from pg_edge.tensor_stream import Source, open_source, plan, write
+from pg_edge.checkpoint.folder import (HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config,
+                                        resolve)
+from pg_edge.model.paligemma import PaliGemmaModel
+from pg_edge.checkpoint.output_check import check_output, local_input
+from pg_edge.inputs.processor import Tokenizer
+from pg_edge.checkpoint.stream_convert import Source, open_source, plan, write
 
 from . import parse_dtype
 
@@ -49,7 +51,7 @@ def check_complete(config: PaliGemmaConfig, got: dict[str, tuple], tie: bool) ->
 
 
 def open_hf(src: str | Path, dtype: str = "bfloat16") -> Source:
-    """The checked source of a conversion: a pg_edge.tensor_stream.Source with `raw` (the
+    """The checked source of a conversion: a pg_edge.checkpoint.stream_convert.Source with `raw` (the
     config.json to write) and `dtype` (the MLX dtype floating tensors are cast to) set.
     Raises CheckpointError / PgEdgeError on bad input; the caller closes it."""
     target = parse_dtype(dtype)
@@ -78,8 +80,9 @@ def open_hf(src: str | Path, dtype: str = "bfloat16") -> Source:
 def convert_hf(src: str | Path, out: str | Path, *, dtype: str = "bfloat16", force: bool = False,
                quiet: bool = False) -> Path:
     """Convert; returns the output folder. Raises CheckpointError / PgEdgeError on bad input."""
+    check_output(out, force, kind="model", inputs=[local_input(src)])  # before the download / reads
     with open_hf(src, dtype) as source:
         planned = plan(source)
-        with FolderWriter(out, force=force, source=str(src), converter="hf") as writer:
+        with FolderWriter(out, force=force, source=str(src), converter="hf", inputs=[source.folder]) as writer:
             write(planned, writer, Progress(len(planned), "convert", quiet))
             return writer.finish(source.raw, source_folder=source.folder)

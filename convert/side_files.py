@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from pg_edge.config import IMAGE_TOKEN_INDEX
+from pg_edge.model.config import IMAGE_TOKEN_INDEX
 from pg_edge.errors import CheckpointError
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.inputs.tokenizer import Tokenizer
 
 TOKENIZER_NAMES = ("tokenizer.model", "paligemma_tokenizer.model")
 FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

@@ -1,4 +1,4 @@
-"""big_vision's vae-oid.npz -> the MLX mask decoder file read by pg_edge.vae.load_mask_decoder.
+"""big_vision's vae-oid.npz -> the MLX mask decoder file read by pg_edge.model.vae.load_mask_decoder.
 
 vae-oid.npz (gs://big_vision/paligemma/vae-oid.npz) is a PyTorch state dict saved with NumPy:
 
@@ -10,7 +10,7 @@ vae-oid.npz (gs://big_vision/paligemma/vae-oid.npz) is a PyTorch state dict save
     decoder.12                Conv2d 16->1 1x1        OIHW (1, 16, 1, 1)
     every conv also has a `.bias` (out,)
 
-Written keys are the MLX model's own parameter names (see pg_edge/vae.py): the same `decoder.*`
+Written keys are the MLX model's own parameter names (see pg_edge/model/vae.py): the same `decoder.*`
 names with weights in MLX layout (conv OIHW -> OHWI, conv-transpose (in, out, kH, kW) ->
 (out, kH, kW, in), no spatial flip), and `_vq_vae._embedding` -> `vq_vae.embedding`. The
 expected shapes come from a MaskDecoder built with the file's E, so this file and the model
@@ -28,9 +28,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.atomic import save_safetensors
-from pg_edge.folder import atomic_file, check_output
-from pg_edge.vae import FORMAT, FORMAT_VERSION, MaskDecoder
+from pg_edge.checkpoint.atomic import save_safetensors
+from pg_edge.checkpoint.folder import atomic_file
+from pg_edge.model.vae import FORMAT, FORMAT_VERSION, MaskDecoder
+from pg_edge.checkpoint.output_check import check_output
 
 CODEBOOK_KEY = "_vq_vae._embedding"
 
@@ -105,7 +106,7 @@ def convert_vae(npz_path: str | Path, out_path: str | Path, *, force: bool = Fal
     npz_path, out_path = Path(npz_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise PgEdgeError(f"output must end in .safetensors, got {out_path}")
-    check_output(out_path, force)
+    check_output(out_path, force, kind="vae", inputs=[npz_path])
     weights, embed_dim = vae_weights(_read_npz(npz_path))
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "embed_dim": str(embed_dim),
                 "source": npz_path.name}

@@ -23,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .cpu import qmv
 from .errors import PgEdgeError
 
 
@@ -132,6 +133,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
         "tool": "pg_edge", "folder": str(pg.folder), "load_s": load_s, **run,
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": max_rss_gb(),
         "folder_gb": folder_gb(pg.folder), "device": str(mx.default_device()),
+        "quantized_matvec": qmv.kernel() if mx.default_device().type == mx.cpu else "mlx",
     }
 
 
@@ -148,4 +150,6 @@ def to_text(r: dict) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     head = f"pg_edge on {r['device']}: {r['folder']}"
+    if "quantized_matvec" in r:
+        head += f"\n  quantized matvec: {r['quantized_matvec']}"
     return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows])

@@ -1,8 +1,8 @@
 """Generation in three layers, as mlx-lm does it.
 
 1. `generate_step(model, input_ids, image_features, sampler=...)`: a generator of (token,
-   logprobs) over mlx-lm KV caches — `RotatingKVCache` (the last `window` keys) on Gemma2's
-   sliding-window layers when no row is padded, `KVCache` otherwise. Prefill computes only the
+   logprobs) over the KV caches the model makes (`model.make_cache`: pg_edge.model.masks).
+   Prefill computes only the
    last position's logits; ids past the real vocabulary (`<image>`, HF's junk padding rows)
    are never sampled. The caller stops it; it stops only after max_tokens.
 2. `stream_generate(...)`: one prompt, yielding `Chunk`s of text as tokens arrive (through a
@@ -25,11 +25,10 @@ from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
 
+from ._mlx_lm import make_sampler
 from .errors import PgEdgeError
-from .mlx_lm_parts import KVCache, RotatingKVCache, make_sampler
-from .prompt_check import check_max_tokens, check_sampling
-from .gemma import softcap
-from .paligemma import PaliGemmaModel
+from .model.paligemma import PaliGemmaModel
+from .inputs.checks import check_max_tokens, check_sampling
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,6 @@ def vocab_mask(vocab_size: int, limit: int) -> mx.array:
     return mx.where(mx.arange(vocab_size) < limit, 0.0, -mx.inf)
 
 
-def make_cache(model: PaliGemmaModel, padded: bool) -> list:
-    """One mlx-lm cache per decoder layer. A sliding-window layer keeps only its last `window`
-    keys (RotatingKVCache): a generated token may not look further back, so attention over the
-    rotated keys without a mask is exactly the windowed attention. With padded rows the decode
-    mask must line up with every key's validity, so those runs keep every key (KVCache)."""
-    return [RotatingKVCache(max_size=layer.window) if layer.window and not padded else KVCache()
-            for layer in model.language_model.model.layers]
-
-
 def generate_step(
     model: PaliGemmaModel,
     input_ids: mx.array,
@@ -106,27 +96,26 @@ def generate_step(
     The caller stops on eos; this generator only stops after max_tokens.
     """
     sampler = sampler or GREEDY.sampler()
-    cache = make_cache(model, padded=valid is not None)
+    cache = model.make_cache(padded=valid is not None)
     limit = vocab_limit or model.config.real_vocab_size
     B, T = input_ids.shape
 
     # Greedy picks argmax of the raw logits (the same id: Gemma2's softcap is an increasing
-    # tanh) and leaves the logprobs lazy: a tanh, a logsumexp and a subtraction over the
-    # 257216-entry vocabulary per token (~6 ms of a 20 ms narrow decode step on one CPU core)
-    # are then computed only if a caller evaluates them.
+    # tanh) and leaves the logprobs lazy, computed only if a caller evaluates them (their cost:
+    # docs/performance.md, "Greedy decoding takes the raw argmax").
     lazy = sampler is greedy
     logits = model(input_ids, image_features=image_features, valid=valid, cache=cache, last_only=True,
                    capped=not lazy)[:, -1]
     # Next position of each row = number of its valid tokens (positions count from 0).
     offset = valid.astype(mx.int32).sum(axis=1) if valid is not None else T
     bias = vocab_mask(logits.shape[-1], limit)
-    cap = model.config.text.final_logit_softcapping
 
     def sample(lg):
-        lg = lg.astype(mx.float32)
         if lazy:
-            # -inf bias: a masked id is never the argmax of a row with any finite logit.
-            return mx.argmax(lg + bias, axis=-1), _logprobs(softcap(lg, cap) + bias)
+            # The argmax over the ids that may be emitted (a view of the first `limit`): the
+            # same id as over the -inf-biased float32 logits, in one kernel rather than three.
+            return mx.argmax(lg[..., :limit], axis=-1), _logprobs(model.cap_logits(lg.astype(mx.float32)) + bias)
+        lg = lg.astype(mx.float32)
         lg = lg + bias
         logprobs = _logprobs(lg)
         tok = sampler(logprobs)
@@ -203,7 +192,7 @@ class Detokenizer:
     def finalize(self) -> str:
         text = self.tokenizer.decode(self.tokens)
         if not text.startswith(self.text):
-            return ""  # cannot happen with SentencePiece decoding; see tests/test_generate.py
+            return ""  # cannot happen with SentencePiece decoding; see tests/runtime/test_generate.py
         piece, self.text = text[len(self.text):], text
         return piece
 
@@ -278,13 +267,14 @@ def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image
     t1 = time.perf_counter()
     detok = Detokenizer(tokenizer)
     tokens: list[int] = []
-    t2, cancelled = None, False
+    t2, cancelled, ended = None, False, False
     for (t,) in _rows(model, tokenizer, input_ids, image_features, valid, sampling, max_tokens):
         t2 = t2 or time.perf_counter()
         if should_stop is not None and should_stop():
             cancelled = True
             break
         if t is None:
+            ended = True  # eos
             break
         tokens.append(t)
         piece = detok.add_token(t)
@@ -292,17 +282,27 @@ def stream_generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image
             yield Chunk(piece, t)
     t3 = time.perf_counter()
     tail = detok.finalize()
-    result = GenerationResult(
-        text=detok.text, tokens=tokens, prompt_tokens=int(input_ids.shape[1] if valid is None else valid.sum()),
-        finish_reason=_finish(cancelled, len(tokens), max_tokens), vision_seconds=vision_seconds,
-        prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-    )
+    result = _results([detok.text], [tokens], input_ids, valid, [ended], cancelled, (t1, t2, t3), vision_seconds)[0]
     yield Chunk(tail, None, result)
 
 
-def _finish(cancelled: bool, n_tokens: int, max_tokens: int) -> str:
-    return "cancelled" if cancelled else "stop" if n_tokens < max_tokens else "length"
+def _results(texts: list[str], rows: list[list[int]], input_ids: mx.array, valid: mx.array | None,
+             ended: list[bool], cancelled: bool, times: tuple, vision_seconds: float) -> list[GenerationResult]:
+    """One GenerationResult per row. times: (start, first token or None, end) from
+    time.perf_counter(); ended[b]: row b emitted eos. A row that did not end was cancelled
+    (when the caller stopped the generation) or ran out of max_tokens."""
+    t1, t2, t3 = times
+    lengths = [input_ids.shape[1]] * len(rows) if valid is None else valid.astype(mx.int32).sum(axis=1).tolist()
+    return [
+        GenerationResult(
+            text=text, tokens=r, prompt_tokens=int(n),
+            finish_reason="stop" if end else "cancelled" if cancelled else "length",
+            vision_seconds=vision_seconds,
+            prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
+        for text, r, n, end in zip(texts, rows, lengths, ended)
+    ]
 
 
 def generate(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_features: mx.array,
@@ -336,18 +336,9 @@ def generate_batch(model: PaliGemmaModel, tokenizer, input_ids: mx.array, image_
             else:
                 rows[b].append(t)
     t3 = time.perf_counter()
-    lengths = [input_ids.shape[1]] * B if valid is None else valid.astype(mx.int32).sum(axis=1).tolist()
-    return [
-        GenerationResult(
-            text=tokenizer.decode(r), tokens=r, prompt_tokens=int(n),
-            finish_reason="stop" if end else "cancelled" if cancelled else "length",
-            vision_seconds=vision_seconds,
-            prompt_seconds=(t2 or t3) - t1, generation_seconds=t3 - (t2 or t3),
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-        )
-        for r, n, end in zip(rows, lengths, ended)
-    ]
+    return _results([tokenizer.decode(r) for r in rows], rows, input_ids, valid, ended, cancelled,
+                    (t1, t2, t3), vision_seconds)
 
 
 __all__ = ["Sampling", "GREEDY", "generate_step", "until_eos", "Detokenizer", "GenerationResult", "Chunk",
-           "stream_generate", "generate", "generate_batch", "make_cache", "vocab_mask"]
+           "stream_generate", "generate", "generate_batch", "vocab_mask"]

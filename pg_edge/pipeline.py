@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,15 +27,17 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .config import PaliGemmaConfig
-from .config_schema import check_tokenizer_fits
-from . import model_tasks
+from .errors import PgEdgeError
+from .model.config import PaliGemmaConfig
+from .model.config_checks import check_tokenizer_fits
+from .tasks import calls
 from .generate import Chunk, GenerationResult, Sampling, generate, generate_batch, stream_generate
-from .folder import resolve
-from .loader import load_model
-from .paligemma import PaliGemmaModel
-from .processor import ImageInput, Inputs, Processor, Tokenizer
-from .prompt_check import check_context, check_max_tokens, context_length
+from .checkpoint.folder import resolve
+from .checkpoint.loader import load_folder
+from .model.paligemma import PaliGemmaModel
+from .inputs.images import ImageInput
+from .inputs.processor import Inputs, Processor, Tokenizer
+from .inputs.checks import check_context, check_max_tokens, context_length
 from .worker import ModelWorker, serialized, serialized_stream
 
 
@@ -50,6 +53,10 @@ class PaliGemma:
         self._vision_cache: OrderedDict[str, mx.array] = OrderedDict()
         self._vision_cache_size = vision_cache_size
         self._worker = ModelWorker()  # owns every model call (see pg_edge/worker.py)
+        # Dropped without close(): the thread is parked all the same (it never refers back here).
+        # Not at interpreter exit: the thread must then stay blocked on its queue (a thread still
+        # running Python when the interpreter finalizes is ended, and MLX aborts).
+        weakref.finalize(self, self._worker.close).atexit = False
         # MLX evaluates a lazy graph only on the thread that built it: make the weights concrete
         # here, so the worker thread can use them.
         mx.eval(model.parameters())
@@ -57,6 +64,18 @@ class PaliGemma:
     def cancel(self) -> bool:
         """Stop the generation running now (any thread may call this); True if one was."""
         return self._worker.cancel()
+
+    def close(self) -> None:
+        """Release the model's worker thread: the running generation stops (finish_reason
+        "cancelled"), queued and later calls raise PgEdgeError. Also on leaving a `with` block;
+        a PaliGemma dropped without close() releases it when garbage-collected."""
+        self._worker.close()
+
+    def __enter__(self) -> "PaliGemma":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- stages --------------------------------------------------------------------------
     @serialized
@@ -139,39 +158,49 @@ class PaliGemma:
                               max_tokens=max_tokens, vision_seconds=vision_s,
                               should_stop=self._worker.cancelled)
 
-    # -- tasks (pg_edge.model_tasks): prompts in the official forms, outputs parsed ------------
+    # -- tasks (pg_edge.tasks.calls): prompts in the official forms, outputs parsed ------------
     def caption(self, image: ImageInput, lang: str = "en", **gen):
-        return model_tasks.caption(self, image, lang=lang, **gen)
+        return calls.caption(self, image, lang=lang, **gen)
 
     def ocr(self, image: ImageInput, **gen):
-        return model_tasks.ocr(self, image, **gen)
+        return calls.ocr(self, image, **gen)
 
     def ask(self, image: ImageInput, question: str, lang: str = "en", **gen):
-        return model_tasks.ask(self, image, question, lang=lang, **gen)
+        return calls.ask(self, image, question, lang=lang, **gen)
 
     def detect(self, image: ImageInput, objects, **gen):
         """Boxes in the original image's pixels: `.objects` (label, box), `.skipped`."""
-        return model_tasks.detect(self, image, objects, **gen)
+        return calls.detect(self, image, objects, **gen)
 
     def segment(self, image: ImageInput, objects, vae=None, **gen):
         """Boxes and boolean masks; `vae` is a converted VAE file or `vae.safetensors` in the
         model folder."""
         # On the worker as a whole: the mask decoder's MLX work is serialised with the rest.
-        return self._worker.call(model_tasks.segment, self, image, objects, vae=vae, **gen)
+        return self._worker.call(calls.segment, self, image, objects, vae=vae, **gen)
+
+
+KV_BITS = (None, 8)  # `load(kv_bits=)`: the float cache, or mlx-lm's 8-bit one
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: mx.Dtype | None = None,
-         adapters: str | os.PathLike | None = None, attention: str = "window") -> PaliGemma:
+         adapters: str | os.PathLike | None = None, attention: str = "window",
+         kv_bits: int | None = None) -> PaliGemma:
     """Load a converted folder, an mlx-community folder, or an HF checkpoint (folder or hub id);
     `adapters`: a folder written by `pg-edge finetune --export adapters`, applied on top;
     `attention`: "window" (default, as transformers) or "global" (as big_vision trained
     PaliGemma 2) for Gemma2's sliding layers; they differ only past 4096 tokens (896 px) —
-    see pg_edge.gemma.ATTENTION_MODES."""
+    see pg_edge.model.masks.ATTENTION_MODES. `kv_bits`: 8 keeps generation's KV cache quantized
+    (mlx-lm's QuantizedKVCache): about half a bf16 cache's memory and reads; docs/performance.md
+    has its measured agreement with the float cache (4 bits agreed too poorly to offer). None
+    (default): the cache in the activations' float dtype."""
+    if kv_bits not in KV_BITS:
+        raise PgEdgeError(f"kv_bits must be 8 or None, got {kv_bits!r}")
     folder = resolve(path_or_id)
     tokenizer = Tokenizer(folder)  # before the weights: a missing tokenizer fails fast
-    model, config, folder = load_model(folder, dtype=dtype)
+    model, config = load_folder(folder, dtype=dtype)
     check_tokenizer_fits(tokenizer, config)  # an id past the embedding would read out of bounds
-    model.language_model.set_attention(attention)
+    model.set_attention(attention)
+    model.kv_bits = kv_bits
     if adapters is not None:
         from .adapters import load_adapters
 

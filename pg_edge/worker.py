@@ -11,6 +11,12 @@ Cancelling: `cancel()` asks the job that is running now to stop; the generation 
 `cancelled()` once per token and end with finish_reason "cancelled". Closing a stream's
 iterator (a `break` in a for loop, a dropped generator, a client that hung up) cancels its job.
 
+Closing: `close()` cancels the running job, ends queued ones unrun and parks the thread; the
+next ModelWorker takes a parked thread before starting one, so a program that loads and drops
+models keeps as many threads as it has models open at once. (Threads are parked, never ended:
+an ended thread that ran the model makes MLX abort at interpreter exit, "terminate called
+without an active exception".)
+
     worker = ModelWorker()
     value = worker.call(fn, *args)             # fn runs on the worker; its exception re-raised here
     stream = worker.stream(make_gen)           # make_gen() runs on the worker, items come here
@@ -54,6 +60,7 @@ class _Job:
         self.streaming = streaming
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # items, then _DONE or ("error", exc)
         self.cancel = threading.Event()
+        self.closed: Exception | None = None  # set by ModelWorker.close() on a queued job
 
 
 class WorkerStream:
@@ -94,16 +101,73 @@ class WorkerStream:
         self._job.cancel.set()
 
 
+class _Carrier:
+    """A daemon thread with its own job queue, running the jobs of whichever ModelWorker holds
+    it. A closed worker parks its carrier in `_IDLE` and the next worker takes it, so threads
+    never outnumber the models open at once; carriers are never ended (see _settle_at_exit)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.current: _Job | None = None
+        self.parked = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"{name}-{next(self._ids)}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is _PARK:  # the owner closed: every job it submitted has been answered
+                with _IDLE_LOCK:
+                    _IDLE.append(self)
+                self.parked.set()
+                continue
+            if job.cancel.is_set():  # its caller went away (or the model was closed) while it waited
+                err = job.closed or RuntimeError("cancelled")
+                job.out.put((_DONE, err) if job.streaming and job.closed else
+                            _DONE if job.streaming else ("error", err))
+                continue
+            self.current = job
+            try:
+                if job.streaming:
+                    gen = job.fn()
+                    try:
+                        for item in gen:
+                            job.out.put(item)
+                    finally:
+                        close = getattr(gen, "close", None)
+                        if close is not None:
+                            close()
+                    job.out.put(_DONE)
+                else:
+                    value = job.fn()
+                    if isinstance(value, mx.array):  # lazy graphs only evaluate on this thread
+                        mx.eval(value)
+                    job.out.put(("ok", value))
+            except BaseException as err:  # handed to the caller, never kills the thread
+                job.out.put((_DONE, err) if job.streaming else ("error", err))
+            finally:
+                self.current = None
+                job = gen = value = None  # drop the job's references (the model) while idle
+
+
+_PARK = object()  # on a carrier's queue: its owner closed; park it for the next ModelWorker
+_IDLE: list[_Carrier] = []
+_IDLE_LOCK = threading.Lock()
+
+
 class ModelWorker:
-    """A daemon thread running jobs in arrival order; started on first use."""
+    """Runs jobs in arrival order on one daemon thread, taken on first use (a parked one if
+    there is one) and handed back by `close()`."""
 
     def __init__(self, name: str = "pg_edge-model"):
         self._name = name
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._carrier: _Carrier | None = None
         self._start_lock = threading.Lock()
-        self._current: _Job | None = None
-        self._local = threading.local()  # .job on the worker thread while a job runs
+        self._pending: "weakref.WeakSet[_Job]" = weakref.WeakSet()
+        self._closed: Exception | None = None
+        self._handed_back: _Carrier | None = None  # the carrier close() parked (settle waits for it)
         self._exit_hook = False
 
     # -- caller side ---------------------------------------------------------------------
@@ -131,72 +195,85 @@ class ModelWorker:
 
     def cancel(self) -> bool:
         """Ask the running job to stop; True if there was one. Queued jobs still run."""
-        job = self._current
+        carrier = self._carrier
+        job = carrier.current if carrier is not None else None
         if job is None:
             return False
         job.cancel.set()
         return True
 
+    def close(self, timeout: float | None = EXIT_WAIT_S) -> None:
+        """Stop for good: the running job is cancelled, queued ones end without running (a call
+        raises, a stream ends with the error), later calls raise; the thread is parked for the
+        next ModelWorker. Waits up to `timeout` for the running job to stop (not when called
+        from a job on this worker). Closing twice is fine."""
+        from .errors import PgEdgeError
+
+        with self._start_lock:
+            if self._closed is None:
+                self._closed = PgEdgeError("this model was closed (PaliGemma.close())")
+            carrier, self._carrier = self._carrier, None
+            for job in list(self._pending):
+                job.closed = self._closed
+                job.cancel.set()
+            if carrier is None:
+                return
+            self._handed_back = carrier
+            carrier.jobs.put(_PARK)
+        if timeout is not None and threading.current_thread() is not carrier.thread:
+            carrier.parked.wait(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     # -- worker side ---------------------------------------------------------------------
     def on_worker(self) -> bool:
-        return threading.current_thread() is self._thread
+        carrier = self._carrier
+        return carrier is not None and threading.current_thread() is carrier.thread
 
     def cancelled(self) -> bool:
         """On the worker: has the running job been cancelled? (False off the worker.)"""
-        job = getattr(self._local, "job", None)
-        return job is not None and job.cancel.is_set()
+        carrier = self._carrier
+        if carrier is None:  # closed while the job ran: it stops
+            return self._closed is not None
+        job = carrier.current
+        return threading.current_thread() is carrier.thread and job is not None and job.cancel.is_set()
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        """A job is running (pg-edge serve waits for it at shutdown)."""
+        carrier = self._carrier
+        return carrier is not None and carrier.current is not None
 
     def _submit(self, fn: Callable, streaming: bool) -> _Job:
         job = _Job(fn, streaming)
         with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            if self._closed is not None:
+                raise self._closed
+            if self._carrier is None:
+                with _IDLE_LOCK:
+                    carrier = _IDLE.pop() if _IDLE else None
+                if carrier is not None:
+                    carrier.parked.clear()
+                self._carrier = carrier or _Carrier(self._name)
                 if not self._exit_hook:
                     atexit.register(_settle_at_exit, weakref.ref(self))
                     self._exit_hook = True
-        self._jobs.put(job)
+            self._pending.add(job)
+            self._carrier.jobs.put(job)
         return job
 
     def settle(self, timeout: float) -> None:
-        """Cancel the running job and wait up to timeout for the worker to be idle."""
+        """Cancel the running job and wait up to timeout for the worker to be idle (a thread that
+        close() handed back: until it is parked, blocked on its queue again)."""
         self.cancel()
         deadline = time.monotonic() + timeout
-        while self._current is not None and time.monotonic() < deadline:
+        while self.busy and time.monotonic() < deadline:
             time.sleep(0.01)
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job.cancel.is_set():  # its caller went away while it waited
-                job.out.put(_DONE if job.streaming else ("error", RuntimeError("cancelled")))
-                continue
-            self._current, self._local.job = job, job
-            try:
-                if job.streaming:
-                    gen = job.fn()
-                    try:
-                        for item in gen:
-                            job.out.put(item)
-                    finally:
-                        close = getattr(gen, "close", None)
-                        if close is not None:
-                            close()
-                    job.out.put(_DONE)
-                else:
-                    value = job.fn()
-                    if isinstance(value, mx.array):  # lazy graphs only evaluate on this thread
-                        mx.eval(value)
-                    job.out.put(("ok", value))
-            except BaseException as err:  # handed to the caller, never kills the worker
-                job.out.put((_DONE, err) if job.streaming else ("error", err))
-            finally:
-                self._current, self._local.job = None, None
-                job = gen = value = None  # drop the job's references (the model) while idle
+        carrier = self._handed_back
+        if carrier is not None:
+            carrier.parked.wait(max(0.0, deadline - time.monotonic()))
 
 
 def serialized(method: Callable) -> Callable:

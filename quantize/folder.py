@@ -1,6 +1,6 @@
 """`quantize(src, dst)`: a float converted folder -> a quantized converted folder + a report.
 
-    report = quantize("pg2-3b-224", "pg2-3b-224-q", recipe="decoder4-vision8")
+    report = quantize("pg2-3b-224", "pg2-3b-224-q", "decoder4-vision8")    # or a QuantSettings
     print(report.to_text())
 
 Steps: check the source (a pg_edge / mlx-vlm float folder: safetensors marked `format: mlx`,
@@ -8,10 +8,10 @@ no quantization yet, tensor shapes matching the config) from the file headers; p
 output tensor's dtype and shape through a `QuantPlan` and check that every tensor the loaders
 will ask for is there with its shape, before anything is read or written; stream the tensors
 one at a time (big ones in row blocks) through the plan into a `FolderWriter`
-(pg_edge.tensor_stream: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
+(pg_edge.checkpoint.stream_convert: memory stays near a few 32 MB blocks; atomic: a failed run leaves no
 output); then measure: the float model answers the probes and is scored teacher-forced, it is
 released, and the quantized folder, loaded back exactly as a user would load it, is scored on
-the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `convert.hf.open_hf`
+the same tokens. `pg-edge convert -q` passes an HF checkpoint opened by `pg_edge.convert.hf.open_hf`
 instead of a folder: converted and quantized in one pass, and the float model of the report
 is that checkpoint loaded with the same cast.
 """
@@ -22,18 +22,19 @@ import os
 import time
 from pathlib import Path
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError, PgEdgeError
-from pg_edge.folder import FolderWriter, Progress, check_output, is_quantized, read_config, resolve
+from pg_edge.checkpoint.folder import (FolderWriter, Progress, check_output, is_quantized, read_config,
+                                        resolve)
 from pg_edge.eval.metrics import combine, compare_logits
-from pg_edge.tensor_stream import Source, open_source, output_shapes, write
-from pg_edge.tensor_stream import plan as stream_plan
-from pg_edge.weights import component
+from pg_edge.checkpoint.stream_convert import Source, open_source, output_shapes, write
+from pg_edge.checkpoint.stream_convert import plan as stream_plan
+from pg_edge.checkpoint.weights import component
 from pg_edge.demo import float_source_note
 
 from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
-from .recipes import UNSET, QuantSettings, resolve_settings
+from .recipes import QuantSettings, resolve_settings
 from .report import QuantizeReport, SizeCounter, folder_bytes
 
 
@@ -66,50 +67,40 @@ def open_converted(folder: Path, raw: dict) -> Source:
 def quantize(
     src: str | os.PathLike | Source,
     dst: str | os.PathLike,
+    settings: QuantSettings | str | None = None,
     *,
-    bits: int | None = None,
-    group_size: int = 64,
-    vision_bits=UNSET,
-    connector_bits=UNSET,
-    embed_bits=UNSET,
-    recipe: str | None = None,
-    settings: QuantSettings | None = None,
     force: bool = False,
     probes: int | list | None = None,
     max_new_tokens: int = 8,
     quiet: bool = True,
 ) -> QuantizeReport:
     """Quantize the float converted folder `src` into `dst`; returns the report. `src` may
-    also be a source opened by `convert.hf.open_hf` (an HF checkpoint, cast as it is read:
+    also be a source opened by `pg_edge.convert.hf.open_hf` (an HF checkpoint, cast as it is read:
     `pg-edge convert -q` in one pass, no float folder written); it is not closed here.
 
-    bits: the decoder's bits (4 or 8; default: the recipe's); group_size: 32, 64 or 128;
-    vision_bits / connector_bits / embed_bits: 4, 8 or None (leave float), default the
-    recipe's; recipe: a name in quantize.recipes.RECIPES (default DEFAULT_RECIPE); settings:
-    a ready QuantSettings instead of all of these. probes: None for the 4 built-in probes, a
+    settings: what to quantize and how, from `resolve_settings(bits=..., group_size=...,
+    vision_bits=..., recipe=...)`; a recipe name (a key of RECIPES) for that recipe as it is;
+    None for DEFAULT_RECIPE. probes: None for the 4 built-in probes, a
     number of them (0: size report only), or a list of probes.Probe; max_new_tokens: greedy
     tokens per probe that both models are then scored on.
     Raises PgEdgeError / CheckpointError on bad settings or a source it cannot quantize.
     """
     t0 = time.perf_counter()
-    if settings is None:
-        settings = resolve_settings(bits=bits, group_size=group_size, vision_bits=vision_bits,
-                                    connector_bits=connector_bits, embed_bits=embed_bits, recipe=recipe)
+    if not isinstance(settings, QuantSettings):
+        settings = resolve_settings(recipe=settings)
     if isinstance(src, Source):
         source, name, owned = src, src.name, False
     else:
         folder = resolve(src)
         source, name, owned = None, str(src), True
-    out = Path(dst).expanduser().resolve()
-    if out == (source.folder if source else folder).resolve():
-        raise PgEdgeError("the output folder must differ from the source folder")
-    check_output(out, force)
+    inputs = [source.folder if source else folder]
+    out = check_output(dst, force, kind="model", inputs=inputs)  # not the source, nor in or around it
     try:
         if source is None:
             source = open_converted(folder, read_config(folder).raw)
         probe_list = probes_mod.resolve_probes(probes)
         if probe_list:
-            from pg_edge.processor import Tokenizer
+            from pg_edge.inputs.processor import Tokenizer
 
             Tokenizer(source.folder)  # the probes need it: fail now rather than after writing
         specs = source.float_specs()
@@ -121,7 +112,7 @@ def quantize(
         for _, items in planned:
             for p in items:
                 sizes.add({p.tensor.key: p.float_spec}, p.outputs)
-        with FolderWriter(out, force=force, source=name, converter="quantize") as writer:
+        with FolderWriter(out, force=force, source=name, converter="quantize", inputs=inputs) as writer:
             write(planned, writer, Progress(len(planned), "quantize", quiet), transform=plan.apply)
             writer.finish(plan.config_dict(), source_folder=source.folder)
     finally:

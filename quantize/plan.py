@@ -7,7 +7,7 @@ layers, any subset at a time, and writes the config.json that both pg_edge and m
     config = plan.config_dict()               # quantization section, padded SigLIP width
 
 `quantize()` streams the checkpoint through `apply` one tensor at a time, big ones in row
-blocks (pg_edge.tensor_stream): every transform here acts on each row alone (group-wise
+blocks (pg_edge.checkpoint.stream_convert): every transform here acts on each row alone (group-wise
 quantization along a row, fc2's padding adds columns), except fc1's padding, which adds rows,
 so fc1 goes whole.
 
@@ -27,11 +27,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from pg_edge.config import PaliGemmaConfig
+from pg_edge.model.config import PaliGemmaConfig
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import is_quantized
-from pg_edge.paligemma import PaliGemmaModel
-from pg_edge.weights import component
+from pg_edge.checkpoint.folder import is_quantized
+from pg_edge.model.paligemma import PaliGemmaModel
+from pg_edge.checkpoint.weights import component
 
 from .recipes import MODE, Quant, QuantSettings
 

@@ -1,6 +1,6 @@
 """What to quantize, and how: per-component settings and the named recipes.
 
-A PaliGemma checkpoint has four components (`pg_edge.weights.component`):
+A PaliGemma checkpoint has four components (`pg_edge.checkpoint.weights.component`):
     vision     SigLIP: attention and MLP Linears (patch conv, position table, norms stay float)
     connector  multi_modal_projector.linear
     decoder    Gemma's attention and MLP Linears
@@ -17,7 +17,6 @@ Recipes (measured on the fixtures and sized for full PaliGemma 2 3B-224 in the i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 from pg_edge.errors import PgEdgeError
 
@@ -147,10 +146,3 @@ def resolve_settings(
     if not settings.any():
         raise PgEdgeError("nothing to quantize: every component is left float")
     return settings
-
-
-def settings_from_dict(d: Mapping) -> QuantSettings:
-    """Inverse of `QuantSettings.as_dict` (what a quantized folder's config.json records)."""
-    quants = {c: (Quant(int(d[c]["bits"]), int(d[c]["group_size"])) if d.get(c) else None)
-              for c in COMPONENTS}
-    return QuantSettings(**quants, recipe=str(d.get("recipe", "custom")))

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pg_edge.weights import component
+from pg_edge.checkpoint.weights import component
 
 from .recipes import COMPONENTS
 

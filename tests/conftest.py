@@ -5,7 +5,7 @@ Fixtures (all offline; nothing here touches the network):
     tokenizer_dir            Path  folder with tokenizer.model + HF tokenizer/processor files
     hf_checkpoint            factory (version=1, image_size=28, layout="classic",
                              top_hidden_mismatch=False, sliding_window=None) -> Path of a complete
-                             HF PaliGemma folder (see bench/fixtures/checkpoints.py)
+                             HF PaliGemma folder (see fixtures/checkpoints.py)
     sample_images_by_name    dict[str, PIL.Image]  real photos + RGBA / L / P / tiny non-square
     sample_images            list[PIL.Image]       the same, in a fixed order
 
@@ -38,17 +38,18 @@ import sys
 
 import pytest
 
-# Test modules import `hf_helpers` as a top-level module (tests/ has no __init__.py), and the
-# checkpoint builders from bench/fixtures/ (shared with the bench scripts, which must not
-# import tests/); make both hold under any pytest import mode, not only the default "prepend".
-for _path in (Path(__file__).parent, Path(__file__).resolve().parents[1]):
+# Test modules import the helpers in tests/helpers/ (`hf_helpers`, ...) as top-level modules
+# (tests/ has no __init__.py), and the checkpoint builders from fixtures/ at the repository root
+# (shared with the bench scripts, which must not import tests/); make both hold under any pytest
+# import mode, not only the default "prepend".
+for _path in (Path(__file__).parent / "helpers", Path(__file__).resolve().parents[1]):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench.fixtures.checkpoints import FixtureSpec, make_hf_checkpoint  # noqa: E402
-from bench.fixtures.tokenizer import build_tokenizer  # noqa: E402
+from fixtures.checkpoints import FixtureSpec, make_hf_checkpoint  # noqa: E402
+from fixtures.tokenizer import build_tokenizer  # noqa: E402
 
-_FIXTURE_DIR = Path(__file__).resolve().parents[1] / "bench" / "fixtures"
+_FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 _STALE_AFTER_S = 3600  # other keys' builds older than this are removed (may belong to a live run)
 
 
@@ -194,10 +195,10 @@ def sample_images(sample_images_by_name) -> list:
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory, hf_checkpoint):
     """Factory: `converted(version=1, dtype="float32", **hf_spec) -> Path` of a pg_edge converted
-    folder, made by `convert.hf.convert_hf` from the matching `hf_checkpoint`. float32 by
+    folder, made by `pg_edge.convert.hf.convert_hf` from the matching `hf_checkpoint`. float32 by
     default so parity tests compare at full precision. Treat it as read-only.
     Built fresh each session (not cached across runs): it must reflect the current converter."""
-    from convert.hf import convert_hf
+    from pg_edge.convert.hf import convert_hf
 
     built: dict = {}
 
@@ -215,9 +216,9 @@ def converted(tmp_path_factory, hf_checkpoint):
 @pytest.fixture(scope="session")
 def qsrc(tmp_path_factory, tokenizer_dir):
     """Factory: version -> (HF folder, float32 converted folder) of the quantizable fixture
-    (widths that divide the group sizes; see bench/fixtures/quantizable.py)."""
-    from convert.hf import convert_hf
-    from bench.fixtures.quantizable import make_quantizable_checkpoint
+    (widths that divide the group sizes; see fixtures/quantizable.py)."""
+    from pg_edge.convert.hf import convert_hf
+    from fixtures.quantizable import make_quantizable_checkpoint
 
     built = {}
 

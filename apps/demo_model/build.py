@@ -75,7 +75,7 @@ def recipe() -> dict:
 
 
 def pg_edge(*args) -> list[str]:
-    return [sys.executable, "-m", "apps.cli", *map(str, args)]
+    return [sys.executable, "-m", "pg_edge.cli", *map(str, args)]
 
 
 def py(module: str, *args) -> list[str]:

@@ -1,5 +1,5 @@
 """Score a model folder on the shapes test split, per prompt form (the numbers
-tests/test_demo_model.py asserts).
+tests/apps/test_demo_model.py asserts).
 
     python -m apps.demo_model.evaluate FOLDER [--n 100] [--start 0] [--vae VAE.safetensors] [--show N]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from pg_edge.weights import canonical_key
+from pg_edge.checkpoint.weights import canonical_key
 
 SIDE = ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json")
 

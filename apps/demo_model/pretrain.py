@@ -30,8 +30,8 @@ from apps.demo_model import arch
 from apps.demo_model.examples import example, parse_shares
 from apps.demo_model.vqvae import crop_masks, load_npz
 from pg_edge.demo import shapes as S
-from pg_edge.processor import preprocess_image
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.inputs.images import preprocess_image
+from pg_edge.inputs.tokenizer import Tokenizer
 
 TASK_MIX = (("caption", 0.4), ("detect", 0.3), ("segment", 0.3))
 PREPROCESSOR = {

@@ -1,5 +1,5 @@
 """Refresh the output shown under each command of the README's demo section (after the shipped
-model changes; tests/test_demo_model.py checks that it matches).
+model changes; tests/apps/test_demo_model.py checks that it matches).
 
     python -m apps.demo_model.readme_outputs [--check]
 
@@ -23,7 +23,7 @@ HEADING = "## The built-in demo model\n"
 
 
 def refreshed(block: str) -> str:
-    from apps.cli import main
+    from pg_edge.cli import main
 
     out_lines = []
     for line in block.splitlines():

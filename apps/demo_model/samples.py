@@ -7,7 +7,7 @@ picked to show one, two and three shapes, all three kinds and all four colours. 
 OUT_DIR/labels.jsonl, the truth as `pg-edge finetune` data ({"image", "prefix", "suffix"}): per
 image the caption, the count, `detect` of all three kinds, and `detect` of each kind alone (an
 empty suffix when the image has none). The README's demo commands are checked against it
-(tests/test_demo_model.py), and `pg-edge finetune FOLDER --data pg_edge/demo/samples` runs on it.
+(tests/apps/test_demo_model.py), and `pg-edge finetune FOLDER --data pg_edge/demo/samples` runs on it.
 """
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 from apps.demo_model import arch
 from apps.demo_model.vqvae import VQVAE, crop_masks
 from pg_edge.demo import shapes as S
-from pg_edge.processor import preprocess_image
-from pg_edge.task_text import encode_box
-from pg_edge.tokenizer import Tokenizer
+from pg_edge.inputs.images import preprocess_image
+from pg_edge.tasks.parse import encode_box
+from pg_edge.inputs.tokenizer import Tokenizer
 
 PLACES = ((8, 8, "red"), (60, 40, "blue"), (30, 90, "green"), (100, 100, "yellow"))
 

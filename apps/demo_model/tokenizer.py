@@ -61,7 +61,7 @@ def build(out: Path) -> Path:
 
 if __name__ == "__main__":
     folder = build(Path(sys.argv[1]))
-    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.inputs.tokenizer import Tokenizer
 
     t = Tokenizer(folder)
     print(f"{folder}: {t.vocab_size} pieces, bos {t.bos_id} eos {t.eos_id} pad {t.pad_id} "

@@ -2,7 +2,7 @@
 
     python -m apps.demo_model.vqvae OUT.npz [--steps N]
 
-Architecture = big_vision's mask VQ-VAE (the decoder pg_edge/vae.py runs): a 64x64 box-crop mask
+Architecture = big_vision's mask VQ-VAE (the decoder pg_edge/model/vae.py runs): a 64x64 box-crop mask
 in [-1, 1] -> 4 stride-2 convs (16, 32, 64, 128 channels) -> 2 ResBlocks -> 1x1 conv to E = 8
 -> nearest of 128 codebook rows per cell of the 4x4 grid (16 codes) -> the decoder (1x1 conv to
 128, 2 ResBlocks, 4 transposed convs 128->128->64->32->16, 1x1 conv to 1) -> logits (> 0 =

@@ -22,10 +22,10 @@ from tkinter import filedialog
 import numpy as np
 from PIL import Image
 
-from pg_edge import task_text
 from apps.desktop import DEFAULT_TEXT, MAX_TOKENS
-from pg_edge.draw import draw_objects
-from pg_edge.processor import load_image, to_rgb
+from pg_edge.tasks import parse, prompts
+from pg_edge.tasks.draw import draw_objects
+from pg_edge.inputs.images import load_image, to_rgb
 
 TASKS = ("caption", "ask", "detect", "segment")
 HINTS = {"caption": "language (en, de, ...)", "ask": "question", "detect": "objects: cat ; dog",
@@ -64,12 +64,14 @@ def photo(image: Image.Image) -> tk.PhotoImage:
 
 
 class App:
-    """The window. `pg`: a loaded PaliGemma (or None and `model`: loaded in the background)."""
+    """The window. `pg`: a loaded PaliGemma (or None and `model`: loaded in the background, with
+    `adapters`, a `pg-edge finetune` adapters folder, applied when given)."""
 
     def __init__(self, root: tk.Tk, pg=None, model: str | None = None, image=None,
-                 gen: dict | None = None, vae=None, defaults: dict | None = None):
+                 gen: dict | None = None, vae=None, adapters=None, defaults: dict | None = None):
         """`defaults`: the text field's content per task (DEFAULT_TEXT; DEMO_TEXT for the demo)."""
         self.root, self.pg, self.gen, self.vae = root, pg, gen or {"max_tokens": MAX_TOKENS}, vae
+        self.adapters = adapters
         self.defaults = defaults or DEFAULT_TEXT
         self.image: Image.Image | None = None
         self.result = None  # the last TaskResult (detect/segment) or text (caption/ask)
@@ -140,10 +142,6 @@ class App:
         self.canvas.delete("all")
         self.canvas.create_image(0, 0, anchor="nw", image=self._photo)
 
-    def image_origin(self) -> tuple[int, int]:
-        """Screen position of the image's top-left pixel (for tests and screenshots)."""
-        return self.canvas.winfo_rootx(), self.canvas.winfo_rooty()
-
     # -- actions -------------------------------------------------------------------------
     def choose_image(self) -> None:
         path = filedialog.askopenfilename(title="Open image", filetypes=[
@@ -191,7 +189,7 @@ class App:
         import pg_edge
 
         try:
-            self._events.put(("loaded", pg_edge.load(model)))
+            self._events.put(("loaded", pg_edge.load(model, adapters=self.adapters)))
         except Exception as err:
             self._events.put(("error", f"cannot load {model}: {err}"))
 
@@ -199,13 +197,13 @@ class App:
         t0 = time.perf_counter()
         try:
             if task in ("caption", "ask"):
-                prompt = task_text.caption(text.strip() or "en") if task == "caption" else task_text.answer(text)
+                prompt = prompts.caption(text.strip() or "en") if task == "caption" else prompts.answer(text)
                 self._stream = self.pg.stream(image, prompt, **self.gen)
                 for chunk in self._stream:
                     if chunk.text:
                         self._events.put(("piece", chunk.text))
                     if chunk.result is not None:
-                        clean = task_text.clean_output(chunk.result.text, prompt)
+                        clean = parse.clean_output(chunk.result.text, prompt)
                         self._events.put(("text", clean, chunk.result.finish_reason, time.perf_counter() - t0))
             elif task == "detect":
                 r = self.pg.detect(image, text, **self.gen)

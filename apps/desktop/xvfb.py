@@ -1,6 +1,6 @@
 """Driving the desktop example in a real X window without a screen: Xvfb, xdotool, screenshots.
 
-Used by tests/test_desktop.py and docs/figures/make_desktop_screenshot.py (Linux; needs the
+Used by tests/apps/test_desktop.py and docs/figures/make_desktop_screenshot.py (Linux; needs the
 Debian packages xvfb and xdotool, see .ci/apt-packages.txt).
 
     with Xvfb() as display:              # ":N", a free display number Xvfb chose itself
@@ -65,11 +65,6 @@ def click_widget(display: str, widget) -> None:
     widget.update_idletasks()
     click(display, widget.winfo_rootx() + widget.winfo_width() // 2,
           widget.winfo_rooty() + widget.winfo_height() // 2)
-
-
-def type_text(display: str, text: str) -> None:
-    """Type text into the focused widget, key by key."""
-    xdotool(display, "type", "--delay", "5", text)
 
 
 def screenshot(display: str, box: tuple[int, int, int, int] | None = None) -> Image.Image:

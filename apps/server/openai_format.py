@@ -134,14 +134,18 @@ def parse_chat(body, model_id: str, max_tokens_limit: int) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
-    if body.get("n", 1) != 1:
+    if number(body, "n", 1, integer=True) != 1:
         raise bad("only n=1 is supported", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("'stream_options.include_usage' must be true or false", "stream_options")
 
     image_url, last_user = None, None
     for i, message in enumerate(messages):
@@ -164,7 +168,7 @@ def parse_chat(body, model_id: str, max_tokens_limit: int) -> ChatRequest:
                   "'caption en'", f"messages[{last_user[0]}].content")
     if image_url is None:
         raise bad("no image in the messages: PaliGemma needs one image_url part", "messages")
-    return ChatRequest(model_id, prompt, image_url, stream, bool(options.get("include_usage")),
+    return ChatRequest(model_id, prompt, image_url, stream, include_usage,
                        _stops(body), generation_settings(body, max_tokens_limit))
 
 
@@ -199,7 +203,9 @@ class StopMatcher:
 
 
 def finish_reason(generation_finish: str, stopped: bool) -> str:
-    """OpenAI's finish_reason: "length" at max_tokens, else "stop" (eos or a stop string)."""
+    """OpenAI's finish_reason: "length" at max_tokens, else "stop" (eos or a stop string).
+    (A generation cancelled on the server never gets here: apps/server/endpoints.py answers
+    an error for it instead.)"""
     return "stop" if stopped or generation_finish != "length" else "length"
 
 

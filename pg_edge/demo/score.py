@@ -14,7 +14,7 @@ Forms (FORMS; prompts drawn per image from the image's index, so every run asks 
                     have no absent kind and are left out)
 
 Box and mask IoUs average over the ground-truth objects OF THE KINDS ASKED; masks are compared
-at the original image size (pg_edge.vae.box_mask pastes them). Matching: per image and per
+at the original image size (pg_edge.model.vae.box_mask pastes them). Matching: per image and per
 kind, greedily pair predicted and ground-truth objects by decreasing IoU, each used at most
 once; a ground truth left unpaired scores 0. Predictions matched to nothing, including objects
 of a kind that was not asked for, are counted in `extra` (they do not lower the mean IoU).
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pg_edge import task_text as tasks
+from pg_edge.tasks import parse
 from pg_edge.demo import shapes as S
 
 ALL = S.KINDS
@@ -151,8 +151,8 @@ def evaluate(pg, samples: Sequence[S.Sample], batch: int = 256, vae=None, start:
              forms: Sequence[str] = FORMS) -> Scores:
     """Run every form in `forms` on `samples` with `pg` (a pg_edge.PaliGemma) and score them;
     `start`: the index of samples[0] in its split (the prompts drawn depend on it)."""
-    from pg_edge.model_tasks import find_vae
-    from pg_edge.vae import add_masks
+    from pg_edge.tasks.calls import find_vae
+    from pg_edge.model.vae import add_masks
 
     decoder = find_vae(pg, vae) if any(f.startswith("segment") or f == "absent" for f in forms) else None
     rows = prompts_for(samples, start, forms)
@@ -178,7 +178,7 @@ def evaluate(pg, samples: Sequence[S.Sample], batch: int = 256, vae=None, start:
         elif form == "absent":
             values[form].append(float(text.strip() == ""))
         else:
-            objects = tasks.parse_objects(text, s.image.size).objects
+            objects = parse.parse_objects(text, s.image.size).objects
             masks = form.startswith("segment")
             if masks:
                 objects = add_masks(objects, decoder, s.image.size)

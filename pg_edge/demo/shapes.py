@@ -6,9 +6,9 @@ ImageDraw (no outline, no anti-aliasing). Each shape fills a square box of side 
 least 4 px inside the image, boxes at least 4 px apart. Kinds: circle, square, triangle (apex up
 at the top centre of its box, horizontal base); colours: COLOURS. Kinds and colours may repeat.
 
-Boxes are edge coordinates `(x1, y1, x2, y2)` (as pg_edge.task_text returns them): a box of side s
+Boxes are edge coordinates `(x1, y1, x2, y2)` (as pg_edge.tasks.parse returns them): a box of side s
 at (x, y) covers pixels x..x+s-1, so x2 = x + s. Objects are always listed left to right by box
-centre x (ties: top to bottom). Targets, with `pg_edge.task_text.encode_box`'s bins:
+centre x (ties: top to bottom). Targets, with `pg_edge.tasks.parse.encode_box`'s bins:
 
     caption en                -> "a red circle, a blue square and a green triangle"
     answer en how many shapes? -> "3"
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pg_edge.task_text import encode_box
+from pg_edge.tasks.parse import encode_box
 
 SIZE = 224
 KINDS = ("circle", "square", "triangle")

@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..processor import load_image
+from ..model.masks import suffix_mask_ar
+from ..inputs.images import load_image
 
 SIZE = 224
 
@@ -167,7 +168,7 @@ def teacher_forced(pg, probes: list[Probe], max_new_tokens: int = 8) -> list[Sco
         prompt = pg.prepare([image], [probe.prompt]).input_ids[0]
         gen = pg.generate(image, probe.prompt, max_tokens=max_new_tokens).tokens
         ids = np.concatenate([prompt, np.asarray(gen, dtype=prompt.dtype)])
-        mask_ar = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(gen), np.int32)])
+        mask_ar = suffix_mask_ar(len(prompt), len(gen))
         start = len(prompt) - 1
         out.append(Scored(probe, ids, mask_ar, start, list(gen), score(pg, image, ids, mask_ar, start)))
     return out

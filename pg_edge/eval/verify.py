@@ -25,7 +25,8 @@ import numpy as np
 
 from . import metrics
 from ..errors import PgEdgeError
-from ..folder import is_quantized
+from ..checkpoint.folder import is_quantized
+from ..model.masks import suffix_mask_ar
 from ..pipeline import PaliGemma, load
 from .probes import Probe, Scored, resolve_probes, score, teacher_forced
 from ..reference import ReferenceModel
@@ -77,7 +78,7 @@ def _reference_teacher(ref: ReferenceModel, pg: PaliGemma, probe: Probe, max_tok
     gen = ref.greedy(prompt, inp.pixel_values, max_tokens, eos_id=pg.tokenizer.eos_id,
                      vocab_limit=pg.config.real_vocab_size)
     ids = np.concatenate([prompt, np.asarray(gen, dtype=prompt.dtype)])
-    mask_ar = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(gen), np.int32)])
+    mask_ar = suffix_mask_ar(len(prompt), len(gen))
     s = Scored(probe, ids, mask_ar, len(prompt) - 1, list(gen), None)
     s.logits = _reference_logits(ref, pg, s)
     return s

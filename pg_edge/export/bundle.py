@@ -9,11 +9,13 @@
       tokenizer.model      SentencePiece model of the source folder
 
 The graphs take the weights as inputs (pg_edge.export.graphs), so the bundle is the size of the
-folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle's random id in
-its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
+folder's weights plus a few tens of kB per graph. Each .mlxfn carries the bundle's random id and
+the sizes it was traced for (image size, image tokens, prompt lengths, cache length, vocabulary,
+cache shape) in its metadata and the manifest holds each file's FNV-1a 64 checksum, so a runner can tell a file
 of another bundle (another model) or a damaged file from a good one before MLX parses it.
-The bundle is written with pg_edge.folder's atomic_folder (a temporary folder renamed into
-place: an interrupted export leaves nothing) and its --force rule (check_output).
+The bundle is written with pg_edge.checkpoint.folder's atomic_folder (a temporary folder renamed into
+place: an interrupted export leaves nothing) and pg_edge.checkpoint.output_check's rule (check_output: never the
+model folder, inside it or around it; --force replaces only a pg-edge bundle).
 """
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, PgEdgeError
-from ..folder import atomic_folder, check_output, quantization_section
-from .. import backend, load
+from ..checkpoint.folder import atomic_folder, quantization_section
+from ..checkpoint.output_check import check_output, local_input
+from .. import cpu, load
+from ..inputs.checks import context_length
 from . import graphs
 
 FORMAT = "pg-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each graph's metadata carries the sizes it was traced for ("shapes")
 FUNCTIONS = ("encode", "prefill", "decode")
 
 
@@ -73,16 +77,24 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
     """Export the converted folder (or hub id) `src` into the bundle folder `out`.
 
     prompt_tokens: text tokens a prompt may have after the image tokens (`<bos>` and the "\\n"
-    included); max_tokens: generated tokens the cache holds. Returns the bundle path.
+    included); max_tokens: generated tokens the cache holds; image tokens + both must fit the
+    model's context (max_position_embeddings, 8192), checked before anything is written.
+    Returns the bundle path.
     """
     if prompt_tokens < 3:
         raise PgEdgeError(f"--prompt-tokens must be >= 3 (<bos>, a token, \"\\n\"), got {prompt_tokens}")
     if max_tokens < 1:
         raise PgEdgeError(f"--max-tokens must be >= 1, got {max_tokens}")
-    out = check_output(out, force)
+    check_output(out, force, kind="bundle", inputs=[local_input(src)])
     pg = load(src)
-    if pg.folder is not None and out == pg.folder.resolve():
-        raise PgEdgeError("the bundle folder must differ from the model folder")
+    out = check_output(out, force, kind="bundle", inputs=[pg.folder])  # a hub id's folder too
+    # The cache holds image tokens + prompt + generated tokens: within the model's context, or
+    # the graphs (and the runner's cache) would be sized past what the model can address.
+    n_img, context = pg.config.num_image_tokens, context_length(pg.config)
+    if n_img + prompt_tokens + max_tokens > context:
+        raise PgEdgeError(f"--prompt-tokens {prompt_tokens} + --max-tokens {max_tokens} + {n_img} image tokens "
+                          f"= {n_img + prompt_tokens + max_tokens} is past the model's context of {context} "
+                          f"tokens; keep the two at most {context - n_img} together")
     sp_model = pg.folder / "tokenizer.model"
     if not sp_model.is_file():
         raise CheckpointError(f"{pg.folder} has no tokenizer.model: a bundle needs the SentencePiece "
@@ -94,7 +106,7 @@ def export_bundle(src: str | os.PathLike, out: str | os.PathLike, *, prompt_toke
 
 
 def _write(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens: int, quiet: bool) -> None:
-    with backend.for_tracing(pg.model):  # tracing: no eval inside the graphs
+    with cpu.for_tracing():  # tracing: no eval inside the graphs
         _write_traced(pg, dst, sp_model, prompt_tokens, max_tokens, quiet)
 
 
@@ -134,10 +146,14 @@ def _write_traced(pg, dst: Path, sp_model: Path, prompt_tokens: int, max_tokens:
     }
     functions = {}
     buckets = prompt_buckets(N, prompt_tokens)
+    # The sizes the graphs were traced for, saved inside each (checksummed) graph: a runner
+    # checks the manifest's against them before running anything.
+    shapes = {"image_size": S, "num_image_tokens": N, "max_prompt_tokens": P, "prompt_lengths": buckets,
+              "max_context": L, "vocab_size": vocab, "cache_shape": list(cache[0].shape)}
     for name, (fun, args, w, outs) in calls.items():
         _say(quiet, f"export {name}.mlxfn")
         f = dst / f"{name}.mlxfn"
-        meta = json.dumps({"format": FORMAT, "bundle_id": bundle_id, "function": name})
+        meta = json.dumps({"format": FORMAT, "bundle_id": bundle_id, "function": name, "shapes": shapes})
         with mx.exporter(str(f), fun, metadata=meta) as export:
             # prefill: one trace per prompt bucket (the example arrays are the longest's).
             for p in (buckets if name == "prefill" else [None]):

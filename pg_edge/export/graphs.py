@@ -23,9 +23,9 @@ masked or overwritten before it becomes visible.
 
 The prefix-LM mask: the whole prompt (image + `<bos>` + prefix + "\\n") is the bidirectional
 prefix, so in prefill every query attends to every real key (`j < length`) in every layer --
-Gemma2's sliding window never narrows the prefix block (pg_edge.gemma.prefix_lm_mask). A decoded
+Gemma2's sliding window never narrows the prefix block (pg_edge.model.gemma.prefix_lm_mask). A decoded
 token is causal: it sees keys `j <= position`, and on sliding layers only `position - j <
-window` (pg_edge.gemma.decode_mask). logprobs are computed as pg_edge.generate samples from
+window` (pg_edge.model.gemma.decode_mask). logprobs are computed as pg_edge.generate samples from
 them: float32 logits minus their logsumexp, over the real vocabulary only, so no id past it
 can ever be chosen.
 """
@@ -37,7 +37,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 DECODER_PREFIXES = ("language_model.",)
@@ -117,7 +117,7 @@ def make_prefill(model: PaliGemmaModel, max_context: int, vocab: int) -> Callabl
         h = model.embed(ids, features)
         real = mx.arange(P)[None, :] < length[:, None]  # bool[1, P]: real keys
         mask = mx.broadcast_to(real[:, None, None, :], (1, 1, P, P))
-        h = lm.model(h, {w: mask for w in lm.windows()}, 0, caches)
+        h = lm.model(h, {w: mask for w in set(model.layer_windows())}, 0, caches)
         last = mx.take(h, (length - 1).astype(mx.int32), axis=1)  # float[1, 1, D]
         pad = [(0, 0), (0, 0), (0, max_context - P), (0, 0)]
         out = [_logprobs(model, last, vocab)]
@@ -141,7 +141,7 @@ def make_decode(model: PaliGemmaModel, max_context: int, vocab: int) -> Callable
         k_idx = mx.arange(max_context)[None, :]
         q_idx = position.astype(mx.int32)[:, None]
         masks = {}
-        for w in lm.windows():
+        for w in set(model.layer_windows()):
             ok = k_idx <= q_idx
             if w is not None:
                 ok = ok & ((q_idx - k_idx) < w)

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from pg_edge.errors import CheckpointError
-from pg_edge.folder import quantization_section
+from pg_edge.checkpoint.folder import quantization_section
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:

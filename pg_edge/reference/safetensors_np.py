@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pg_edge.errors import CheckpointError
-from pg_edge.safetensors_check import check_safetensors, read_index
+from pg_edge.checkpoint.safetensors_check import check_safetensors, read_index
 
 # safetensors dtype name -> NumPy dtype of the stored bytes ("BF16" is converted on read).
 DTYPES = {
@@ -50,7 +50,7 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def read_header(path: str | Path) -> tuple[dict, int]:
     """The JSON header of a .safetensors file and the byte offset where the tensor data starts.
-    The file is first checked by pg_edge.safetensors_check (the format's rules, regular files
+    The file is first checked by pg_edge.checkpoint.safetensors_check (the format's rules, regular files
     only), the same check the MLX loader applies."""
     path = Path(path)
     check_safetensors(path)
@@ -185,11 +185,11 @@ def read_config(folder: str | Path) -> dict:
 
 class HFLayoutWeights(Mapping):
     """An original Hugging Face checkpoint seen with converted-folder names and layouts: any of
-    the three HF key layouts renamed to the classic names (pg_edge.weights.canonical_key), the
+    the three HF key layouts renamed to the classic names (pg_edge.checkpoint.weights.canonical_key), the
     patch conv OIHW -> OHWI, buffers and the tied LM head dropped. Lazy like FolderWeights."""
 
     def __init__(self, weights: FolderWeights):
-        from pg_edge.weights import canonical_key, is_dropped
+        from pg_edge.checkpoint.weights import canonical_key, is_dropped
 
         self.weights = weights
         self._source = {}

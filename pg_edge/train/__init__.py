@@ -4,16 +4,16 @@ the suffix only, and a choice of what trains.
     data.py        (image, prefix, suffix) examples from JSONL or a folder, checked up front;
                    right-padded batches with mask_ar / valid / loss masks
     loss.py        next-token cross-entropy on suffix tokens, per-example or per-token mean
-    modes.py       attn (big_vision's recipe) / lora (QLoRA on a quantized base) / full,
-                   with or without a frozen SigLIP
+    (pg_edge/adapters.py: the modes, attn (big_vision's recipe) / lora (QLoRA on a quantized
+                   base) / full, with or without a frozen SigLIP; the runtime applies saved ones)
     trainer.py     SGD / AdamW, warmup + cosine, accumulation, clipping, data parallelism
     evaluate.py    validation loss, exact match / box IoU of greedy outputs
     checkpoint.py  atomic checkpoints and exact resume
     export.py      adapters, or a fused converted folder
-    cli.py         `pg-edge finetune`
+    (`pg-edge finetune` is pg_edge.cli.commands.finetune, apps/cli/commands/finetune.py)
 
-    from pg_edge.loader import load_model
-    from pg_edge.tokenizer import Tokenizer
+    from pg_edge.checkpoint.loader import load_model
+    from pg_edge.inputs.tokenizer import Tokenizer
     from pg_edge.train import ModeSpec, TrainConfig, Trainer, load_dataset
 
     model, config, folder = load_model("pg2-3b-224")
@@ -22,9 +22,9 @@ the suffix only, and a choice of what trains.
     trainer = Trainer(model, ModeSpec("attn"), TrainConfig.for_mode("attn", steps=64), data)
     trainer.fit()
 """
+from ..adapters import LoraSettings, ModeSpec, apply_mode, trainable_names
 from .data import Batch, DataError, Dataset, Example, load_dataset, read_examples
 from .loss import suffix_loss, token_nll
-from .modes import LoraSettings, ModeSpec, apply_mode, trainable_names
 from .trainer import TrainConfig, Trainer
 
 __all__ = [

@@ -10,7 +10,7 @@ and Trainer.micro_batches), so the step and seed in state.json pin them; nothing
 needs saving. The base weights are not saved: a resume loads the same base model again.
 
 Every folder is written under a temporary name and renamed into place when complete
-(pg_edge.folder.atomic_folder), so an interrupted save never leaves a half checkpoint that a
+(pg_edge.checkpoint.folder.atomic_folder), so an interrupted save never leaves a half checkpoint that a
 resume would pick up.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import __version__
 from ..errors import PgEdgeError
-from ..atomic import save_safetensors
-from ..folder import atomic_folder
-from ..safetensors_check import load_safetensors
+from ..checkpoint.atomic import save_safetensors
+from ..checkpoint.folder import atomic_folder
+from ..checkpoint.safetensors_check import load_safetensors
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"

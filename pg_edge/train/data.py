@@ -5,10 +5,14 @@ Sources:
                   "suffix": "a cat on a sofa"}; image paths are relative to the JSONL file
                   (absolute paths are kept). Blank lines are skipped.
     folder        a folder holding `labels.jsonl` in that same form, images beside it or below.
+    COCO file     a *.json COCO detection file (what `pg-edge label` writes, or any): boxes become
+                  `<loc>` answers, masks `<seg>` answers, see pg_edge/train/coco.py.
 
 Every line is checked before any training starts (the file is JSON, the keys are there and are
-strings, the image exists and is an image); all bad lines are reported
-at once, each by file and line number, as one `DataError`.
+strings, the image exists and is an image within the pixel limit, from its header); all bad
+lines are reported at once, each by file and line number, as one `DataError`. With the model's
+context length (`context`, as `pg-edge finetune` and the Trainer pass it), every example must fit
+it too.
 
 One example becomes one row (big_vision's layout, and the one inference uses):
 
@@ -35,11 +39,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from ..errors import PgEdgeError
-from ..processor import preprocess_image
-from ..tokenizer import Tokenizer
+from ..errors import ImageError, PgEdgeError
+from ..inputs.images import check_header
+from ..model.masks import suffix_mask_ar
+from ..inputs.images import preprocess_image
+from ..inputs.tokenizer import Tokenizer
 
 REQUIRED_KEYS = ("image", "prefix", "suffix")
 FOLDER_LABELS = "labels.jsonl"
@@ -86,6 +90,8 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         return f"not valid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return "JSON nested too deeply (expected one flat object)"
     if not isinstance(obj, dict):
         return f"expected a JSON object with keys {', '.join(REQUIRED_KEYS)}, got {type(obj).__name__}"
     missing = [k for k in REQUIRED_KEYS if k not in obj]
@@ -101,16 +107,21 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
     if not path.is_file():
         return f"image not found: {path}"
     try:
-        with Image.open(path) as im:  # reads the header only: cheap, and catches non-images
-            im.size
-    except (UnidentifiedImageError, OSError) as err:
-        return f"cannot read image {path}: {err}"
+        check_header(path, str(path))  # the header only: cheap; non-images, FIFOs, pixel limit
+    except ImageError as err:
+        return str(err)
     return Example(path, obj["prefix"], obj["suffix"], where)
 
 
-def read_examples(source: str | Path) -> list[Example]:
-    """All examples of a JSONL file or a folder with labels.jsonl; DataError on any bad line."""
+def read_examples(source: str | Path, coco=None, note=lambda _: None) -> list[Example]:
+    """All examples of a JSONL file, a folder with labels.jsonl or a COCO *.json file (read with
+    `coco`, a pg_edge.train.coco.CocoOptions, default ones if None; `note` gets its remarks);
+    DataError on any bad line."""
     src = Path(source).expanduser()
+    from .coco import CocoOptions, is_coco, read_coco
+
+    if is_coco(src) and not src.is_dir():
+        return read_coco(src, coco or CocoOptions(), note)
     if src.is_dir():
         jsonl = src / FOLDER_LABELS
         if not jsonl.is_file():
@@ -147,7 +158,8 @@ class Dataset:
     the whole set fits in CACHE_BYTES, else decoded again each epoch)."""
 
     def __init__(self, examples: Sequence[Example], tokenizer: Tokenizer, image_size: int,
-                 num_image_tokens: int, max_len: int | None = None, cache_images: bool | None = None):
+                 num_image_tokens: int, max_len: int | None = None, cache_images: bool | None = None,
+                 context: int | None = None):
         self.examples = list(examples)
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -165,12 +177,26 @@ class Dataset:
                 suffix = suffix[:max_len - len(prompt)]
             self.prompts.append(prompt)
             self.suffixes.append(suffix)
+        if context is not None:
+            self.check_context(context)
         if cache_images is None:
             cache_images = len(self.examples) * image_size * image_size * 3 * 4 <= CACHE_BYTES
         self._pixels: dict[int, np.ndarray] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def check_context(self, context: int) -> None:
+        """DataError naming every example whose row (image tokens, prompt, suffix, eos) is longer
+        than the model's `context` tokens: refused before any compute, not in the gradient step."""
+        long = [(ex.where, len(p) + len(s)) for ex, p, s in zip(self.examples, self.prompts, self.suffixes)
+                if len(p) + len(s) > context]
+        if long:
+            listed = "; ".join(f"{w}: {n:,} tokens" for w, n in long[:MAX_REPORTED])
+            more = f" (and {len(long) - MAX_REPORTED} more)" if len(long) > MAX_REPORTED else ""
+            raise DataError(f"{len(long)} example(s) longer than the model's context of {context:,} tokens "
+                            f"(image tokens, prompt, suffix and eos): {listed}{more}; shorten them or "
+                            f"pass --max-len (at most {context:,})")
 
     def loss_tokens(self, index: Sequence[int]) -> np.ndarray:
         """int[len(index)]: suffix tokens (eos included) each example is trained on."""
@@ -198,7 +224,7 @@ class Dataset:
         for b, (p, s) in enumerate(rows):
             n = len(p) + len(s)
             ids[b, :n] = p + s
-            mask_ar[b, len(p):n] = 1
+            mask_ar[b] = suffix_mask_ar(len(p), len(s), T)
             loss[b, len(p):n] = True
             valid[b, :n] = True
         pixels = np.stack([self.pixels(int(i)) for i in index])
@@ -213,9 +239,13 @@ class Dataset:
 
 
 def load_dataset(source: str | Path, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
-                 max_len: int | None = None) -> Dataset:
-    """read_examples + tokenization: everything that can fail on bad data, before training."""
-    return Dataset(read_examples(source), tokenizer, image_size, num_image_tokens, max_len)
+                 max_len: int | None = None, context: int | None = None, coco=None,
+                 note=lambda _: None) -> Dataset:
+    """read_examples + tokenization: everything that can fail on bad data, before training
+    (with `context`, the model's context length, also every example's length; `coco` and `note`:
+    see read_examples)."""
+    return Dataset(read_examples(source, coco, note), tokenizer, image_size, num_image_tokens, max_len,
+                   context=context)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

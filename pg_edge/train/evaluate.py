@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..generate import generate_batch
-from ..paligemma import PaliGemmaModel
-from ..processor import left_pad
-from ..task_text import parse_objects
+from ..model.paligemma import PaliGemmaModel
+from ..inputs.processor import left_pad
+from ..tasks.parse import parse_objects
 from .data import Dataset
 from .loss import loss_inputs, weighted_loss
 

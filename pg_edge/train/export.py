@@ -21,13 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..mlx_lm_parts import LoRALinear
+from .._mlx_lm import LoRALinear
 from .. import __version__
-from ..atomic import save_safetensors
-from ..folder import FolderWriter, atomic_folder, check_output, is_quantized, read_config
-from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
-from ..paligemma import PaliGemmaModel
-from .modes import ModeSpec, apply_mode, lora_targets
+from ..checkpoint.atomic import save_safetensors
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, ModeSpec, apply_mode, base_fingerprint, lora_targets
+from ..checkpoint.folder import FolderWriter, atomic_folder, is_quantized, read_config
+from ..model.paligemma import PaliGemmaModel
+from ..checkpoint.output_check import check_output
 
 
 
@@ -44,12 +44,13 @@ def save_adapters(model: PaliGemmaModel, spec: ModeSpec, out: str | Path, *, bas
                   base_dtype: mx.Dtype = mx.float32, step: int = 0, force: bool = False) -> Path:
     """Write the trainable parameters and what is needed to re-apply them."""
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, kind="adapters")
     params = dict(tree_flatten(model.trainable_parameters()))
     if spec.mode != "lora":  # trained base weights: back to the base's dtype
         params = _cast(params, base_dtype)
     config = {
         "format": "pg_edge-adapters", "pg_edge_version": __version__, "base_model": base_model,
+        "base_fingerprint": base_fingerprint(model),
         "base_dtype": _dtype_name(base_dtype), "step": step, **spec.to_dict(),
     }
     if spec.mode == "lora":
@@ -75,13 +76,14 @@ def save_fused(model: PaliGemmaModel, base_folder: str | Path, out: str | Path, 
 
     base_folder: the folder the base model was loaded from (config.json, tokenizer files)."""
     out, base_folder = Path(out), Path(base_folder)
-    check_output(out, force)
+    check_output(out, force, kind="model", inputs=[base_folder])
     fuse_lora(model)
     weights = _cast(dict(tree_flatten(model.parameters())), base_dtype)
     raw = dict(read_config(base_folder).raw)
     if not is_quantized(raw):
         raw["torch_dtype"] = _dtype_name(base_dtype)
-    with FolderWriter(out, force=force, source=str(base_folder), converter="finetune") as writer:
+    with FolderWriter(out, force=force, source=str(base_folder), converter="finetune",
+                      inputs=[base_folder]) as writer:
         writer.add_weights(weights)
         writer.finish(raw, source_folder=base_folder)
     return out

@@ -2,7 +2,9 @@
 
 The logits at position t predict token t + 1, so the target suffix + eos tokens at positions
 P .. P+n-1 are predicted by positions P-1 .. P+n-2: the "\\n" that ends the prefix predicts the
-first suffix token. Image, prefix and padding tokens are never targets.
+first suffix token. Image, prefix and padding tokens are never targets: under the
+bidirectional prefix, position i already sees token i + 1, so a loss there would be a copy task
+(docs/finetuning.md, "Loss on the suffix only").
 
 Only the hidden states of those predicting positions go through the LM head: with a
 257216-row vocabulary the head is most of the work for short suffixes, and a full
@@ -24,7 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
 from .data import Batch
 
 NORMALIZATIONS = ("example", "token")

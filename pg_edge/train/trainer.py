@@ -29,13 +29,15 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..checkpoint.atomic import atomic_file
 from ..errors import PgEdgeError
-from ..paligemma import PaliGemmaModel
+from ..model.paligemma import PaliGemmaModel
+from ..inputs.checks import context_length
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .data import Dataset, batch_indices, split
 from .evaluate import evaluate
 from .loss import NORMALIZATIONS, loss_inputs, weighted_loss
-from .modes import ModeSpec, apply_mode, base_dtype, count_parameters
+from ..adapters import ModeSpec, apply_mode, base_dtype, count_parameters
 
 # Defaults per mode. attn: big_vision's colab (SGD 0.03, 10% warmup, no clipping). full:
 # big_vision's transfer configs (Adam 1e-5, clip 1.0, 5% warmup, wd 3e-7). big_vision decays
@@ -164,6 +166,10 @@ class Trainer:
         self.group = group if group is not None else mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
         cfg.check(self.world)
+        context = context_length(model.config)
+        for data in (train, valid):  # a row past the context would crash the gradient step
+            if data is not None:
+                data.check_context(context)
         self.model, self.spec, self.cfg = model, spec, cfg
         self.train_data, self.valid_data = train, valid
         self.out = Path(out) if out is not None else None
@@ -291,5 +297,23 @@ class Trainer:
                               f"now {self.train_data.fingerprint()})")
         load_checkpoint(ckpt, self.model, self.optimizer)
         self.step = int(saved["step"])
+        self._trim_log()
         self.progress.note(f"resumed from {ckpt} at step {self.step}")
         return self.step
+
+    def _trim_log(self) -> None:
+        """Drop log.jsonl records past the resumed step (logged after the checkpoint, by the run
+        that stopped; they are trained again) and any torn last line, so no step appears twice."""
+        log = self.out / "log.jsonl" if self.out is not None and self.rank == 0 else None
+        if log is None or not log.is_file():
+            return
+        kept = []
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step:
+                kept.append(line + "\n")
+        with atomic_file(log) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")

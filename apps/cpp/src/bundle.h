@@ -14,7 +14,8 @@ namespace pgedge {
 struct Manifest {
   std::string dir, bundle_id, mlx_version, tokenizer_file;
   int image_size = 0, num_image_tokens = 0, max_prompt_tokens = 0, max_context = 0;
-  int vocab_size = 0;
+  int vocab_size = 0;   // logits the graphs return (the real vocabulary)
+  int embed_rows = 0;   // rows of the token embedding: every input id must be below it
   std::vector<int> prompt_lengths;  // padded lengths prefill has a trace for, ascending
   SpecialIds ids;
 };
@@ -25,8 +26,11 @@ struct Timings {
 
 class Runner {
  public:
-  // Reads and checks the whole bundle: manifest format, each graph's checksum and bundle id,
-  // the weights' bundle id, names, shapes and dtypes. Throws std::runtime_error (one line).
+  // Reads and checks the whole bundle before anything runs: every file a regular file inside the
+  // bundle (plain names only, sizes bounded), manifest format, each graph's checksum and bundle
+  // id, the manifest's sizes against those saved in each graph's metadata, the special token
+  // ids against the embedding, the weights' bundle id, names, shapes and dtypes. Throws
+  // std::runtime_error (one line).
   explicit Runner(const std::string& dir);
   ~Runner();
   const Manifest& manifest() const;

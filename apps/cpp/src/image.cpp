@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -20,10 +21,24 @@
 namespace pgedge {
 namespace {
 
+constexpr uintmax_t kMaxImageBytes = 1ull << 30;
+
+// A regular file only (a FIFO would block, /dev/zero never ends), of at most kMaxImageBytes,
+// checked before it is opened.
 std::vector<uint8_t> read_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw std::runtime_error("image not found: " + path);
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw std::runtime_error("cannot read image " + path + ": not a regular file (a FIFO, device or folder?)");
+  uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec || size > kMaxImageBytes)
+    throw std::runtime_error("cannot read image " + path + ": " + (ec ? ec.message() : "larger than 1 GiB"));
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("image not found: " + path);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  if (!f) throw std::runtime_error("cannot read image " + path);
+  std::vector<uint8_t> data(static_cast<size_t>(size));
+  f.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(size));
+  if (static_cast<uintmax_t>(f.gcount()) != size) throw std::runtime_error("cannot read image " + path + ": it changed while being read");
+  return data;
 }
 
 // Pillow's AlphaComposite.c with a white, opaque destination: out = src over white.
@@ -39,7 +54,7 @@ uint8_t over_white(uint32_t c, uint32_t a) {
   return static_cast<uint8_t>(div255(t + (0x80u << PB)) >> PB);
 }
 
-// pg_edge.image_limits' pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
+// pg_edge.inputs.images's pixel limit (PG_EDGE_MAX_IMAGE_PIXELS, default 100 million), checked
 // from the header before any pixel is decoded.
 void check_pixels(long long w, long long h, const std::string& path) {
   const char* env = std::getenv("PG_EDGE_MAX_IMAGE_PIXELS");
@@ -267,7 +282,7 @@ uint8_t clip8(int32_t v) {
 
 RgbImage read_image(const std::string& path) {
   std::vector<uint8_t> data = read_file(path);
-  // Decoded, then turned upright by its EXIF orientation (as pg_edge.image_limits does).
+  // Decoded, then turned upright by its EXIF orientation (as pg_edge.inputs.images does).
   if (data.size() >= 8 && data[0] == 0x89 && data[1] == 'P' && data[2] == 'N' && data[3] == 'G')
     return upright(decode_png(data, path), png_orientation(data));
   if (data.size() >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF)

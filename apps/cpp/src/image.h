@@ -1,4 +1,4 @@
-// Image reading and PaliGemma preprocessing, the way pg_edge.processor does it with Pillow.
+// Image reading and PaliGemma preprocessing, the way pg_edge.inputs.processor does it with Pillow.
 #pragma once
 
 #include <cstdint>

@@ -163,13 +163,21 @@ int run(const Args& a) {
   return 0;
 }
 
+// One line of at most 400 characters: some MLX messages list every input (kilobytes).
+std::string one_line(std::string s) {
+  for (char& c : s)
+    if (c == '\n' || c == '\r') c = ' ';
+  if (s.size() > 400) s = s.substr(0, 400) + "...";
+  return s;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     return run(parse_args(argc, argv));
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "pg-edge-run: error: %s\n", e.what());
+    std::fprintf(stderr, "pg-edge-run: error: %s\n", one_line(e.what()).c_str());
     return 2;
   } catch (...) {
     std::fprintf(stderr, "pg-edge-run: error: unexpected failure\n");

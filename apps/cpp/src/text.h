@@ -59,7 +59,7 @@ struct Skipped {
   std::string text, reason;
 };
 
-// pg_edge.task_text.parse_objects' grammar: objects joined by ";", each <locY1><locX1><locY2><locX2>
+// pg_edge.tasks.parse.parse_objects' grammar: objects joined by ";", each <locY1><locX1><locY2><locX2>
 // [<segNNN> x 16] label; bins / 1023 * image size; malformed pieces skipped with a reason.
 void parse_objects(const std::string& text, int width, int height, std::vector<DetectedObject>& objects,
                    std::vector<Skipped>& skipped);

@@ -1,0 +1,159 @@
+"""4-bit decode products against this machine's memory-bandwidth roofline (issue 21).
+
+    python bench/qmv_decode.py [--repeat 5] [--threads 2] [--layers 26] [--read-mb 2048]
+
+In one run, interleaved round by round (the figures move when other work shares the cores):
+  - read bandwidth: numpy summing a --read-mb float32 array (default 2 GB: larger than the
+    last-level cache, 480 MB on this project's machine), split over --threads threads (numpy
+    releases the GIL in its reductions), GB/s;
+  - PaliGemma 2 3B's 4-bit products (group 64, bf16 scales as pg-edge quantize stores them),
+    one token (x [1, K] float32): the MLP's 2304x9216 (down) and 9216x2304 (gate/up) and the
+    tied LM head 257216x2304, each by pg_edge's compiled matvec (pg_edge.cpu.qmv), by MLX's
+    CPU kernel on one stream (mx.quantized_matmul, float32 x and scales: its fast kernel) and by
+    pg_edge's CPU product without the compiled kernel (MLX's kernel split over the streams);
+  - a decode step's products: each Gemma2 layer's seven (q 2048, k 1024, v 1024, o 2304x2048,
+    gate, up, down) for 26 layers, over --layers distinct copies (default 26: all distinct,
+    1.47 GB with the head, more than the cache holds), plus the LM head. Attention, norms and sampling are not in it: a decode step's floor.
+Effective GB/s = bytes of packed weights + scales + biases / time; the fraction is of the
+read bandwidth measured in the same round. Each figure: best and median of the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pg_edge.cpu import products, streams  # noqa: E402
+from pg_edge.cpu import qmv  # noqa: E402
+
+HIDDEN, LAYERS = 2304, 26
+LAYER_SHAPES = {"q": (2048, 2304), "k": (1024, 2304), "v": (1024, 2304), "o": (2304, 2048),
+                "gate": (9216, 2304), "up": (9216, 2304), "down": (2304, 9216)}
+PRODUCTS = {"down 2304x9216": (2304, 9216), "gate/up 9216x2304": (9216, 2304),
+            "lm head 257216x2304": (257216, 2304)}
+
+
+def read_bandwidth(threads: int, mb: int) -> float:
+    """GB/s of numpy summing `mb` MB of float32 on `threads` threads at once (best of 3)."""
+    a = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(3):
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def layer(n: int, k: int, seed: int) -> nn.QuantizedLinear:
+    q = nn.QuantizedLinear(k, n, bias=False, group_size=64, bits=4)
+    w = mx.random.normal((n, k), key=mx.random.key(seed)).astype(mx.bfloat16) * 0.02
+    wq, s, b = mx.quantize(w, group_size=64, bits=4)
+    q.update({"weight": wq, "scales": s, "biases": b})
+    q.eval()
+    q.__class__ = products.CpuQuantizedLinear
+    mx.eval(q.parameters())
+    return q
+
+
+def nbytes(q) -> int:
+    return sum(q[k].nbytes for k in ("weight", "scales", "biases"))
+
+
+def mlx_one_stream(q, x):
+    s, b = products.float32_scales(q)
+    return mx.quantized_matmul(x, q["weight"], s, b, transpose=True, group_size=64, bits=4)
+
+
+def timed(fn, n: int) -> float:
+    mx.eval(fn())
+    t = time.perf_counter()
+    for _ in range(n):
+        mx.eval(fn())
+    return (time.perf_counter() - t) / n
+
+
+def with_qmv(on: bool, fn):
+    """fn() with the compiled kernel taken (on) or not (off) by pg_edge's CPU product."""
+    keep = qmv.MAX_ROWS
+    qmv.MAX_ROWS = keep if on else 0
+    try:
+        return fn()
+    finally:
+        qmv.MAX_ROWS = keep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the bandwidth read")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="distinct layer copies in the step")
+    ap.add_argument("--read-mb", type=int, default=2048, help="size of the bandwidth read")
+    args = ap.parse_args()
+    print(f"quantized matvec: {qmv.kernel()}; MLX {mx.__version__}; {streams.stream_count()} CPU streams")
+    if qmv.module() is None:
+        sys.exit("build it first: python -m pg_edge.cpu.qmv build")
+    products = {name: layer(n, k, i) for i, (name, (n, k)) in enumerate(PRODUCTS.items())}
+    stack = [{name: layer(n, k, 100 + 10 * j + i) for i, (name, (n, k)) in enumerate(LAYER_SHAPES.items())}
+             for j in range(min(args.layers, LAYERS))]
+    head = products["lm head 257216x2304"]
+    step_bytes = LAYERS * sum(nbytes(q) for q in stack[0].values()) + nbytes(head)
+    xs = {k: mx.random.normal((1, k)) for k in (2048, 2304, 9216)}
+    mx.eval(xs)
+
+    def step():
+        """Seconds of one decode step's products: LAYERS layers (cycling the copies) + head."""
+        t = time.perf_counter()
+        for i in range(LAYERS):
+            mx.eval([q(xs[q["scales"].shape[1] * 64]) for q in stack[i % len(stack)].values()])
+        mx.eval(head(xs[HIDDEN]))
+        return time.perf_counter() - t
+
+    rows: dict[str, list[tuple[float, float]]] = {}  # name -> [(seconds, bandwidth GB/s)]
+    for r in range(args.repeat):
+        bw = read_bandwidth(args.threads, args.read_mb)
+        rows.setdefault("read bandwidth (numpy)", []).append((0.0, bw))
+        for name, q in products.items():
+            x, n = xs[q["scales"].shape[1] * 64], (2 if "head" in name else 20)
+            for label, fn in [("pg_edge qmv", lambda: with_qmv(True, lambda: q(x))),
+                              ("mlx, 1 stream", lambda: mlx_one_stream(q, x)),
+                              ("pg_edge w/o qmv", lambda: with_qmv(False, lambda: q(x)))]:
+                rows.setdefault(f"{name}: {label}", []).append((timed(fn, n), bw))
+        for label, on in [("pg_edge qmv", True), ("pg_edge w/o qmv", False)]:
+            with_qmv(on, step)  # warm
+            rows.setdefault(f"decode step products: {label}", []).append((with_qmv(on, step), bw))
+        print(f"round {r + 1}/{args.repeat} done (read {bw:.1f} GB/s)", file=sys.stderr)
+
+    sizes = {f"{name}: {lbl}": nbytes(q) for name, q in products.items()
+             for lbl in ("pg_edge qmv", "mlx, 1 stream", "pg_edge w/o qmv")}
+    sizes.update({f"decode step products: {lbl}": step_bytes for lbl in ("pg_edge qmv", "pg_edge w/o qmv")})
+    print(f"\n{'':44} {'ms best':>9} {'ms median':>9} {'GB/s best':>9} {'of roofline':>11} {'median':>7}")
+    for name, runs in rows.items():
+        if name.startswith("read"):
+            bws = [b for _, b in runs]
+            print(f"{name:44} {'':>9} {'':>9} {max(bws):9.1f}   (rounds: {' '.join(f'{b:.1f}' for b in bws)})")
+            continue
+        secs = [s for s, _ in runs]
+        gbs = [sizes[name] / s / 1e9 for s in secs]
+        frac = [g / b for g, (_, b) in zip(gbs, runs)]
+        print(f"{name:44} {1e3 * min(secs):9.2f} {1e3 * statistics.median(secs):9.2f} {max(gbs):9.2f} "
+              f"{max(frac):10.0%} {statistics.median(frac):7.0%}")
+    print(f"\ndecode step products read {step_bytes / 1e9:.3f} GB ({LAYERS} layers + LM head); "
+          f"roofline at the best read bandwidth: {max(b for _, b in rows['read bandwidth (numpy)']) * 1e9 / step_bytes:.1f} steps/s")
+
+
+if __name__ == "__main__":
+    main()

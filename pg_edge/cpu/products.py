@@ -1,0 +1,148 @@
+"""Big products the CPU way: `Linear` / `Embedding` (quantized or not) variants with the same
+parameters, which `pg_edge.cpu.apply` swaps in at load.
+
+On MLX's CPU backend `mx.quantized_matmul` is fast only with float32 activations or scales;
+for many rows (prefill, SigLIP's patches) dequantizing and running the BLAS GEMM beats it; and
+every kernel runs on one core, so a product split by output rows over one CPU stream per core
+runs its pieces side by side (measurements: docs/performance.md). Decode-sized quantized
+products take pg_edge's compiled matvec instead when it is built (pg_edge.cpu.qmv). The variants keep the stored
+weights (the pieces are views) and only change how the product is computed; the output dtype
+always equals the input dtype, as on Metal.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import qmv
+from .streams import cpu_streams, on_streams, stream_count, tracing
+
+# Rows (tokens x batch) from which a CPU quantized product dequantizes and runs a dense GEMM.
+DENSE_ROWS = 32
+# ... unless the weight is bigger than this (the tied LM head, whose dequantized copy a
+# training step would keep for its backward pass); those keep the float32 kernel.
+DENSE_MAX_ELEMENTS = 64 * 2**20
+# Weight elements dequantized per piece of a dense product (8 MB in float32): smaller pieces,
+# lower MLX peak (docs/performance.md, "Dense prefill in bounded pieces").
+DENSE_PIECE_ELEMENTS = 2 * 2**20
+# Weights from this many elements are split over the CPU streams; smaller ones cost less than
+# the extra dispatch.
+SPLIT_MIN_ELEMENTS = 2 * 2**20
+# Unquantized weights split only in products with fewer rows than this (decode): a training
+# step's backward pass through sliced weights would build full-size zero gradients per piece.
+SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
+
+
+def row_pieces(out_rows: int, in_size: int, dense: bool, split: bool) -> list[tuple[int, int]]:
+    """[lo, hi) output-row ranges a product of an [out_rows, in_size] weight is computed in:
+    a multiple of the stream count when split, and pieces of at most DENSE_PIECE_ELEMENTS
+    when dense."""
+    n = 1
+    if dense:
+        n = math.ceil(out_rows * in_size / DENSE_PIECE_ELEMENTS)
+    if split:
+        s = stream_count()
+        n = s * math.ceil(n / s)
+    n = max(1, min(n, out_rows))
+    step = math.ceil(out_rows / n)
+    return [(lo, min(lo + step, out_rows)) for lo in range(0, out_rows, step)]
+
+
+def _quantized_piece(layer, x, lo, hi, dense, stream):
+    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    if (lo, hi) != (0, scales.shape[0]):
+        w, scales = w[lo:hi], scales[lo:hi]
+        biases = None if biases is None else biases[lo:hi]
+    if dense:
+        # Dequantized in the activation dtype: float32 inputs get the exact float32 weights;
+        # for bf16 inputs the bf16 rounding (2^-8 relative) is far below the 4/8-bit step.
+        scales = scales.astype(x.dtype, stream=stream)
+        biases = None if biases is None else biases.astype(x.dtype, stream=stream)
+        wd = mx.dequantize(w, scales, biases, group_size=layer.group_size, bits=layer.bits,
+                           mode=layer.mode, stream=stream)
+        return mx.matmul(x, wd.T, stream=stream)
+    x32 = x if x.dtype == mx.float32 else x.astype(mx.float32, stream=stream)
+    y = mx.quantized_matmul(x32, w, scales=scales, biases=biases, transpose=True,
+                            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                            stream=stream)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype, stream=stream)
+
+
+def cpu_quantized_product(layer, x: mx.array) -> mx.array:
+    """x float[..., in] @ dequant(weight).T -> float[..., out] in x's dtype, the CPU way."""
+    rows = x.size // x.shape[-1]
+    if rows <= qmv.MAX_ROWS and not layer.training and not tracing() and qmv.supports(layer, x):
+        # decode: pg_edge's compiled matvec when built (pg_edge.cpu.qmv), on all cores itself
+        return qmv.product(layer, x)
+    out_rows, in_size = layer["scales"].shape[0], x.shape[-1]
+    elements = out_rows * in_size
+    dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
+    if not dense and elements < SPLIT_MIN_ELEMENTS:  # the common small matvec: one kernel call
+        if x.dtype == mx.float32 and not tracing():
+            # float32 copies of the (small) scales and biases, made once: MLX would otherwise
+            # cast them to the activations' dtype in two extra ops per call.
+            scales, biases = float32_scales(layer)
+            return mx.quantized_matmul(x, layer["weight"], scales=scales, biases=biases, transpose=True,
+                                       group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return _quantized_piece(layer, x, 0, out_rows, False, None)
+    pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
+    # Inference prefill: one piece per stream at a time. Left lazy, MLX dequantizes pieces
+    # ahead of the products that use them, and a dozen float32 pieces (8 MB each) can be alive.
+    eager = dense and not layer.training and not tracing()
+    parts = on_streams(lambda i, stream: _quantized_piece(layer, x, *pieces[i], dense, stream), len(pieces), eager)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def float32_scales(layer) -> tuple:
+    """(scales, biases) of a quantized layer in float32, cached on the layer (outside its
+    parameters) until its scales are replaced."""
+    scales, biases = layer["scales"], layer.get("biases")
+    hit = layer.__dict__.get("_f32_scales")
+    if hit is None or hit[0] is not scales:
+        # Lazy: computed with the first product that uses them, then kept.
+        hit = (scales, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32))
+        object.__setattr__(layer, "_f32_scales", hit)  # not a parameter: never saved or trained
+    return hit[1], hit[2]
+
+
+def cpu_float_product(weight: mx.array, x: mx.array) -> mx.array:
+    """x float[..., in] @ weight[out, in].T, split over the CPU streams for decode-sized x."""
+    rows = x.size // x.shape[-1]
+    if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
+        return x @ weight.T
+    streams = cpu_streams()
+    parts = [mx.matmul(x, weight[lo:hi].T, stream=streams[i % len(streams)])
+             for i, (lo, hi) in enumerate(row_pieces(weight.shape[0], weight.shape[1], False, True))]
+    return mx.concatenate(parts, axis=-1)
+
+
+class CpuQuantizedLinear(nn.QuantizedLinear):
+    """`QuantizedLinear` computed as `cpu_quantized_product` (same parameters)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = cpu_quantized_product(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`QuantizedEmbedding` whose tied-head product is `cpu_quantized_product`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return cpu_quantized_product(self, x)
+
+
+class CpuLinear(nn.Linear):
+    """`Linear` whose decode-sized products are split over the CPU streams (same parameters)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = cpu_float_product(self["weight"], x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CpuEmbedding(nn.Embedding):
+    """`Embedding` whose tied-head product is split over the CPU streams."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return cpu_float_product(self["weight"], x)

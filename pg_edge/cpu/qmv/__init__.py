@@ -1,0 +1,85 @@
+"""pg_edge's optional compiled quantized matvec for MLX's CPU backend, and the choice to use it.
+
+Decode on the CPU is one matrix-vector product per quantized layer per token, bound by reading
+the weights. MLX's CPU kernel for it runs far below the memory bandwidth (docs/performance.md);
+this package's C++ primitive (qmv.cpp: AVX2 + FMA where the CPU has them, plain C++ otherwise,
+output rows over one thread per core) computes the same product, x [..., K] @
+dequantize(w).T -> [..., N], for MLX's affine 4- and 8-bit layouts with groups of 32/64/128.
+
+It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
+user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
+pg_edge uses MLX's own kernels; `kernel()` says which one runs (`pg-edge bench` prints it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import mlx.core as mx
+
+from . import build as _build
+
+# The compiled path is taken for products with at most this many rows (decode, a few
+# sequences); more rows go to the dense GEMM path of the CPU backend.
+MAX_ROWS = 8
+GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)
+
+_state: dict = {}
+
+
+def disabled() -> bool:
+    """PG_EDGE_QMV=off|0|no|mlx turns the compiled kernel off."""
+    return os.environ.get("PG_EDGE_QMV", "").strip().lower() in ("0", "off", "no", "false", "mlx")
+
+
+def module():
+    """The compiled module if built for this MLX and loadable, else None (reason: `kernel()`)."""
+    if "module" in _state:
+        return _state["module"]
+    mod, why = None, ""
+    if disabled():
+        why = "turned off by PG_EDGE_QMV"
+    else:
+        path = _build.module_file(_build.build_dir())
+        if path is None:
+            why = "not built (python -m pg_edge.cpu.qmv build)"
+        else:
+            try:
+                spec = importlib.util.spec_from_file_location(_build.MODULE, path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                sys.modules.setdefault(_build.MODULE, mod)
+            except (ImportError, OSError) as e:
+                mod, why = None, f"failed to load ({e})"
+    _state["module"], _state["why"] = mod, why
+    return mod
+
+
+def reset() -> None:
+    """Forget the load decision (tests; after a build in this process)."""
+    _state.clear()
+
+
+def kernel() -> str:
+    """Which quantized matvec the CPU backend runs, in words."""
+    mod = module()
+    if mod is None:
+        return f"mlx (pg_edge qmv {_state['why']})"
+    return f"pg_edge qmv ({mod.simd()}, {mod.threads()} threads)"
+
+
+def supports(layer, x: mx.array) -> bool:
+    """Whether `layer` (QuantizedLinear / QuantizedEmbedding) times x takes the compiled kernel."""
+    return (getattr(layer, "mode", "affine") == "affine" and layer.bits in BITS
+            and layer.group_size in GROUP_SIZES and "biases" in layer
+            and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
+            and x.size // x.shape[-1] <= MAX_ROWS and module() is not None)
+
+
+def product(layer, x: mx.array) -> mx.array:
+    """x [..., in] @ dequantize(layer).T -> [..., out] in x's dtype (call when `supports`)."""
+    y = module().quantized_matvec(x, layer["weight"], layer["scales"], layer["biases"],
+                                  layer.group_size, layer.bits)
+    return y if y.dtype == x.dtype else y.astype(x.dtype)

@@ -1,0 +1,17 @@
+// Python module _pg_edge_qmv: pg_edge.cpu.qmv loads it from its build folder when present.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "qmv.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_pg_edge_qmv, m) {
+  m.doc() = "pg_edge's quantized matrix-vector product for MLX's CPU backend";
+  m.def("quantized_matvec", &pg_edge::quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x [..., K] @ dequantize(w, scales, biases).T -> [..., N] (affine, 4 or 8 bits)");
+  m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
+  m.def("threads", &pg_edge::threads, "threads one product is split over");
+}

@@ -1,0 +1,38 @@
+// pg_edge's quantized matrix-vector product primitive (see qmv.cpp for the layout and maths).
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace pg_edge {
+
+// x [..., K] @ dequantize(w, scales, biases).T -> [..., N], MLX's affine quantization.
+mlx::core::array quantized_matvec(
+    const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales,
+    const mlx::core::array& biases, int group_size, int bits, mlx::core::StreamOrDevice s = {});
+
+// "avx512", "avx2" or "portable": the kernel this CPU runs.
+const char* simd();
+// Threads a product is split over (PG_EDGE_QMV_THREADS, else the cores this process may use).
+int threads();
+
+class QuantizedMatvec : public mlx::core::Primitive {
+ public:
+  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits)
+      : mlx::core::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mlx::core::array>& inputs,
+                std::vector<mlx::core::array>& outputs) override;
+  void eval_gpu(const std::vector<mlx::core::array>& inputs,
+                std::vector<mlx::core::array>& outputs) override;
+  const char* name() const override {
+    return "PgEdgeQuantizedMatvec";
+  }
+  bool is_equivalent(const mlx::core::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+}  // namespace pg_edge
