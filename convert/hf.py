@@ -17,6 +17,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from pg_edge.model.config import PaliGemmaConfig
+from pg_edge.demo import float_source_note
 from pg_edge.errors import CheckpointError
 from pg_edge.checkpoint.folder import (HUB_PATTERNS, FolderWriter, Progress, is_quantized, read_config,
                                         resolve)
@@ -57,7 +58,8 @@ def open_hf(src: str | Path, dtype: str = "bfloat16") -> Source:
     folder = resolve(src, allow_patterns=HUB_FILES)
     config = read_config(folder)
     if is_quantized(config.raw):
-        raise CheckpointError(f"{src} is already quantized; convert from the float checkpoint")
+        raise CheckpointError(f"{src} is already quantized; convert from the float checkpoint"
+                              + float_source_note(folder))
     Tokenizer(folder)  # fail now, not after writing gigabytes, if the tokenizer is missing/bad
     tie = config.tie_word_embeddings
     source = open_source(folder, tie=tie, dtype=target)  # every header checked

@@ -30,6 +30,7 @@ from pg_edge.eval.metrics import combine, compare_logits
 from pg_edge.checkpoint.stream_convert import Source, open_source, output_shapes, write
 from pg_edge.checkpoint.stream_convert import plan as stream_plan
 from pg_edge.checkpoint.weights import component
+from pg_edge.demo import float_source_note
 
 from pg_edge.eval import probes as probes_mod
 from .plan import QuantPlan
@@ -41,7 +42,8 @@ def open_converted(folder: Path, raw: dict) -> Source:
     """A float converted folder as a stream source (headers read and checked, no tensor read);
     refuses, naming the reason, anything this tool cannot quantize."""
     if is_quantized(raw):
-        raise CheckpointError(f"{folder} is already quantized; quantize its float source instead")
+        raise CheckpointError(f"{folder} is already quantized; quantize its float source instead"
+                              + float_source_note(folder))
     tie = PaliGemmaConfig.from_dict(raw).tie_word_embeddings
     source = open_source(folder, tie=tie, mlx_layout=True)
     try:

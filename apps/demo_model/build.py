@@ -9,7 +9,10 @@ Stages (outputs under --work, default build/demo_model; the last stages write th
     convert     pg-edge convert (float32)                                      (as for Google's weights)
     data        JSONL for task transfer: counting + replay                     (apps/demo_model/finetune_data.py)
     finetune    pg-edge finetune: counting is learned here                     (pg_edge's own trainer)
-    export      the fine-tuned float model -> apps/demo_model/hf (official HF layout, kept in the repo)
+    export      the fine-tuned float model in the official HF layout -> hf_finetuned
+    table       the segment codes that model writes, per (kind, box side)      (apps/demo_model/seg_table.py)
+    retask      prompt following: torch, every detect/segment prompt form with empty answers for
+                absent kinds, caption and count replayed -> apps/demo_model/hf (kept in the repo)
     ship        pg-edge convert apps/demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
                 pg-edge convert-vae -> pg_edge/demo/model/vae.safetensors, sample images
 Settings for convert / finetune / quantize: apps/demo_model/recipe.json (the reproduction test reads
@@ -64,7 +67,7 @@ PRETRAIN = (
      "--mix", "caption=0.3,detect=0.3,segment=0.4", "--start-index", 700_000, "--save-every", 500,
      "--threads", 1],
 )
-STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "ship")
+STAGES = ("tokenizer", "vqvae", "pretrain", "convert", "data", "finetune", "export", "table", "retask", "ship")
 
 
 def recipe() -> dict:
@@ -108,7 +111,23 @@ def commands(stage: str, w: Path) -> list[list[str]]:
                         "--weight-decay", f["weight_decay"],
                         "--export", "fused", "-o", w / "finetuned", "--force")]
     if stage == "export":
-        return [py("apps.demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o", HF_SOURCE)]
+        return [py("apps.demo_model.export_hf", w / "finetuned/model", "--like", w / "hf_pretrained", "-o",
+                   w / "hf_finetuned")]
+    if stage == "table":
+        return [py("apps.demo_model.seg_table", "--model", w / "hf_finetuned", "--vae", VAE_SOURCE, "-o",
+                   w / "seg_table.json")]
+    if stage == "retask":
+        out = []
+        for i, t in enumerate(r["retask"]):
+            last = i == len(r["retask"]) - 1
+            stop = ["--stop-at", t["stop_at"]] if "stop_at" in t else []
+            out.append(py("apps.demo_model.pretrain", "--tokenizer", w / "hf_finetuned", "--vae", w / "seg_table.json",
+                          "--init", w / ("hf_finetuned" if i == 0 else f"hf_retask{i}"),
+                          "-o", HF_SOURCE if last else w / f"hf_retask{i + 1}", "--steps", t["steps"], *stop,
+                          "--batch-size", t["batch_size"], "--lr", t["lr"], "--warmup", t["warmup"],
+                          "--smooth-loc", 0, "--single", 0, "--mix", t["mix"], "--prompts", t["prompts"],
+                          "--start-index", t["start_index"], "--save-every", 200, "--threads", 1))
+        return out
     if stage == "ship":
         q = r["quantize"]
         return [pg_edge("convert", HF_SOURCE, "-o", w / "float", "--dtype", r["convert"]["dtype"], "--force", "--quiet"),

@@ -40,6 +40,7 @@ def write(out: Path, name: str, samples, vae, rng, mix=MIX) -> Path:
         path = out / "images" / f"{name}_{i:05d}.png"
         s.image.save(path)
         task = names[rng.choice(len(names), p=probs)]
+        # No empty answers, as the shipped run had them (pg-edge finetune then refused them).
         prefix, suffix = example(s, task, rng, seg_codes=lambda sh: lookup[sh], allow_empty=False)
         lines.append(json.dumps({"image": f"images/{path.name}", "prefix": prefix, "suffix": suffix}))
     f = out / f"{name}.jsonl"

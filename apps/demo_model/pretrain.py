@@ -8,7 +8,9 @@ PaliGemma sequence `<image> x 49, <bos>, prefix, "\\n", suffix, <eos>` with the 
 Tokenizer gives, lets transformers build the prefix-LM mask from token_type_ids (0 = prefix:
 bidirectional; 1 = suffix: causal) and takes next-token cross-entropy on the suffix only,
 averaged per example, then over examples.
-AdamW, linear warmup then cosine decay, bf16 autocast (AMX on this CPU). Writes the official HF
+AdamW, linear warmup then cosine decay, bf16 autocast (AMX on the CPU the pretraining ran on) or
+float32 (`--float32`: a CPU without a fast bf16 path). An empty suffix (a detect/segment prompt
+naming kinds not in the image) is trained on `<eos>` alone. Writes the official HF
 layout with `save_pretrained` plus the tokenizer and preprocessor files, as the hub has them.
 Dev tool (torch): the runtime never imports it.
 """
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from apps.demo_model import arch
-from apps.demo_model.examples import example
+from apps.demo_model.examples import example, parse_shares
 from apps.demo_model.vqvae import crop_masks, load_npz
 from pg_edge.demo import shapes as S
 from pg_edge.inputs.images import preprocess_image
@@ -52,14 +54,18 @@ class Batcher:
         self.n_image = (arch.IMAGE_SIZE // arch.VISION["patch_size"]) ** 2
 
     def codes(self, samples) -> dict:
+        if isinstance(self.vae, dict):  # a seg_table.py table: codes per (kind, side)
+            return {(i, j): self.vae[f"{sh.kind}/{sh.box[2] - sh.box[0]}"]
+                    for i, s in enumerate(samples) for j, sh in enumerate(s.shapes)}
         crops = crop_masks(samples)
         with torch.no_grad():
             codes = self.vae.encode(torch.from_numpy(crops)).numpy()
         keys = [(i, j) for i, s in enumerate(samples) for j in range(len(s.shapes))]
         return {k: [int(c) for c in row] for k, row in zip(keys, codes)}
 
-    def __call__(self, batch_size: int, tasks=None, single: float = 0.0, mix=TASK_MIX):
-        """`single`: the fraction of images drawn with one shape only (a curriculum)."""
+    def __call__(self, batch_size: int, tasks=None, single: float = 0.0, mix=TASK_MIX, forms=None):
+        """`single`: the fraction of images drawn with one shape only (a curriculum); `forms`:
+        shares of the detect/segment prompt forms (examples.kinds_for; None: pretraining's draw)."""
         base = S.SPLIT_SEEDS["train"] * 1_000_000 + self.next_index
         samples = [S.make_sample(base + i, 1 if single and self.rng.random() < single else None)
                    for i in range(batch_size)]
@@ -70,7 +76,7 @@ class Batcher:
         for i, s in enumerate(samples):
             task = tasks[i] if tasks else names[self.rng.choice(len(names), p=probs)]
             lookup = {sh: codes[(i, j)] for j, sh in enumerate(s.shapes)}
-            prefix, suffix = example(s, task, self.rng, seg_codes=lambda sh: lookup[sh])
+            prefix, suffix = example(s, task, self.rng, seg_codes=lambda sh: lookup[sh], forms=forms)
             pre = self.tok.prompt_ids(prefix, self.n_image)
             suf = self.tok.suffix_ids(suffix)
             rows.append(pre + suf)
@@ -101,14 +107,14 @@ LOC_WEIGHTS = torch.exp(-LOC_WINDOW.float() ** 2 / (2 * LOC_SIGMA ** 2))
 LOC_WEIGHTS = LOC_WEIGHTS / LOC_WEIGHTS.sum()
 
 
-def loss_fn(model, batch, loc0: int, per_example: bool = True, loc_soft: bool = True):
+def loss_fn(model, batch, loc0: int, per_example: bool = True, loc_soft: bool = True, bf16: bool = True):
     """(mean suffix loss, {task: mean token loss of its rows} for the log).
 
     `<locNNNN>` targets are soft: a Gaussian over the neighbouring bins (sigma LOC_SIGMA), so a
     box one pixel off is nearly right and neighbouring bins learn similar embeddings; every other
     target is plain cross-entropy."""
     pixels, ids, am, tt, lm, tasks = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=ids, pixel_values=pixels, attention_mask=am, token_type_ids=tt).logits
     logp = torch.log_softmax(logits.float()[:, :-1], -1)
     target = ids[:, 1:]
@@ -175,8 +181,8 @@ def save_hf(model, tokenizer_dir: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file():
+    for f in Path(tokenizer_dir).iterdir():  # the tokenizer files; never the weights or config
+        if f.is_file() and f.suffix != ".safetensors" and not (tmp / f.name).exists():
             shutil.copy(f, tmp / f.name)
     (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -187,7 +193,9 @@ def save_hf(model, tokenizer_dir: Path, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--vae", required=True, help="vae-oid.npz from apps.demo_model.vqvae")
+    p.add_argument("--vae", required=True,
+                   help="vae-oid.npz with its encoder (apps.demo_model.vqvae), or a JSON code table "
+                        "(apps.demo_model.seg_table) that gives the segment targets instead")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -211,6 +219,10 @@ def main() -> None:
     p.add_argument("--position-priors", type=float, default=0.0,
                    help="add sinusoidal position codes (this fraction of the tables' norm) at the start")
     p.add_argument("--start-index", type=int, default=0, help="first train-split image to draw")
+    p.add_argument("--prompts", default=None,
+                   help='detect/segment prompt forms, e.g. "single=0.35,pair=0.2,all=0.25,absent=0.2" '
+                        "(examples.kinds_for; default: pretraining's draw)")
+    p.add_argument("--float32", action="store_true", help="no bf16 autocast")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -228,7 +240,8 @@ def main() -> None:
     if a.position_priors:
         add_position_priors(model, tok.loc0, a.position_priors)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
-    batcher = Batcher(tok, load_npz(Path(a.vae)), a.seed)
+    vae = json.loads(Path(a.vae).read_text()) if a.vae.endswith(".json") else load_npz(Path(a.vae))
+    batcher = Batcher(tok, vae, a.seed)
     batcher.next_index = a.start_index
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -238,12 +251,14 @@ def main() -> None:
     model.train()
     ema = None
     mix = tuple((k, float(v)) for k, v in (kv.split("=") for kv in a.mix.split(",")))
+    forms = parse_shares(a.prompts) if a.prompts else None
     end = min(a.stop_at or a.steps, a.steps)
     for step in range(end):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
-        batch = batcher(a.batch_size, single=a.single * max(0.0, 1 - 2 * step / a.steps), mix=mix)
-        loss, by_task = loss_fn(model, batch, tok.loc0, a.loss_norm == "example", a.loc_soft)
+        batch = batcher(a.batch_size, single=a.single * max(0.0, 1 - 2 * step / a.steps), mix=mix,
+                        forms=forms)
+        loss, by_task = loss_fn(model, batch, tok.loc0, a.loss_norm == "example", a.loc_soft, not a.float32)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,10 +1,12 @@
-"""`python -m apps.desktop [MODEL] [--adapters DIR] [--image cat.jpg] [--max-tokens 64] [--vae vae.safetensors]`"""
+"""`python -m apps.desktop [MODEL] [--adapters DIR] [--image cat.jpg] [--max-tokens 96] [--vae vae.safetensors]`"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from pg_edge.cli.commands.run import add_adapters_arg, check_adapters
+
+from . import MAX_TOKENS, defaults_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="converted folder, mlx-community folder, or hub id (default: the built-in demo model)")
     add_adapters_arg(p)  # the same option as the pg-edge commands
     p.add_argument("--image", default=None, help="image to open at start (default with demo: a sample)")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default 64)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"most tokens per answer (default {MAX_TOKENS}: three segment masks)")
     p.add_argument("--vae", default=None, help="mask decoder for segment (default: in the model folder)")
     args = p.parse_args(argv)
     from pg_edge.errors import PgEdgeError
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot open a window: {err}", file=sys.stderr)
         return 2
     App(root, model=args.model, image=image, gen={"max_tokens": args.max_tokens}, vae=args.vae,
-        adapters=args.adapters)
+        adapters=args.adapters, defaults=defaults_for(args.model))
     root.mainloop()
     return 0
 

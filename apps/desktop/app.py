@@ -22,6 +22,7 @@ from tkinter import filedialog
 import numpy as np
 from PIL import Image
 
+from apps.desktop import DEFAULT_TEXT, MAX_TOKENS
 from pg_edge.tasks import parse, prompts
 from pg_edge.tasks.draw import draw_objects
 from pg_edge.inputs.images import load_image, to_rgb
@@ -29,7 +30,7 @@ from pg_edge.inputs.images import load_image, to_rgb
 TASKS = ("caption", "ask", "detect", "segment")
 HINTS = {"caption": "language (en, de, ...)", "ask": "question", "detect": "objects: cat ; dog",
          "segment": "objects: cat ; dog"}
-DEFAULT_TEXT = {"caption": "en", "ask": "what is in the image?", "detect": "cat", "segment": "cat"}
+
 CANVAS = (512, 384)  # the image is scaled to fit, never up
 
 
@@ -67,9 +68,11 @@ class App:
     `adapters`, a `pg-edge finetune` adapters folder, applied when given)."""
 
     def __init__(self, root: tk.Tk, pg=None, model: str | None = None, image=None,
-                 gen: dict | None = None, vae=None, adapters=None):
-        self.root, self.pg, self.gen, self.vae = root, pg, gen or {"max_tokens": 64}, vae
+                 gen: dict | None = None, vae=None, adapters=None, defaults: dict | None = None):
+        """`defaults`: the text field's content per task (DEFAULT_TEXT; DEMO_TEXT for the demo)."""
+        self.root, self.pg, self.gen, self.vae = root, pg, gen or {"max_tokens": MAX_TOKENS}, vae
         self.adapters = adapters
+        self.defaults = defaults or DEFAULT_TEXT
         self.image: Image.Image | None = None
         self.result = None  # the last TaskResult (detect/segment) or text (caption/ask)
         self.busy = False
@@ -106,7 +109,7 @@ class App:
         line.pack(side=tk.TOP, fill=tk.X, padx=6)
         self.hint = tk.Label(line, text=HINTS["caption"], width=20, anchor="w")
         self.hint.pack(side=tk.LEFT)
-        self.text_var = tk.StringVar(value=DEFAULT_TEXT["caption"])
+        self.text_var = tk.StringVar(value=self.defaults["caption"])
         self.entry = tk.Entry(line, textvariable=self.text_var)
         self.entry.pack(side=tk.LEFT, fill=tk.X, expand=True)
         self.entry.bind("<Return>", lambda _e: self.run_task())
@@ -122,7 +125,7 @@ class App:
     def _task_changed(self) -> None:
         task = self.task.get()
         self.hint.config(text=HINTS[task])
-        self.text_var.set(DEFAULT_TEXT[task])
+        self.text_var.set(self.defaults[task])
 
     def _set_status(self, text: str) -> None:
         self.status.config(text=text)
@@ -244,9 +247,12 @@ class App:
             result, seconds = args
             self.result = result
             self._show(result)
-            lines = [f"{o.label or '(no label)'}  [{', '.join(f'{v:.0f}' for v in o.box)}]"
-                     for o in result.objects] or ["(nothing found)"]
+            box = lambda o: f"[{', '.join(f'{v:.0f}' for v in o.box)}]"
+            lines = [f"{o.label or '(no label)'}  {box(o)}" for o in result.objects] or ["(nothing found)"]
+            lines += [f"not asked for: {o.label or '(no label)'}  {box(o)}" for o in result.unmatched]
             self._set_answer("\n".join(lines))
             stopped = result.generation.finish_reason == "cancelled"
+            cut = (f"; cut off at {self.gen.get('max_tokens')} tokens, objects may be missing "
+                   "(raise --max-tokens)" if result.truncated else "")
             self._set_status(f"{'stopped' if stopped else 'done'} in {seconds:.1f} s: "
-                             f"{len(result.objects)} object(s)")
+                             f"{len(result.objects)} object(s){cut}")

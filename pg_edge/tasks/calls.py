@@ -40,8 +40,11 @@ class TaskResult:
 
     text: the generated text without eos or a prompt echo (loc/seg tokens kept for detect and
     segment). objects: parsed objects (empty for caption/ocr/ask), boxes in original pixels,
-    masks bool[H, W] after segment. skipped: malformed output pieces with the reason.
-    image_size: (width, height) of the original image. generation: the raw GenerationResult.
+    masks bool[H, W] after segment; for detect/segment only those whose label is one of the
+    names asked for. unmatched: the parsed objects labelled with anything else (no masks).
+    skipped: malformed output pieces with the reason. image_size: (width, height) of the
+    original image. generation: the raw GenerationResult (finish_reason "length": the answer
+    was cut off at max_tokens, see `truncated`).
     """
 
     task: str
@@ -51,6 +54,12 @@ class TaskResult:
     generation: GenerationResult
     objects: list[DetectedObject] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    unmatched: list[DetectedObject] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> bool:
+        """The generation stopped at its token limit, not at `<eos>`: objects may be missing."""
+        return self.generation is not None and self.generation.finish_reason == "length"
 
 
 def _image(image: ImageInput):
@@ -80,17 +89,20 @@ def ask(pg, image: ImageInput, question: str, lang: str = "en", **gen) -> TaskRe
     return _text_task(pg, "ask", image, prompts.answer(question, lang), gen)
 
 
-def _object_task(pg, task: str, image: ImageInput, prompt: str, gen: dict) -> TaskResult:
+def _object_task(pg, task: str, image: ImageInput, objects, gen: dict) -> TaskResult:
     img, size = _image(image)
+    prompt = (prompts.detect if task == "detect" else prompts.segment)(objects)
     result = pg.generate(img, prompt, **gen)
     parsed = parse.parse_objects(result.text, size, prompt)
+    asked, unmatched = parse.split_asked(parsed.objects, prompts.object_names(objects))
     return TaskResult(task, prompt, parse.clean_output(result.text, prompt), size, result,
-                      parsed.objects, parsed.skipped)
+                      asked, parsed.skipped, unmatched)
 
 
 def detect(pg, image: ImageInput, objects: str | Sequence[str], **gen) -> TaskResult:
-    """`detect a ; b`: one box per found instance (`objects` is "cat ; dog" or a list)."""
-    return _object_task(pg, "detect", image, prompts.detect(objects), gen)
+    """`detect a ; b`: one box per found instance (`objects` is "cat ; dog" or a list). Objects
+    the model labels with a name not asked for go to `.unmatched`, not `.objects`."""
+    return _object_task(pg, "detect", image, objects, gen)
 
 
 def find_vae(pg, vae=None):
@@ -125,7 +137,7 @@ def segment(pg, image: ImageInput, objects: str | Sequence[str], vae=None, masks
     from ..model.vae import add_masks
 
     decoder = find_vae(pg, vae)
-    result = _object_task(pg, "segment", image, prompts.segment(objects), gen)
+    result = _object_task(pg, "segment", image, objects, gen)
     run = masks or (lambda fn, *args: fn(*args))
     result.objects = run(add_masks, result.objects, decoder, result.image_size)
     return result
@@ -170,7 +182,8 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 def to_json(result: TaskResult) -> dict:
     """A JSON-ready dict: boxes [x1, y1, x2, y2] in original-image pixels (float, 2 decimals),
     the raw loc bins (y1, x1, y2, x2), masks as COCO uncompressed RLE, skipped pieces and the
-    generation's text, tokens and timings."""
+    generation's text, tokens and timings; `unmatched`: objects labelled with a name not asked
+    for (label, box, loc), `truncated`: true when the answer stopped at the token limit."""
     objects = []
     for obj in result.objects:
         item = {"label": obj.label, "box": [round(float(v), 2) for v in obj.box], "loc": list(obj.loc)}
@@ -186,6 +199,9 @@ def to_json(result: TaskResult) -> dict:
         "image_size": list(result.image_size),
         "objects": objects,
         "skipped": [{"text": s.text, "reason": s.reason} for s in result.skipped],
+        "unmatched": [{"label": o.label, "box": [round(float(v), 2) for v in o.box], "loc": list(o.loc)}
+                      for o in result.unmatched],
+        "truncated": result.truncated,
         "generation": result.generation.to_dict(),
     }
 

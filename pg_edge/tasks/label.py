@@ -202,7 +202,7 @@ def _add(coco: dict, file_name: str, result, raw: str | None = None) -> int:
     category = {c["name"]: c["id"] for c in coco["categories"]}
     next_id = max((a["id"] for a in coco["annotations"]), default=0) + 1
     added = 0
-    for obj in result.objects:
+    for obj in [*result.objects, *result.unmatched]:  # names not asked for: "unmatched"
         if obj.label not in category:
             meta["unmatched"].append({"file": file_name, "label": obj.label})
             continue

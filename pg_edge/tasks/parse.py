@@ -99,6 +99,16 @@ class ParseResult:
     skipped: list[Skipped]
 
 
+def split_asked(objects: Sequence[DetectedObject], names: Sequence[str]
+                ) -> tuple[list[DetectedObject], list[DetectedObject]]:
+    """(objects whose label is one of `names`, the others), each in output order; labels and
+    names compare with surrounding blanks dropped and case folded. `names`: as
+    pg_edge.tasks.prompts.object_names gives them."""
+    wanted = {n.strip().casefold() for n in names}
+    asked = [o for o in objects if o.label.strip().casefold() in wanted]
+    return asked, [o for o in objects if o.label.strip().casefold() not in wanted]
+
+
 def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in image_size)

@@ -63,6 +63,12 @@ def _objects(objects: str | Sequence[str]) -> str:
     return " ; ".join(names)
 
 
+def object_names(objects: str | Sequence[str]) -> list[str]:
+    """The names a detect/segment prompt asks for: "cat ; dog" or ["cat", "dog"] -> ["cat", "dog"]
+    (checked as in the prompt)."""
+    return _objects(objects).split(" ; ")
+
+
 def caption(lang: str = "en") -> str:
     """`caption {lang}`: a short COCO-like caption."""
     return f"caption {_check_lang(lang)}"

@@ -9,10 +9,10 @@ Sources:
                   `<loc>` answers, masks `<seg>` answers, see pg_edge/train/coco.py.
 
 Every line is checked before any training starts (the file is JSON, the keys are there and are
-strings, the suffix is not empty, the image exists and is an image within the pixel limit, from
-its header); all bad lines are reported at once, each by file and line number, as one
-`DataError`. With the model's context length (`context`, as `pg-edge finetune` and the Trainer
-pass it), every example must fit it too.
+strings, the image exists and is an image within the pixel limit, from its header); all bad
+lines are reported at once, each by file and line number, as one `DataError`. With the model's
+context length (`context`, as `pg-edge finetune` and the Trainer pass it), every example must fit
+it too.
 
 One example becomes one row (big_vision's layout, and the one inference uses):
 
@@ -20,6 +20,9 @@ One example becomes one row (big_vision's layout, and the one inference uses):
     mask_ar   0 ...         0 ...              1 ...          0 ...     (0: bidirectional prefix)
     loss      0 ...         0 ...              1 ...          0 ...     (suffix + eos only)
     valid     1 ...         1 ...              1 ...          0 ...     (right padding)
+
+An empty suffix (or one of blanks) is a valid answer: "nothing here", as detection data says of an
+object that is not in the image. Its row trains the `<eos>` alone, predicted from the `"\n"`.
 
 Rows are right-padded, so every row's positions start at 0 at index 0.
 
@@ -97,8 +100,6 @@ def _check_line(raw: str, base: Path, where: str) -> Example | str:
     wrong = [k for k in REQUIRED_KEYS if not isinstance(obj[k], str)]
     if wrong:
         return f"{', '.join(repr(k) for k in wrong)} must be a string"
-    if not obj["suffix"].strip():
-        return "empty suffix (nothing to learn)"
     if not obj["image"].strip():
         return "empty image path"
     path = Path(obj["image"]).expanduser()

@@ -1,7 +1,7 @@
 """The mask encoder of PaliGemma's VQ-VAE, in MLX: masks -> 16 `<seg>` codes, for training targets.
 
 big_vision makes segmentation targets with the encoder half of vae-oid.npz (big_vision/pp/proj/
-paligemma/segmentation.py); pg_edge/vae.py runs the decoder half. The npz is a PyTorch state dict:
+paligemma/segmentation.py); pg_edge/model/vae.py runs the decoder half. The npz is a PyTorch state dict:
 
     encoder.{0,2,4,6}         Conv2d 4x4 stride 2, "same" padding (1 each side), then ReLU
                               1 -> 16 -> 32 -> 64 -> 128 channels (64 -> 32 -> 16 -> 8 -> 4 px)

@@ -41,12 +41,12 @@ SEGMENT_OUT = f"{loc(102, 51, 920, 972)}{seg(*range(3, 131, 8))} cat"
 class FakePg:
     """Stands in for PaliGemma: records the prompt, returns crafted text."""
 
-    def __init__(self, text, folder=None):
-        self.text, self.folder, self.calls = text, folder, []
+    def __init__(self, text, folder=None, finish_reason="stop"):
+        self.text, self.folder, self.calls, self.finish = text, folder, [], finish_reason
 
     def generate(self, image, prompt, **gen):
         self.calls.append((image.size, prompt, gen))
-        return GenerationResult(text=self.text, tokens=[5, 6], prompt_tokens=9, finish_reason="stop")
+        return GenerationResult(text=self.text, tokens=[5, 6], prompt_tokens=9, finish_reason=self.finish)
 
 
 @pytest.fixture
@@ -86,6 +86,28 @@ def test_detect_boxes_in_original_pixels(image):
     assert out["objects"][0]["loc"] == [0, 0, 511, 1023] and "mask" not in out["objects"][0]
     assert out["image_size"] == [W, H] and out["skipped"][0]["reason"]
     assert out["generation"]["finish_reason"] == "stop"
+
+
+def test_objects_not_asked_for_are_reported_apart(image, vae_file):
+    """Only objects labelled with a name asked for are results; the rest go to `unmatched`
+    (labels compared without surrounding blanks and case)."""
+    r = calls.detect(FakePg(DETECT_OUT), image, "Cat")
+    assert [o.label for o in r.objects] == ["cat"] and [o.label for o in r.unmatched] == ["black dog"]
+    out = calls.to_json(r)
+    assert [o["label"] for o in out["objects"]] == ["cat"]
+    assert out["unmatched"] == [{"label": "black dog", "box": [round(256 / 1023 * W, 2), round(512 / 1023 * H, 2),
+                                                             round(767 / 1023 * W, 2), H], "loc": [512, 256, 1023, 767]}]
+    assert out["truncated"] is False
+    r = calls.detect(FakePg(DETECT_OUT), image, "dog")
+    assert r.objects == [] and len(r.unmatched) == 2
+    r = calls.segment(FakePg(SEGMENT_OUT), image, "dog", vae=vae_file)
+    assert r.objects == [] and [o.label for o in r.unmatched] == ["cat"]
+
+
+def test_cut_off_answer_is_flagged(image):
+    r = calls.detect(FakePg(DETECT_OUT, finish_reason="length"), image, "cat")
+    assert r.truncated and calls.to_json(r)["truncated"] is True
+    assert not calls.detect(FakePg(DETECT_OUT), image, "cat").truncated
 
 
 def test_segment_masks_inside_their_box_and_rle(image, vae_file, tmp_path):
@@ -136,9 +158,9 @@ def image_file(image, tmp_path):
     return str(tmp_path / "img.png")
 
 
-def crafted(monkeypatch, text):
+def crafted(monkeypatch, text, finish_reason="stop"):
     def generate(self, image, prompt, **gen):
-        return GenerationResult(text=text, tokens=[1], prompt_tokens=3, finish_reason="stop")
+        return GenerationResult(text=text, tokens=[1], prompt_tokens=3, finish_reason=finish_reason)
 
     monkeypatch.setattr(PaliGemma, "generate", generate)
 
@@ -151,8 +173,19 @@ def test_detect_command_json_and_png(model_dir, image_file, tmp_path, monkeypatc
     assert [o["label"] for o in out["objects"]] == ["cat", "black dog"]
     assert Image.open(png).size == (W, H)
     assert main(["detect", str(model_dir), "--image", image_file, "cat"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"cat  [0.0, 0.0, {W:.1f}, {511 / 1023 * H:.1f}]"
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"cat  [0.0, 0.0, {W:.1f}, {511 / 1023 * H:.1f}]"]  # "black dog" was not asked
+    assert f"unmatched (not asked for): black dog  [{256 / 1023 * W:.1f}, {512 / 1023 * H:.1f}, " in err
+    assert "cut off" not in err
+
+
+def test_segment_command_says_when_cut_off(model_dir, image_file, vae_file, monkeypatch, capsys):
+    crafted(monkeypatch, SEGMENT_OUT, finish_reason="length")
+    assert main(["segment", str(model_dir), "--image", image_file, "cat", "--vae", str(vae_file),
+                 "--max-tokens", "21"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("cat  [")
+    assert "cut off at the token limit (21 tokens): objects may be missing; raise it with --max-tokens" in err
 
 
 def test_segment_command_finds_vae_in_model_folder(model_dir, image_file, vae_file, tmp_path, monkeypatch, capsys):

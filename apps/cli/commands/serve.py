@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop(server)
         return 0
-    except Terminated:  # apps/cli.py turns it into "terminated by signal N", exit 128 + N
+    except Terminated:  # apps/cli/main.py turns it into "terminated by signal N", exit 128 + N
         stop(server)
         raise
     finally:

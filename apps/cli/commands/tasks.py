@@ -6,12 +6,15 @@
     pg-edge detect  MODEL --image I "cat ; dog" [-o boxes.png] [--json]
     pg-edge segment MODEL --image I "cat" [--vae vae.safetensors] [-o masks.png] [--json]
 
-Text goes to stdout (one line per object for detect/segment: label and box in pixels);
+Text goes to stdout (one line per object for detect/segment: label and box in pixels, only
+objects labelled with a name asked for; others go to stderr as "unmatched", and so does a notice
+when the answer was cut off at --max-tokens);
 `--json` prints pg_edge.tasks.calls.to_json instead; `-o` saves the image with boxes, labels and
 masks drawn (atomically; never over the input image, model or VAE, and over an existing file only
-if pg-edge drew it: pg_edge.checkpoint.output_check). Inputs are checked (image readable, output format known, VAE present) before the
-model is loaded. Every task takes `--adapters DIR` (a `pg-edge finetune` export), so a detection or
-segmentation fine-tune gives parsed boxes and masks here as the base model does.
+if pg-edge drew it: pg_edge.checkpoint.output_check). Inputs are checked (image readable, output
+format known, VAE present) before the model is loaded. Every task takes `--adapters DIR` (a
+`pg-edge finetune` export), so a detection or segmentation fine-tune gives parsed boxes and masks
+here as the base model does.
 """
 from __future__ import annotations
 
@@ -106,10 +109,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{obj.label or '(no label)'}  [{box}]{area}")
         if not result.objects:
             print("(nothing found)")
+        for obj in result.unmatched:
+            box = ", ".join(f"{v:.1f}" for v in obj.box)
+            print(f"unmatched (not asked for): {obj.label or '(no label)'}  [{box}]", file=sys.stderr)
         for s in result.skipped:
             print(f"skipped {s.text!r}: {s.reason}", file=sys.stderr)
     else:
         print(result.text)
+    if args.task in ("detect", "segment") and result.truncated:
+        print(f"cut off at the token limit ({args.max_tokens} tokens): objects may be missing; "
+              "raise it with --max-tokens", file=sys.stderr)
     if getattr(args, "output", None) and not args.json:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
