@@ -101,10 +101,14 @@ def test_resume_after_an_interruption(folder, model, tmp_path, monkeypatch, caps
     interrupt = True
     assert run_label(folder, model, out) == 130
     partial = json.loads(out.read_text())
-    assert partial["pg_edge"]["done"] == ["a_cat.png"]
+    # Images go to the model in batches (a pool asks for several at once): the interrupted one
+    # is never recorded, the others may have finished first.
+    done = partial["pg_edge"]["done"]
+    sizes = {"a_cat.png": (120, 80), "sub/b_astronaut.jpg": (64, 64), "c_coffee.png": (40, 60)}
+    assert 1 <= len(done) <= 2 and set(done) <= set(sizes)
     interrupt, calls[:] = False, []
     assert run_label(folder, model, out) == 0
-    assert calls == [(40, 60), (64, 64)]  # only the two not done yet
+    assert sorted(calls) == sorted(v for k, v in sizes.items() if k not in done)  # only those not done
     coco = json.loads(out.read_text())
     assert [im["id"] for im in coco["images"]] == [1, 2, 3]
     assert len(coco["pg_edge"]["skipped"]) == 1  # broken.jpg reported once, not retried
