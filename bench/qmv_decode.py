@@ -3,7 +3,7 @@
     python bench/qmv_decode.py [--repeat 5] [--threads 2] [--layers 26] [--read-mb 2048]
 
 In one run, interleaved round by round (the figures move when other work shares the cores):
-  - read bandwidth: numpy summing a --read-mb float32 array (default 2 GB: larger than the
+  - read bandwidth: bench/bandwidth.py read_gbs over a --read-mb MiB array (default 2 GB: larger than the
     last-level cache, 480 MB on this project's machine), split over --threads threads (numpy
     releases the GIL in its reductions), GB/s;
   - PaliGemma 2 3B's 4-bit products (group 64, bf16 scales as pg-edge quantize stores them),
@@ -31,31 +31,17 @@ import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg_edge.cpu import products, streams  # noqa: E402
 from pg_edge.cpu import qmv  # noqa: E402
+from bandwidth import read_gbs  # noqa: E402  (bench/bandwidth.py: the same read in every bench)
 
 HIDDEN, LAYERS = 2304, 26
 LAYER_SHAPES = {"q": (2048, 2304), "k": (1024, 2304), "v": (1024, 2304), "o": (2304, 2048),
                 "gate": (9216, 2304), "up": (9216, 2304), "down": (2304, 9216)}
 PRODUCTS = {"down 2304x9216": (2304, 9216), "gate/up 9216x2304": (9216, 2304),
             "lm head 257216x2304": (257216, 2304)}
-
-
-def read_bandwidth(threads: int, mb: int) -> float:
-    """GB/s of numpy summing `mb` MB of float32 on `threads` threads at once (best of 3)."""
-    a = np.ones(mb * 2**20 // 4, dtype=np.float32)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    for _ in range(3):
-        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def layer(n: int, k: int, seed: int) -> nn.QuantizedLinear:
@@ -124,7 +110,7 @@ def main() -> None:
 
     rows: dict[str, list[tuple[float, float]]] = {}  # name -> [(seconds, bandwidth GB/s)]
     for r in range(args.repeat):
-        bw = read_bandwidth(args.threads, args.read_mb)
+        bw = read_gbs(mib=args.read_mb, threads=args.threads, repeat=3)
         rows.setdefault("read bandwidth (numpy)", []).append((0.0, bw))
         for name, q in products.items():
             x, n = xs[q["scales"].shape[1] * 64], (2 if "head" in name else 20)
