@@ -20,8 +20,13 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "architecture.md", ROOT / "docs" / "
 
 def blocks(path: Path):
     """(language, code) of every fenced block of a Markdown file."""
+    return blocks_of(path.read_text())
+
+
+def blocks_of(text: str):
+    """(language, code) of every fenced block of Markdown text."""
     out, lang, lines = [], None, []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("```") and lang is None:
             lang, lines = line[3:].strip(), []
         elif line.startswith("```"):
@@ -42,19 +47,6 @@ WALK_RE = r"<!-- walkthrough -->\n(.*?)<!-- /walkthrough -->"
 def walkthrough(path: Path):
     """(language, code) of the blocks between `<!-- walkthrough -->` and its end, in order."""
     return [b for part in re.findall(WALK_RE, path.read_text(), re.S) for b in blocks_of(part)]
-
-
-def blocks_of(text: str):
-    out, lang, lines = [], None, []
-    for line in text.splitlines():
-        if line.startswith("```") and lang is None:
-            lang, lines = line[3:].strip(), []
-        elif line.startswith("```"):
-            out.append((lang, "\n".join(lines)))
-            lang = None
-        elif lang is not None:
-            lines.append(line)
-    return out
 
 
 WALKED = {code for p in DOCS for _, code in walkthrough(p)}
