@@ -6,7 +6,8 @@
 x [259, 2304] (224 px: 256 image tokens + a short prompt) against a 9216 x 2304 weight: MLX's bf16
 GEMM; float32 on one stream, in two pieces on two streams, in ten pieces evaluated one round of
 streams at a time (pg_edge.cpu.products.float32_product's way); the 4-bit layer dequantized in
-float32 pieces + GEMM against MLX's float32 quantized kernel; and one decode row: the bf16
+float32 pieces + GEMM (MLX's dequantize, and pg_edge's compiled one when built:
+pg_edge.cpu.qmv) against MLX's float32 quantized kernel; and one decode row: the bf16
 matvec on one stream and split over two, against casting the weight to float32 per token.
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pg_edge  # noqa: E402  (first: the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
+from pg_edge.cpu import qmv  # noqa: E402
 from pg_edge.cpu.streams import cpu_streams, on_streams  # noqa: E402
 
 
@@ -52,9 +54,9 @@ def main() -> None:
     sc32, bi32 = sc.astype(mx.float32), bi.astype(mx.float32)
     mx.eval(wq, sc32, bi32)
 
-    def dequantized(n):
+    def dequantized(n, kernel=mx.dequantize):
         step = O // n
-        return mx.concatenate(on_streams(lambda i, s: mx.matmul(x32, mx.dequantize(
+        return mx.concatenate(on_streams(lambda i, s: mx.matmul(x32, kernel(
             wq[i * step:(i + 1) * step], sc32[i * step:(i + 1) * step], bi32[i * step:(i + 1) * step], 64, 4,
             stream=s).T, stream=s), n, True), -1)
 
@@ -62,8 +64,11 @@ def main() -> None:
             ("float32 GEMM, one stream", lambda: x32 @ w.astype(mx.float32).T, 3),
             ("float32, 2 pieces on 2 streams", lambda: pieces(2, False), 3),
             ("float32, 10 pieces, rounds of streams", lambda: pieces(10, True), 3),
-            ("4-bit dequantized float32 pieces + GEMM", lambda: dequantized(10), 3),
+            ("4-bit MLX-dequantized float32 pieces + GEMM", lambda: dequantized(10), 3),
             ("4-bit MLX quantized kernel, float32", lambda: mx.quantized_matmul(x32, wq, sc32, bi32, True, 64, 4), 1)]
+    if qmv.module() is not None:
+        rows.insert(5, ("4-bit pg_edge-dequantized pieces + GEMM", lambda: dequantized(10, qmv.module().dequantize), 3))
+    print(f"compiled kernels: {qmv.kernel()}")
     for name, f, r in rows:
         print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")
     x1 = x[:1]

@@ -52,12 +52,22 @@ def row_pieces(out_rows: int, in_size: int, dense: bool, split: bool) -> list[tu
     return [(lo, min(lo + step, out_rows)) for lo in range(0, out_rows, step)]
 
 
+def _rows(a: mx.array) -> mx.array:
+    """A row range of a weight: row-contiguous already (what the compiled kernels need); MLX
+    copies only when it is not."""
+    return mx.contiguous(a)
+
+
 def _quantized_piece(layer, x, lo, hi, dense, stream):
     w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     if (lo, hi) != (0, scales.shape[0]):
         w, scales = w[lo:hi], scales[lo:hi]
         biases = None if biases is None else biases[lo:hi]
     if dense:
+        if x.dtype == mx.float32 and qmv.dequantizes(layer, w):
+            # pg_edge's compiled dequantization (pg_edge.cpu.qmv): MLX's is slower than the GEMM
+            wd = qmv.dequantize(layer, _rows(w), _rows(scales), _rows(biases), stream=stream)
+            return mx.matmul(x, wd.T, stream=stream)
         # Dequantized in the activation dtype: float32 inputs get the exact float32 weights;
         # for bf16 inputs the bf16 rounding (2^-8 relative) is far below the 4/8-bit step.
         scales = scales.astype(x.dtype, stream=stream)

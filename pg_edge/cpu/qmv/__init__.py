@@ -6,6 +6,10 @@ this package's C++ primitive (qmv.cpp: AVX2 + FMA where the CPU has them, plain 
 output rows over one thread per core) computes the same product, x [..., K] @
 dequantize(w).T -> [..., N], for MLX's affine 4- and 8-bit layouts with groups of 32/64/128.
 
+The same module holds a dequantization primitive (dq.cpp: the weight to float32 [N, K], one
+thread, AVX-512 / AVX2 / plain C++) that a quantized layer's prefill uses before its BLAS GEMM:
+MLX's CPU dequantize is slower than the GEMM it feeds (docs/performance.md).
+
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
 pg_edge uses MLX's own kernels; `kernel()` says which one runs (`pg-edge bench` prints it).
@@ -76,6 +80,19 @@ def supports(layer, x: mx.array) -> bool:
             and layer.group_size in GROUP_SIZES and "biases" in layer
             and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
             and x.size // x.shape[-1] <= MAX_ROWS and module() is not None)
+
+
+def dequantizes(layer, w: mx.array) -> bool:
+    """Whether `layer`'s weight rows `w` (a piece of layer["weight"]) dequantize in the compiled
+    kernel (affine 4/8 bits, groups 32/64/128, row-contiguous pieces, the module built)."""
+    return (getattr(layer, "mode", "affine") == "affine" and layer.bits in BITS
+            and layer.group_size in GROUP_SIZES and "biases" in layer and module() is not None)
+
+
+def dequantize(layer, w: mx.array, scales: mx.array, biases: mx.array, stream=None) -> mx.array:
+    """float32 [rows, in]: the rows `w` of `layer` with their scales and biases (call when
+    `dequantizes`)."""
+    return module().dequantize(w, scales, biases, layer.group_size, layer.bits, stream=stream)
 
 
 def product(layer, x: mx.array) -> mx.array:

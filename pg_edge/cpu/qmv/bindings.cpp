@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
 
+#include "dq.h"
 #include "qmv.h"
 
 namespace nb = nanobind;
@@ -12,6 +13,9 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("quantized_matvec", &pg_edge::quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases).T -> [..., N] (affine, 4 or 8 bits)");
+  m.def("dequantize", &pg_edge::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "dequantize(w, scales, biases) -> float32 [N, K] (affine, 4 or 8 bits), one thread");
   m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
   m.def("threads", &pg_edge::threads, "threads one product is split over");
 }

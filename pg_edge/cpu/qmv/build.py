@@ -22,7 +22,7 @@ from pathlib import Path
 from ...errors import PgEdgeError
 
 SOURCE = Path(__file__).resolve().parent
-SOURCES = ("qmv.h", "qmv.cpp", "bindings.cpp", "CMakeLists.txt")
+SOURCES = ("qmv.h", "qmv.cpp", "dq.h", "dq.cpp", "bindings.cpp", "CMakeLists.txt")
 MODULE = "_pg_edge_qmv"
 NANOBIND = "nanobind==3.1.0"
 
