@@ -78,7 +78,7 @@ demo: runtime blas-hint
 demo-model: $(VENV)/.installed
 	$(PY) -m apps.demo_model.build
 
-# The optional compiled quantized matvec for MLX's CPU backend (pg_edge/cpu/qmv): needs a C++
+# The optional compiled decode matvecs (quantized, bf16/fp16) for MLX's CPU backend (pg_edge/cpu/qmv): needs a C++
 # compiler and CMake; built into ~/.cache/pg_edge/qmv, loaded by pg_edge when there.
 qmv: runtime
 	$(PIP) install -q nanobind==3.1.0

@@ -149,6 +149,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
         "tool": "pg_edge", "folder": str(pg.folder), "load_s": load_s, **run,
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": max_rss_gb(),
         "folder_gb": folder_gb(pg.folder), "device": str(mx.default_device()),
+        # key kept from before the bf16/fp16 matvec joined the extension: both run the same kernel set
         "quantized_matvec": qmv.kernel() if mx.default_device().type == mx.cpu else "mlx",
         "blas": describe(), "matmul_gflops": matmul_gflops(),
     }
@@ -169,5 +170,5 @@ def to_text(r: dict) -> str:
     w = max(len(k) for k, _ in rows)
     head = f"pg_edge on {r['device']}: {r['folder']}"
     if "quantized_matvec" in r:
-        head += f"\n  quantized matvec: {r['quantized_matvec']}"
+        head += f"\n  decode matvec (quantized, bf16/fp16): {r['quantized_matvec']}"
     return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows] + [f"  BLAS: {r['blas']}"])

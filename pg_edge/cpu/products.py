@@ -6,10 +6,11 @@ for many rows (prefill, SigLIP's patches) dequantizing and running the BLAS GEMM
 16-bit float weight's many-row product runs in float32 (MLX's bf16/fp16 matmul has no BLAS
 behind it: ~1-2 GFLOP/s here, float32 with OpenBLAS 20-45, pg_edge/blas.py); and every kernel
 runs on one core, so a product split by output rows over one CPU stream per core
-runs its pieces side by side (measurements: docs/performance.md). Decode-sized quantized
-products take pg_edge's compiled matvec instead when it is built (pg_edge.cpu.qmv). The variants keep the stored
-weights (the pieces are views) and only change how the product is computed; the output dtype
-always equals the input dtype, as on Metal.
+runs its pieces side by side (measurements: docs/performance.md). Decode-sized products
+(quantized, and of bf16/fp16 weights) take pg_edge's compiled matvecs instead when they are
+built (pg_edge.cpu.qmv). The variants keep the stored weights (the pieces are views) and only
+change how the product is computed; the output dtype of a quantized product always equals the
+input dtype, as on Metal; an unquantized one's is promote(x, weight), as `x @ weight.T`.
 """
 from __future__ import annotations
 
@@ -134,9 +135,13 @@ def float32_product(weight: mx.array, x: mx.array) -> mx.array:
 
 def cpu_float_product(weight: mx.array, x: mx.array, lean_ok: bool = False) -> mx.array:
     """x float[..., in] @ weight[out, in].T: with `lean_ok` (inference, not tracing) a 16-bit
-    weight's product over DENSE_ROWS+ rows in float32 (`float32_product`); decode-sized x split
-    over the CPU streams."""
+    weight's product over at most qmv.MAX_ROWS rows by pg_edge's compiled matvec when built,
+    over DENSE_ROWS+ rows in float32 (`float32_product`); other decode-sized x split over the
+    CPU streams."""
     rows = x.size // x.shape[-1]
+    if lean_ok and rows <= qmv.MAX_ROWS and qmv.supports_float(weight, x):
+        # decode: bf16/fp16 weights read near the memory bandwidth, on all cores itself
+        return qmv.float_product(weight, x)
     if lean_ok and rows >= DENSE_ROWS and weight.dtype in (mx.bfloat16, mx.float16):
         return float32_product(weight, x)
     if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
@@ -163,8 +168,9 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 class CpuLinear(nn.Linear):
-    """`Linear` whose decode-sized products are split over the CPU streams and whose 16-bit
-    many-row products run in float32 (same parameters)."""
+    """`Linear` whose decode-sized products take the compiled matvec (16-bit weights, when
+    built) or are split over the CPU streams, and whose 16-bit many-row products run in float32
+    (same parameters)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = cpu_float_product(self["weight"], x, lean(self))
@@ -172,7 +178,8 @@ class CpuLinear(nn.Linear):
 
 
 class CpuEmbedding(nn.Embedding):
-    """`Embedding` whose tied-head product is split over the CPU streams."""
+    """`Embedding` whose tied-head product is `cpu_float_product` (the compiled matvec for a
+    16-bit decode token when built, else split over the CPU streams)."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         return cpu_float_product(self["weight"], x, lean(self))

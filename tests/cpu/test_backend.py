@@ -76,7 +76,7 @@ def test_pg_edge_bench_table(converted, capsys):
     assert main(["bench", str(converted(version=1)), "--tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "time to first token" in out and "tok/s" in out and "peak memory (MLX)" in out
-    assert "quantized matvec: " in out
+    assert "decode matvec (quantized, bf16/fp16): " in out
 
 
 def test_pg_edge_bench_without_warmup_generates_only_the_timed_runs(converted, capsys, monkeypatch):

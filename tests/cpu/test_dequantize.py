@@ -1,6 +1,6 @@
 """pg_edge.cpu.qmv's compiled dequantization equals mx.dequantize, and a quantized layer's
 prefill (the dense path of pg_edge/cpu/products.py) takes it when built, MLX's otherwise, with
-the same product."""
+the same product. `ext`: tests/cpu/conftest.py."""
 from __future__ import annotations
 
 import os
@@ -12,19 +12,6 @@ import mlx.nn as nn
 import pytest
 
 from pg_edge.cpu import products, qmv
-from pg_edge.cpu.qmv import build as qbuild
-
-
-@pytest.fixture(scope="module")
-def ext():
-    qbuild.build()
-    old = os.environ.pop("PG_EDGE_QMV", None)
-    qmv.reset()
-    assert qmv.module() is not None, qmv.kernel()
-    yield qmv.module()
-    qmv.reset()
-    if old is not None:
-        os.environ["PG_EDGE_QMV"] = old
 
 
 def quantized(n, k, gs, bits, dtype, seed=0):

@@ -2,7 +2,8 @@
 backend takes it for decode when built, MLX's kernel otherwise (and says which).
 
 The module is built once (python -m pg_edge.cpu.qmv build: CMake, a C++ compiler, nanobind;
-make setup installs them) into the user cache, keyed by MLX version and source digest.
+make setup installs them) into the user cache, keyed by MLX version and source digest (the `ext`
+fixture, tests/cpu/conftest.py).
 """
 from __future__ import annotations
 
@@ -17,20 +18,6 @@ import pytest
 from pg_edge.cpu import products
 from pg_edge.cpu import qmv
 from pg_edge.cpu.qmv import build as qbuild
-
-
-@pytest.fixture(scope="module")
-def ext():
-    path = qbuild.build()
-    assert path.is_file()
-    old = os.environ.pop("PG_EDGE_QMV", None)
-    qmv.reset()
-    mod = qmv.module()
-    assert mod is not None, qmv.kernel()
-    yield mod
-    qmv.reset()
-    if old is not None:
-        os.environ["PG_EDGE_QMV"] = old
 
 
 def quantized(n, k, gs, bits, dtype, seed=0):
@@ -167,4 +154,4 @@ def test_without_the_build_mlx_runs_and_says_so(ext, monkeypatch):
 def test_status_command(ext):
     out = subprocess.run([sys.executable, "-m", "pg_edge.cpu.qmv", "status"], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "PG_EDGE_QMV"})
-    assert out.returncode == 0 and out.stdout.startswith("quantized matvec: pg_edge qmv (")
+    assert out.returncode == 0 and out.stdout.startswith("decode matvec (quantized, bf16/fp16): pg_edge qmv (")

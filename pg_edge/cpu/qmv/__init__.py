@@ -1,10 +1,14 @@
-"""pg_edge's optional compiled quantized matvec for MLX's CPU backend, and the choice to use it.
+"""pg_edge's optional compiled decode matvecs for MLX's CPU backend, and the choice to use them.
 
-Decode on the CPU is one matrix-vector product per quantized layer per token, bound by reading
-the weights. MLX's CPU kernel for it runs far below the memory bandwidth (docs/performance.md);
-this package's C++ primitive (qmv.cpp: AVX2 + FMA where the CPU has them, plain C++ otherwise,
-output rows over one thread per core) computes the same product, x [..., K] @
-dequantize(w).T -> [..., N], for MLX's affine 4- and 8-bit layouts with groups of 32/64/128.
+Decode on the CPU is one matrix-vector product per layer per token, bound by reading the
+weights. MLX's CPU kernels for it, quantized and bf16/fp16 alike, run far below the memory
+bandwidth (docs/performance.md); this package's two C++ primitives compute the same products
+(AVX-512 or AVX2 + FMA where the CPU has them, plain C++ otherwise; output rows over one shared
+pool of one thread per core, pool.cpp):
+  - qmv.cpp, `quantized_matvec`: x [..., K] @ dequantize(w).T -> [..., N] for MLX's affine 4-
+    and 8-bit layouts with groups of 32/64/128;
+  - fmv.cpp, `float_matvec`: x [..., K] @ w.T -> [..., N] for bfloat16 / float16 weights w
+    [N, K], widened to float32 as they are read and summed in float32.
 
 The same module holds a dequantization primitive (dq.cpp: the weight to float32 [N, K], one
 thread, AVX-512 / AVX2 / plain C++) that a quantized layer's prefill uses before its BLAS GEMM:
@@ -29,6 +33,9 @@ from . import build as _build
 MAX_ROWS = 8
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
+# Weight dtypes of the compiled float matvec (float32 weights keep MLX's BLAS sgemv).
+FLOAT_WEIGHTS = (mx.bfloat16, mx.float16)
+ACTIVATIONS = (mx.float32, mx.bfloat16, mx.float16)
 
 _state: dict = {}
 
@@ -67,7 +74,7 @@ def reset() -> None:
 
 
 def kernel() -> str:
-    """Which quantized matvec the CPU backend runs, in words."""
+    """Which decode matvec (quantized and bf16/fp16 weights) the CPU backend runs, in words."""
     mod = module()
     if mod is None:
         return f"mlx (pg_edge qmv {_state['why']})"
@@ -78,7 +85,7 @@ def supports(layer, x: mx.array) -> bool:
     """Whether `layer` (QuantizedLinear / QuantizedEmbedding) times x takes the compiled kernel."""
     return (getattr(layer, "mode", "affine") == "affine" and layer.bits in BITS
             and layer.group_size in GROUP_SIZES and "biases" in layer
-            and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
+            and x.dtype in ACTIVATIONS
             and x.size // x.shape[-1] <= MAX_ROWS and module() is not None)
 
 
@@ -100,3 +107,15 @@ def product(layer, x: mx.array) -> mx.array:
     y = module().quantized_matvec(x, layer["weight"], layer["scales"], layer["biases"],
                                   layer.group_size, layer.bits)
     return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
+def supports_float(weight: mx.array, x: mx.array) -> bool:
+    """Whether x [..., in] @ weight[out, in].T (a 16-bit float weight) takes the compiled kernel."""
+    return (weight.dtype in FLOAT_WEIGHTS and weight.ndim == 2 and x.dtype in ACTIVATIONS
+            and x.size // x.shape[-1] <= MAX_ROWS and module() is not None)
+
+
+def float_product(weight: mx.array, x: mx.array) -> mx.array:
+    """x [..., in] @ weight.T -> [..., out] in promote(x, weight)'s dtype, like `x @ weight.T`
+    (call when `supports_float`)."""
+    return module().float_matvec(x, weight)

@@ -1,5 +1,5 @@
-"""python -m pg_edge.cpu.qmv [build|status]: build the compiled quantized matvec, or say which
-kernel pg_edge would use."""
+"""python -m pg_edge.cpu.qmv [build|status]: build the compiled kernels (decode matvecs for
+quantized and bf16/fp16 weights, prefill dequantization), or say which kernel pg_edge would use."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     except PgEdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"quantized matvec: {kernel()}")
+    print(f"decode matvec (quantized, bf16/fp16): {kernel()}")
     return 0
 
 

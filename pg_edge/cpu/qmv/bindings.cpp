@@ -2,17 +2,22 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
 
+#include "common.h"
 #include "dq.h"
+#include "fmv.h"
+#include "pool.h"
 #include "qmv.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_pg_edge_qmv, m) {
-  m.doc() = "pg_edge's quantized matrix-vector product for MLX's CPU backend";
+  m.doc() = "pg_edge's quantized and 16-bit float matrix-vector products for MLX's CPU backend";
   m.def("quantized_matvec", &pg_edge::quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases).T -> [..., N] (affine, 4 or 8 bits)");
+  m.def("float_matvec", &pg_edge::float_matvec, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x [..., K] @ w.T -> [..., N] for w bfloat16 / float16 [N, K], in float32");
   m.def("dequantize", &pg_edge::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "dequantize(w, scales, biases) -> float32 [N, K] (affine, 4 or 8 bits), one thread");

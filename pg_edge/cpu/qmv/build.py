@@ -1,7 +1,7 @@
-"""Build the optional compiled quantized matvec (`_pg_edge_qmv`) into a user cache folder.
+"""Build the optional compiled decode matvecs (`_pg_edge_qmv`) into a user cache folder.
 
 `python -m pg_edge.cpu.qmv build` (or `make qmv`) runs CMake on this folder's CMakeLists.txt
-(qmv.cpp, bindings.cpp) against the installed MLX wheel's headers and CMake files, and puts the
+(qmv.cpp, fmv.cpp, pool.cpp, common.cpp, bindings.cpp) against the installed MLX wheel's headers and CMake files, and puts the
 module in `build_dir()`: one folder per MLX version, Python and source digest, so a new MLX or a
 changed source builds afresh and an old build is never loaded against the wrong MLX. Needs a C++
 compiler, CMake >= 3.24 and nanobind of the ABI MLX's own binding was built with (nanobind 3.1
@@ -22,7 +22,8 @@ from pathlib import Path
 from ...errors import PgEdgeError
 
 SOURCE = Path(__file__).resolve().parent
-SOURCES = ("qmv.h", "qmv.cpp", "dq.h", "dq.cpp", "bindings.cpp", "CMakeLists.txt")
+SOURCES = ("qmv.h", "qmv.cpp", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "pool.h", "pool.cpp", "common.h",
+           "common.cpp", "bindings.cpp", "CMakeLists.txt")
 MODULE = "_pg_edge_qmv"
 NANOBIND = "nanobind==3.1.0"
 
@@ -55,12 +56,12 @@ def module_file(folder: Path) -> Path | None:
 def _require_tools() -> None:
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
-        raise PgEdgeError(f"building the quantized matvec needs {' and '.join(missing)} on PATH "
+        raise PgEdgeError(f"building the compiled matvecs needs {' and '.join(missing)} on PATH "
                           "(Debian: apt-get install cmake g++); pg_edge runs without it")
     try:
         importlib.metadata.version("nanobind")
     except importlib.metadata.PackageNotFoundError:
-        raise PgEdgeError(f"building the quantized matvec needs nanobind: pip install {NANOBIND}") from None
+        raise PgEdgeError(f"building the compiled matvecs needs nanobind: pip install {NANOBIND}") from None
 
 
 def build(verbose: bool = False) -> Path:
@@ -79,7 +80,7 @@ def build(verbose: bool = False) -> Path:
             run = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
             if run.returncode != 0:
                 tail = "" if verbose else "\n" + "\n".join((run.stdout or "").splitlines()[-20:])
-                raise PgEdgeError(f"building the quantized matvec failed at: {' '.join(cmd[:2])}{tail}")
+                raise PgEdgeError(f"building the compiled matvecs failed at: {' '.join(cmd[:2])}{tail}")
         built = module_file(Path(tmp))
         if built is None:
             raise PgEdgeError(f"the build made no {MODULE} module in {tmp}")

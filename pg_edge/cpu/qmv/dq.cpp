@@ -9,17 +9,16 @@
 // k / (32 / bits) (so byte j of a 4-bit word holds elements 2j in its low and 2j + 1 in its high
 // nibble); scales and biases [N, K / group_size] (float32 / bfloat16 / float16); all
 // row-contiguous. One thread per call: the caller splits a product's rows over its CPU streams.
-// AVX-512F (16 elements a step), else AVX2 (8), else plain C++, chosen at run time (the same
-// PG_EDGE_QMV_SIMD cap as the matvec).
+// AVX-512 (16 elements a step), else AVX2 (8), else plain C++: common.h's cpu_simd(), the
+// level the matvecs run (PG_EDGE_QMV_SIMD caps it).
 #include "dq.h"
 
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define DQ_X86 1
+#include "common.h"
+
+#ifdef QMV_X86
 #include <immintrin.h>
 #endif
 
@@ -30,19 +29,6 @@ namespace pg_edge {
 using namespace mlx::core;
 
 namespace {
-
-float scalar(const void* p, Dtype t, size_t i) {
-  switch (t) {
-    case float32:
-      return static_cast<const float*>(p)[i];
-    case bfloat16:
-      return static_cast<float>(static_cast<const bfloat16_t*>(p)[i]);
-    case float16:
-      return static_cast<float>(static_cast<const float16_t*>(p)[i]);
-    default:
-      throw std::invalid_argument("[dequantize] unsupported dtype");
-  }
-}
 
 struct Rows {
   int N, K, gs, bits;
@@ -65,7 +51,7 @@ void group_portable(const uint8_t* src, int gs, int bits, float s, float b, floa
   }
 }
 
-#ifdef DQ_X86
+#ifdef QMV_X86
 __attribute__((target("avx2,fma"))) void group_avx2(const uint8_t* src, int gs, int bits, float s, float b,
                                                     float* dst) {
   const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
@@ -113,33 +99,15 @@ __attribute__((target("avx512f"))) void group_avx512(const uint8_t* src, int gs,
   }
 }
 
-int simd_level() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    int best = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
-    if (best == 1 && __builtin_cpu_supports("avx512f")) best = 2;
-    if (const char* env = std::getenv("PG_EDGE_QMV_SIMD")) {
-      if (std::strcmp(env, "portable") == 0) best = 0;
-      if (std::strcmp(env, "avx2") == 0) best = std::min(best, 1);
-    }
-    return best;
-  }();
-  return level;
-}
-#else
-int simd_level() {
-  return 0;
-}
 #endif
 
 void dequantize_rows(const Rows& r) {
   using Fn = void (*)(const uint8_t*, int, int, float, float, float*);
   Fn fn = group_portable;
-#ifdef DQ_X86
+#ifdef QMV_X86
   // the vector kernels step 16 / 32 elements: every group size (32, 64, 128) is a multiple
-  if (simd_level() == 2) fn = group_avx512;
-  else if (simd_level() == 1) fn = group_avx2;
+  if (cpu_simd() == 2) fn = group_avx512;
+  else if (cpu_simd() == 1) fn = group_avx2;
 #endif
   const int groups = r.K / r.gs;
   const size_t row_bytes = static_cast<size_t>(r.K) * r.bits / 8, group_bytes = r.gs * r.bits / 8;
@@ -148,7 +116,7 @@ void dequantize_rows(const Rows& r) {
     float* dst = r.out + static_cast<size_t>(n) * r.K;
     for (int g = 0; g < groups; ++g) {
       const size_t si = static_cast<size_t>(n) * groups + g;
-      fn(row + g * group_bytes, r.gs, r.bits, scalar(r.scales, r.sdt, si), scalar(r.biases, r.sdt, si),
+      fn(row + g * group_bytes, r.gs, r.bits, to_float(r.scales, r.sdt, si), to_float(r.biases, r.sdt, si),
          dst + static_cast<size_t>(g) * r.gs);
     }
   }

@@ -9,176 +9,28 @@
 // bits 4 and 8, group size 32 / 64 / 128. Computed per row as
 //   sum_g scale[g] * (x_g . q_g) + sum_g bias[g] * sum(x_g)
 // in float32 (AVX-512F, else AVX2 + FMA, when the CPU has them, checked at run time; plain C++
-// otherwise; PG_EDGE_QMV_SIMD=avx2|portable caps the choice), output rows split over a small
-// pool of threads (one per core this process may use; PG_EDGE_QMV_THREADS sets it).
+// otherwise; PG_EDGE_QMV_SIMD=avx2|portable caps the choice: common.cpp), output rows split
+// over the thread pool shared with fmv.cpp (pool.cpp; PG_EDGE_QMV_THREADS sets its size).
 #include "qmv.h"
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QMV_X86 1
+#include "common.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
+
+#ifdef QMV_X86
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <sched.h>
-#endif
-
-#include "mlx/backend/cpu/encoder.h"
 
 namespace pg_edge {
 
 using namespace mlx::core;
 
-// ------------------------------------------------------------------ threads
-
 namespace {
-
-int default_threads() {
-  if (const char* env = std::getenv("PG_EDGE_QMV_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return std::min(n, 64);
-  }
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    return std::max(1, std::min(CPU_COUNT(&set), 8));
-  }
-#endif
-  return std::max(1u, std::min(std::thread::hardware_concurrency(), 8u));
-}
-
-// A fixed pool: run(n, f) calls f(0) .. f(n - 1), spread over the workers and the caller.
-// One job at a time; a caller that finds the pool busy (another MLX stream's task) runs its
-// job alone on its own thread.
-class Pool {
- public:
-  explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) {
-      workers_.emplace_back([this] { loop(); });
-    }
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
-
-  void run(int n, const std::function<void(int)>& f) {
-    std::unique_lock<std::mutex> busy(job_, std::try_to_lock);
-    if (!busy.owns_lock() || workers_.empty() || n <= 1) {
-      for (int i = 0; i < n; ++i) f(i);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      fn_ = &f;
-      n_ = n;
-      next_.store(0);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
-    }
-    cv_.notify_all();
-    work();
-    std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [this] { return active_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void work() {
-    for (int i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);
-  }
-  void loop() {
-    unsigned long seen = 0;
-    while (true) {
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-      }
-      work();
-      std::lock_guard<std::mutex> lk(m_);
-      if (--active_ == 0) done_cv_.notify_one();
-    }
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex job_, m_;
-  std::condition_variable cv_, done_cv_;
-  const std::function<void(int)>* fn_ = nullptr;
-  int n_ = 0, active_ = 0;
-  std::atomic<int> next_{0};
-  unsigned long generation_ = 0;
-  bool stop_ = false;
-};
-
-Pool& pool() {
-  static Pool* p = new Pool(default_threads());  // never destroyed: workers outlive exit paths
-  return *p;
-}
-
-// ------------------------------------------------------------------ conversions
-
-float to_float(const void* p, Dtype t, size_t i) {
-  switch (t) {
-    case float32:
-      return static_cast<const float*>(p)[i];
-    case bfloat16:
-      return static_cast<float>(static_cast<const bfloat16_t*>(p)[i]);
-    case float16:
-      return static_cast<float>(static_cast<const float16_t*>(p)[i]);
-    default:
-      throw std::invalid_argument("[qmv] unsupported dtype");
-  }
-}
-
-void store(void* p, Dtype t, size_t i, float v) {
-  switch (t) {
-    case float32:
-      static_cast<float*>(p)[i] = v;
-      break;
-    case bfloat16:
-      static_cast<bfloat16_t*>(p)[i] = static_cast<bfloat16_t>(v);
-      break;
-    case float16:
-      static_cast<float16_t*>(p)[i] = static_cast<float16_t>(v);
-      break;
-    default:
-      throw std::invalid_argument("[qmv] unsupported dtype");
-  }
-}
-
-// n values from p + off, any of the three float dtypes, into dst as float32 (one type switch,
-// then a loop the compiler vectorises: bfloat16 -> float32 is a 16-bit shift).
-void load_floats(const void* p, Dtype t, size_t off, int n, float* dst) {
-  switch (t) {
-    case float32:
-      std::memcpy(dst, static_cast<const float*>(p) + off, n * sizeof(float));
-      break;
-    case bfloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(p) + off;
-      uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-      for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(src[i]) << 16;
-      break;
-    }
-    default:
-      for (int i = 0; i < n; ++i) dst[i] = to_float(p, t, off + i);
-  }
-}
 
 // What one call computes on: x in float32, per x row both as read (xs) and permuted (xp) for
 // the AVX2 blocks, and each row's group sums.
@@ -390,24 +242,6 @@ void rows_avx2_all(const Job& j, int lo, int hi, float* out) {
   }
 }
 
-int cpu_simd() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    int best = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
-    if (best == 1 && __builtin_cpu_supports("avx512f")) best = 2;
-    if (const char* env = std::getenv("PG_EDGE_QMV_SIMD")) {  // cap it (tests, comparisons)
-      if (std::strcmp(env, "portable") == 0) best = 0;
-      if (std::strcmp(env, "avx2") == 0) best = std::min(best, 1);
-    }
-    return best;
-  }();
-  return level;
-}
-#else
-int cpu_simd() {
-  return 0;
-}
 #endif
 
 void rows(const Job& j, int lo, int hi, float* out) {
@@ -428,22 +262,11 @@ void rows(const Job& j, int lo, int hi, float* out) {
 // vector kernel (xp[b * B + j * lanes + i] = x[b * B + i * per_word + j]), xsum.
 void prepare_x(Job& j, const array& x) {
   const int per_word = 32 / j.bits, L = j.lanes, B = L * per_word, groups = j.K / j.gs;
-  j.xs.resize(static_cast<size_t>(j.M) * j.K);
+  j.xs = read_rows(x);
   j.xp.resize(j.xs.size());
   j.xsum.assign(static_cast<size_t>(j.M) * groups, 0.f);
-  const auto& shape = x.shape();
-  const auto& strides = x.strides();
-  const int nd = static_cast<int>(x.ndim());
-  const int64_t kstride = strides[nd - 1];
-  const void* base = x.data<void>();
   for (int m = 0; m < j.M; ++m) {
-    int64_t off = 0, rem = m;
-    for (int d = nd - 2; d >= 0; --d) {
-      off += (rem % shape[d]) * strides[d];
-      rem /= shape[d];
-    }
-    float* xs = j.xs.data() + static_cast<size_t>(m) * j.K;
-    for (int k = 0; k < j.K; ++k) xs[k] = to_float(base, x.dtype(), off + k * kstride);
+    const float* xs = j.xs.data() + static_cast<size_t>(m) * j.K;
     float* xp = j.xp.data() + static_cast<size_t>(m) * j.K;
     const int whole = j.K / B * B;  // the rest (a part block) is read from xs
     for (int k = 0; k < whole; ++k) {
@@ -490,23 +313,8 @@ void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<arr
       tmp.resize(static_cast<size_t>(M) * N);
       res = tmp.data();
     }
-    Pool& p = pool();
-    const int64_t work = static_cast<int64_t>(N) * K * M;
-    int chunks = 1;
-    if (p.size() > 1 && work >= (1 << 19)) {
-      // a few chunks per thread: a core busy with other work takes fewer of them
-      chunks = std::min(N / 8, 4 * p.size());
-      chunks = std::max(chunks, 1);
-    }
-    const int step = (N + chunks - 1) / chunks;
-    p.run(chunks, [&](int c) {
-      const int lo = c * step, hi = std::min(N, lo + step);
-      if (lo < hi) rows(j, lo, hi, res);
-    });
-    if (!tmp.empty()) {
-      void* o = out.data<void>();
-      for (size_t i = 0; i < tmp.size(); ++i) store(o, out.dtype(), i, tmp[i]);
-    }
+    split_rows(N, static_cast<int64_t>(N) * K * M, 1, [&](int lo, int hi) { rows(j, lo, hi, res); });
+    if (!tmp.empty()) write_out(out, tmp.data());
   });
 }
 
@@ -544,15 +352,6 @@ array quantized_matvec(const array& x, const array& w, const array& scales, cons
   out_shape.back() = N;
   return array(out_shape, promote_types(x.dtype(), scales.dtype()),
                std::make_shared<QuantizedMatvec>(stream, group_size, bits), {x, w, scales, biases});
-}
-
-const char* simd() {
-  static const char* names[] = {"portable", "avx2", "avx512"};
-  return names[cpu_simd()];
-}
-
-int threads() {
-  return pool().size();
 }
 
 }  // namespace pg_edge

@@ -11,11 +11,6 @@ mlx::core::array quantized_matvec(
     const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales,
     const mlx::core::array& biases, int group_size, int bits, mlx::core::StreamOrDevice s = {});
 
-// "avx512", "avx2" or "portable": the kernel this CPU runs.
-const char* simd();
-// Threads a product is split over (PG_EDGE_QMV_THREADS, else the cores this process may use).
-int threads();
-
 class QuantizedMatvec : public mlx::core::Primitive {
  public:
   QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits)

@@ -1,0 +1,34 @@
+// What pg_edge's matvec primitives (qmv.cpp, fmv.cpp) share besides the pool: the SIMD level
+// this CPU runs, and float32 <-> MLX float dtype conversions.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "mlx/array.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QMV_X86 1
+#endif
+
+namespace pg_edge {
+
+// 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL), read once: the best this CPU has, capped by
+// PG_EDGE_QMV_SIMD=avx2|portable (tests, comparisons).
+int cpu_simd();
+// Whether the CPU converts float16 in hardware (F16C: AVX2 kernels of float16 weights).
+bool cpu_f16c();
+// "avx512", "avx2" or "portable": cpu_simd() in words.
+const char* simd();
+
+// Element i of p (float32 / bfloat16 / float16) as float32.
+float to_float(const void* p, mlx::core::Dtype t, size_t i);
+// n values from p + off into dst as float32 (one type switch, then a loop the compiler
+// vectorises: bfloat16 -> float32 is a 16-bit shift).
+void load_floats(const void* p, mlx::core::Dtype t, size_t off, int n, float* dst);
+// x [..., K] (any strides, float32 / bfloat16 / float16) as float32 rows [M, K], M = size / K.
+std::vector<float> read_rows(const mlx::core::array& x);
+// out (allocated, row-contiguous, float32 / bfloat16 / float16) = src, src holding out.size().
+void write_out(mlx::core::array& out, const float* src);
+
+}  // namespace pg_edge
