@@ -107,12 +107,16 @@ LOC_WEIGHTS = torch.exp(-LOC_WINDOW.float() ** 2 / (2 * LOC_SIGMA ** 2))
 LOC_WEIGHTS = LOC_WEIGHTS / LOC_WEIGHTS.sum()
 
 
-def loss_fn(model, batch, loc0: int, per_example: bool = True, loc_soft: bool = True, bf16: bool = True):
+def loss_fn(model, batch, loc0: int, per_example: bool = True, loc_soft: bool = True, bf16: bool = True,
+            decision: float = 0.0):
     """(mean suffix loss, {task: mean token loss of its rows} for the log).
 
     `<locNNNN>` targets are soft: a Gaussian over the neighbouring bins (sigma LOC_SIGMA), so a
     box one pixel off is nearly right and neighbouring bins learn similar embeddings; every other
-    target is plain cross-entropy."""
+    target is plain cross-entropy. `decision` adds that weight times each row's FIRST suffix
+    token's loss to the row: with the per-example mean, an empty answer (`<eos>` alone) puts its
+    whole weight on "say nothing" while a present kind's first `<loc>` ("say something") gets
+    1/length of its row, so the model learned to answer present kinds with nothing."""
     pixels, ids, am, tt, lm, tasks = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=ids, pixel_values=pixels, attention_mask=am, token_type_ids=tt).logits
@@ -135,6 +139,9 @@ def loss_fn(model, batch, loc0: int, per_example: bool = True, loc_soft: bool = 
     if not per_example:
         return (per_token * mask).sum() / mask.sum(), by_task
     per_row = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if decision:
+        first = mask.argmax(1)  # the first position whose next token is a suffix token
+        per_row = per_row + decision * per_token.gather(1, first[:, None])[:, 0] * mask.any(1)
     return per_row.mean(), by_task
 
 
@@ -223,6 +230,9 @@ def main() -> None:
                    help='detect/segment prompt forms, e.g. "single=0.35,pair=0.2,all=0.25,absent=0.2" '
                         "(examples.kinds_for; default: pretraining's draw)")
     p.add_argument("--float32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--decision", type=float, default=0.0,
+                   help="extra weight on each row's first suffix token (loss_fn): 1 puts an answer's "
+                        "'say something' on par with an empty answer's 'say nothing'")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -258,7 +268,8 @@ def main() -> None:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         batch = batcher(a.batch_size, single=a.single * max(0.0, 1 - 2 * step / a.steps), mix=mix,
                         forms=forms)
-        loss, by_task = loss_fn(model, batch, tok.loc0, a.loss_norm == "example", a.loc_soft, not a.float32)
+        loss, by_task = loss_fn(model, batch, tok.loc0, a.loss_norm == "example", a.loc_soft, not a.float32,
+                                a.decision)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
