@@ -7,8 +7,14 @@ model call waits (image features, adapters added or removed, a mask decoder): th
 between two steps, at a token boundary. Each step:
 
 1. admits waiting requests, in arrival order, up to `max_batch` rows: they are prefilled
-   together, left-padded to the longest (image features from the shared cache, each row with
-   its own adapter), and their KV caches join the batch's, left-padded to the longer;
+   together, left-padded to the longest (image features, those not cached yet encoded in one
+   vision pass, each row with its own adapter), and their KV caches join the batch's,
+   left-padded to the longer. Requests that arrive together are prefilled together: each is
+   announced (`Scheduler.announce()`, an `Arrival`) before it is prepared, by `stream()` or
+   earlier by a server that has just read it, and a step that would start an idle batch while
+   announced requests are still on their way leaves the waiting ones for the step that the
+   last of them posts, or a timer GATHER_S after the first was submitted: they join in one
+   pass rather than one pass for the first and another for the rest;
 2. hands every row its next token (a Chunk on the row's channel) and retires the rows that
    ended: eos ("stop"), max_tokens ("length"), or cancelled (the caller closed or cancelled
    its stream, a `cancel` event was set, or `PaliGemma.cancel()`); the batch's caches drop
@@ -39,6 +45,10 @@ from .errors import PgEdgeError
 from .generate import Chunk, Detokenizer, GenerationResult, Sampling, _logprobs, vocab_mask
 from .worker import _DONE, WorkerStream, _Job
 
+# The longest a request waits, when the batch is idle, for announced requests still being
+# prepared so that they are prefilled in one pass with it (see the module docstring).
+GATHER_S = 0.05
+
 
 @dataclass(eq=False)
 class Request:
@@ -55,6 +65,7 @@ class Request:
     next_token: int = -1
     tokens: list = field(default_factory=list)
     detok: Detokenizer | None = None
+    t_submit: float = 0.0  # time.monotonic() when handed to the Scheduler
     t_admit: float = 0.0
     t_first: float = 0.0
     vision_s: float = 0.0
@@ -259,6 +270,24 @@ def _left_pad(a: mx.array, S: int) -> mx.array:
     return mx.pad(a, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else a
 
 
+class Arrival:
+    """An announced request (`Scheduler.announce()`): consumed when its request is submitted,
+    or withdrawn (`withdraw()`, also on leaving a `with` block; once only)."""
+
+    def __init__(self, scheduler: "Scheduler"):
+        self._scheduler = scheduler
+        self.open = True  # changed under the scheduler's lock
+
+    def withdraw(self) -> None:
+        self._scheduler._withdraw(self)
+
+    def __enter__(self) -> "Arrival":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.withdraw()
+
+
 class RowStream(WorkerStream):
     """The caller's end of one batched request (a WorkerStream: cancel() keeps it readable,
     close() abandons it)."""
@@ -283,6 +312,7 @@ class Scheduler:
         self.joining: list[Request] = []
         self.lock = threading.Lock()
         self.posted = False  # a step job is queued or running
+        self.preparing = 0  # announced requests not submitted yet (announce / submit / withdraw)
         self.closed: Exception | None = None
         self.most_rows = 0  # the largest batch run so far (tests and benchmarks read it)
 
@@ -290,10 +320,43 @@ class Scheduler:
     def rows(self) -> int:
         return len(self.batch.rows)
 
-    def submit(self, req: Request) -> RowStream:
+    def announce(self) -> "Arrival":
+        """A request is on its way (read by a server, or about to be prepared): an idle batch
+        waits for it, up to GATHER_S, so that requests arriving together are prefilled
+        together. The Arrival is consumed by submit(req, arrival), or withdrawn."""
         with self.lock:
+            self.preparing += 1
+        return Arrival(self)
+
+    def _withdraw(self, arrival: "Arrival") -> None:
+        with self.lock:
+            if not arrival.open:
+                return
+            arrival.open = False
+            self.preparing -= 1
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        """With the lock held: post a step if requests wait and none is posted."""
+        if self.waiting and not self.posted and self.closed is None:
+            try:
+                self._post()
+                self.posted = True
+            except PgEdgeError as err:
+                self._end(err)
+
+    def _wake(self) -> None:
+        with self.lock:
+            self._wake_locked()
+
+    def submit(self, req: Request, arrival: "Arrival | None" = None) -> RowStream:
+        with self.lock:
+            if arrival is not None and arrival.open:
+                arrival.open = False
+                self.preparing -= 1
             if self.closed is not None:
                 raise self.closed
+            req.t_submit = time.monotonic()
             self.waiting.append(req)
             if not self.posted:
                 self._post()  # raises if the model was closed
@@ -312,8 +375,25 @@ class Scheduler:
 
         self.pg._worker.post(step)
 
+    def _gathering(self) -> float:
+        """With the lock held: how much longer an idle batch waits for announced requests
+        before its first prefill (0: not at all; never when rows decode, they would stall)."""
+        if self.batch.rows or self.preparing <= 0 or not self.waiting:
+            return 0.0
+        if len(self.waiting) >= max(1, self.max_batch):
+            return 0.0
+        return max(0.0, GATHER_S - (time.monotonic() - self.waiting[0].t_submit))
+
     def _step(self) -> None:
         with self.lock:
+            left = self._gathering()
+            if left > 0:  # the next submit() or withdrawal posts the step, or the timer does
+                self.posted = False
+                ref = weakref.ref(self)
+                timer = threading.Timer(left, lambda: (lambda s: s and s._wake())(ref()))
+                timer.daemon = True
+                timer.start()
+                return
             room = max(1, self.max_batch) - len(self.batch.rows)
             while room > 0 and self.waiting:
                 req = self.waiting.popleft()
@@ -394,4 +474,4 @@ def _drain(req: Request):
         yield item
 
 
-__all__ = ["Request", "Batch", "Scheduler", "RowStream", "run_alone"]
+__all__ = ["Request", "Batch", "Scheduler", "Arrival", "RowStream", "run_alone"]

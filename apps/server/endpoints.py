@@ -83,8 +83,10 @@ def chat(h) -> None:
         else:
             pieces.append(text)
 
-    with generation(h, req.image_url, "image_url") as (image, entry):
-        result, stopped = _run(h, req, image, emit, entry)
+    # Announced as soon as it is read: its image is fetched and decoded below, and a batch
+    # starting meanwhile waits briefly so that requests arriving together share one prefill.
+    with srv.pg.announce() as arrival, generation(h, req.image_url, "image_url") as (image, entry):
+        result, stopped = _run(h, req, image, emit, entry, arrival)
     # The model is free and the history written before the last bytes go out: a client that
     # has its answer finds its generation recorded, and the next request need not wait on I/O.
     if result.finish_reason == "cancelled" and not stopped:
@@ -101,10 +103,10 @@ def chat(h) -> None:
         h.send_json(200, completion(cid, req.model, "".join(pieces), finish, use))
 
 
-def _run(h, req, image, emit, entry):
+def _run(h, req, image, emit, entry, arrival=None):
     """Generate, sending text through emit() with stop strings cut; -> (result, stopped)."""
     matcher = StopMatcher(req.stop)
-    stream = h.server.pg.stream(image, req.prompt, **req.gen)
+    stream = h.server.pg.stream(image, req.prompt, arrival=arrival, **req.gen)
     result = None
     try:
         for piece in stream:
