@@ -313,6 +313,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.posted = False  # a step job is queued or running
         self.preparing = 0  # announced requests not submitted yet (announce / submit / withdraw)
+        self.timer_due = None  # when the running gather timer fires (time.monotonic())
         self.closed: Exception | None = None
         self.most_rows = 0  # the largest batch run so far (tests and benchmarks read it)
 
@@ -345,8 +346,9 @@ class Scheduler:
             except PgEdgeError as err:
                 self._end(err)
 
-    def _wake(self) -> None:
+    def _timer_fired(self) -> None:
         with self.lock:
+            self.timer_due = None
             self._wake_locked()
 
     def submit(self, req: Request, arrival: "Arrival | None" = None) -> RowStream:
@@ -389,10 +391,13 @@ class Scheduler:
             left = self._gathering()
             if left > 0:  # the next submit() or withdrawal posts the step, or the timer does
                 self.posted = False
-                ref = weakref.ref(self)
-                timer = threading.Timer(left, lambda: (lambda s: s and s._wake())(ref()))
-                timer.daemon = True
-                timer.start()
+                due = self.waiting[0].t_submit + GATHER_S
+                if self.timer_due != due:  # one timer per wait, however often the step defers
+                    self.timer_due = due
+                    ref = weakref.ref(self)
+                    timer = threading.Timer(left, lambda: (lambda s: s and s._timer_fired())(ref()))
+                    timer.daemon = True
+                    timer.start()
                 return
             room = max(1, self.max_batch) - len(self.batch.rows)
             while room > 0 and self.waiting:

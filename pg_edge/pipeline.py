@@ -13,7 +13,9 @@ Threads may share one object: the model calls run on its worker thread one at a 
 (pg_edge/worker.py), and the vision-feature cache is shared by all callers. Generations asked for
 at the same time (`generate`, `stream` and the tasks, from several threads) decode together in
 one batch of up to `max_batch` rows (pg_edge/batching.py: a request joins at a token boundary
-and leaves at its end); greedy results equal each one run alone. `pg.cancel()` stops the
+and leaves at its end; requests arriving together, or announced with `pg.announce()` as a
+server does once it has read one, start in one prefill); greedy results equal each one run
+alone. `pg.cancel()` stops the
 generations that are running (their results say finish_reason "cancelled"); breaking out of a
 `stream` loop, or setting the `cancel` event a call was given, stops that one alone.
 

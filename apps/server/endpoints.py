@@ -11,7 +11,9 @@ A request's `model` picks the base (the served name, or none given) or an adapte
 `--max-batch` requests generate at once, in one batch (pg_edge/batching.py), each with its own
 adapter; one client hanging up cancels its own row only.
 
-A request's image is fetched and its header read in the connection's thread (a bad one is a
+A chat request is announced to the model as soon as its body is read (`pg.announce()`: an
+idle batch waits briefly for requests arriving together, so they share one prefill). A
+request's image is fetched and its header read in the connection's thread (a bad one is a
 400 at once); it is decoded only once the Gate has admitted the request and holds its pixels
 (apps/server/gate.py). Between tokens the handler checks whether its client went away and,
 if so, cancels the generation, so the next request starts within a token or two. A
