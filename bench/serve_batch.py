@@ -1,6 +1,7 @@
 """Batched serving with adapters (issue 22): through `pg-edge serve`'s HTTP server, in one run.
 
     python bench/serve_batch.py                          # the demo model
+    python bench/serve_batch.py --rounds 9               # steadier medians on a shared machine
     python bench/serve_batch.py --cut pg2-3b-224         # + a real-width layer cut (random weights)
     python bench/serve_batch.py --skip-demo --cut pg2-3b-224 --cut-max-tokens 4 --cut-rounds 1
 
