@@ -42,7 +42,8 @@ from .errors import PgEdgeError
 from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
-from .batching import Arrival, Request, Scheduler, run_alone
+from .batching import Request, run_alone
+from .scheduler import Arrival, Scheduler
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .checkpoint.folder import resolve
 from .checkpoint.loader import load_folder
@@ -88,7 +89,7 @@ class PaliGemma:
 
     def announce(self) -> Arrival:
         """A generation is coming (a server has just read its request): while it is on its way
-        an idle batch holds its first prefill for it (briefly: pg_edge.batching.GATHER_S), so
+        an idle batch holds its first prefill for it (briefly: pg_edge.scheduler.GATHER_S), so
         that requests arriving together are prefilled together. Pass the Arrival to
         `stream(arrival=...)`, or leave a `with` block on it (withdrawn if never used).
         Any thread may call this."""
@@ -215,7 +216,7 @@ class PaliGemma:
         `cancel`: a threading.Event; setting it ends this generation ("cancelled").
         `arrival`: what `announce()` gave for this request (a server announces a request as
         soon as it has read it); this call consumes it.
-        From another thread than the worker the iterator is a pg_edge.batching.RowStream:
+        From another thread than the worker the iterator is a pg_edge.scheduler.RowStream:
         `.cancel()` ends the generation early (the last chunk still comes), `.close()` drops it.
         Concurrent calls decode together (see the module docstring)."""
         # Prepared on the worker, as every call's inputs are (one thread's allocator: big images

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import pg_edge
-from pg_edge.batching import GATHER_S, Batch
+from pg_edge.batching import Batch
 from pg_edge.errors import PgEdgeError
+from pg_edge.scheduler import GATHER_S
 from tests.helpers.adapter_helpers import DEMO, make_adapter
 
 SHAPES = [f"pg_edge/demo/samples/shapes_{i}.png" for i in (1, 2, 3)]
