@@ -1,7 +1,9 @@
 """Batched serving with adapters (issue 22): through `pg-edge serve`'s HTTP server, in one run.
 
     python bench/serve_batch.py                          # the demo model
+    python bench/serve_batch.py --rounds 9               # steadier medians on a shared machine
     python bench/serve_batch.py --cut pg2-3b-224         # + a real-width layer cut (random weights)
+    python bench/serve_batch.py --skip-demo --cut pg2-3b-224 --cut-max-tokens 4 --cut-rounds 1
 
 For each model: two random LoRA adapters on the one loaded base; then, through the server
 (in this process, max_batch 8), requests that mix the base and the adapters:
@@ -21,6 +23,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pg_edge  # noqa: E402  (first: it loads the fast BLAS before MLX, pg_edge/blas.py)
 import mlx.core as mx  # noqa: E402
 
-import pg_edge  # noqa: E402
 from fixtures.adapters import make_random_adapter  # noqa: E402
 from pg_edge.server import make_server  # noqa: E402
 
@@ -83,6 +86,12 @@ def at_once(port, reqs) -> tuple[float, int]:
     for t in threads:
         t.join()
     return time.perf_counter() - t0, sum(o["usage"]["completion_tokens"] for o in out)
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (the benchmark's ratios are within one run, but a
+    loaded machine moves them)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def kv_bytes_per_token(pg) -> int:
@@ -151,15 +160,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--cut-max-tokens", type=int, default=None,
+                   help="max_tokens for the cut (default: --max-tokens; its 257216-row bf16 LM head makes each "
+                        "decode step slow on a CPU)")
+    p.add_argument("--cut-rounds", type=int, default=None, help="rounds for the cut (default: --rounds)")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     header = ("| model | N at once / one after another | tok/s @1 | @2 | @4 | @8 | base MB | base + 2 adapters MB "
               "| 2 separate models MB | a batch row MB (measured / KV by arithmetic) |\n|---|---|---|---|---|---|---|---|---|---|")
     if not args.json:
+        print(f"load average at start: {load()}", flush=True)
         print(header, flush=True)
 
     def report(r: dict) -> None:  # each model's row as soon as it is measured
+        r["load_average"] = load()  # the machine may be shared: the load when the row finished
         if args.json:
             print(json.dumps(r), flush=True)
             return
@@ -168,6 +183,7 @@ def main(argv=None) -> int:
               f"({r['requests']} requests, {r['tokens']} tokens) | {t[1]} | {t[2]} | {t[4]} | {t[8]} | {m['base']} "
               f"| {m['base_plus_2_adapters']} | {m['2_separate_models']} | {r['row_mb']['measured']} / "
               f"{r['row_mb']['kv_cache']} |", flush=True)
+        print(f"load average after {r['model']}: {r['load_average']}", flush=True)
 
     if not args.skip_demo:
         report(bench_model("demo", "demo", DEMO_IMAGES, args.max_tokens, args.requests, args.rounds, args.rank))
@@ -177,7 +193,8 @@ def main(argv=None) -> int:
         folder = make_hf_folder(Path(tempfile.mkdtemp(prefix="pg_edge_cut_")) / args.cut, args.cut,
                                 vision_layers=1, text_layers=args.cut_layers)
         report(bench_model(f"{args.cut} cut (1 vision, {args.cut_layers} text layers)", folder,
-                           [PHOTO, *DEMO_IMAGES], args.max_tokens, args.requests, args.rounds, args.rank))
+                           [PHOTO, *DEMO_IMAGES], args.cut_max_tokens or args.max_tokens, args.requests,
+                           args.cut_rounds or args.rounds, args.rank))
     return 0
 
 

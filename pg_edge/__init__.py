@@ -18,6 +18,8 @@ Read in this order (an image's path to the image tokens merged into the sequence
                           image features where the `<image>` ids are (the merge)
     batching.py           prefill and decode over that sequence, concurrent requests in one
                           batch (generate.py: the one-batch layers; masks: model/masks.py)
+    scheduler.py          which requests join that batch and when (those arriving together
+                          in one prefill)
 
 Beside them: checkpoint/ (model folders on disk: find, check, read, write), model/ (the MLX
 model and its config), cpu/ (the CPU backend's class variants), tasks/ (prompts, parsing

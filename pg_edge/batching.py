@@ -1,14 +1,16 @@
 """Continuous batching: concurrent generations decode together, one row each.
 
 A request (`Request`: prompt ids, pixels, adapter slot, sampling, max_tokens) is prepared on
-its caller's thread and handed to the `Scheduler`. The scheduler runs the batch as a worker job
-(pg_edge.worker) that steps while there is work and hands the worker over whenever another
-model call waits (image features, adapters added or removed, a mask decoder): those run
-between two steps, at a token boundary. Each step:
+the model's worker and handed to the `Scheduler` (pg_edge/scheduler.py), which runs the batch
+(`Batch`, here) as a worker job (pg_edge.worker) that steps while there is work and hands the
+worker over whenever another model call waits (image features, adapters added or removed, a
+mask decoder): those run between two steps, at a token boundary. Each step:
 
 1. admits waiting requests, in arrival order, up to `max_batch` rows: they are prefilled
-   together, left-padded to the longest (image features from the shared cache, each row with
-   its own adapter), and their KV caches join the batch's, left-padded to the longer;
+   together, left-padded to the longest (image features, those not cached yet encoded in one
+   vision pass, each row with its own adapter), and their KV caches join the batch's,
+   left-padded to the longer (requests that arrive together join in one pass: the Scheduler
+   holds an idle batch's first step for announced requests, pg_edge/scheduler.py);
 2. hands every row its next token (a Chunk on the row's channel) and retires the rows that
    ended: eos ("stop"), max_tokens ("length"), or cancelled (the caller closed or cancelled
    its stream, a `cancel` event was set, or `PaliGemma.cancel()`); the batch's caches drop
@@ -26,8 +28,6 @@ zeros), so greedy results equal the request run alone.
 """
 from __future__ import annotations
 
-import collections
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .errors import PgEdgeError
 from .generate import Chunk, Detokenizer, GenerationResult, Sampling, _logprobs, vocab_mask
-from .worker import _DONE, WorkerStream, _Job
+from .worker import _DONE, _Job
 
 
 @dataclass(eq=False)
@@ -55,6 +54,7 @@ class Request:
     next_token: int = -1
     tokens: list = field(default_factory=list)
     detok: Detokenizer | None = None
+    t_submit: float = 0.0  # time.monotonic() when handed to the Scheduler
     t_admit: float = 0.0
     t_first: float = 0.0
     vision_s: float = 0.0
@@ -259,115 +259,6 @@ def _left_pad(a: mx.array, S: int) -> mx.array:
     return mx.pad(a, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else a
 
 
-class RowStream(WorkerStream):
-    """The caller's end of one batched request (a WorkerStream: cancel() keeps it readable,
-    close() abandons it)."""
-
-    def __init__(self, req: Request):
-        super().__init__(req.channel)
-        self.request = req
-
-    def close(self) -> None:
-        self.request._abandoned = True
-        super().close()
-
-
-class Scheduler:
-    """Waiting requests and the running batch of one PaliGemma (see the module docstring)."""
-
-    def __init__(self, pg, max_batch: int = 8):
-        self.pg = weakref.proxy(pg)  # no cycle: a dropped PaliGemma is freed at once
-        self.max_batch = max_batch
-        self.batch = Batch(pg)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.joining: list[Request] = []
-        self.lock = threading.Lock()
-        self.posted = False  # a step job is queued or running
-        self.closed: Exception | None = None
-        self.most_rows = 0  # the largest batch run so far (tests and benchmarks read it)
-
-    @property
-    def rows(self) -> int:
-        return len(self.batch.rows)
-
-    def submit(self, req: Request) -> RowStream:
-        with self.lock:
-            if self.closed is not None:
-                raise self.closed
-            self.waiting.append(req)
-            if not self.posted:
-                self._post()  # raises if the model was closed
-                self.posted = True
-        return RowStream(req)
-
-    def _post(self) -> None:
-        """Queue one step on the worker. The job holds the scheduler weakly: a PaliGemma
-        dropped by its app is not kept alive by a queued or finishing step."""
-        ref = weakref.ref(self)
-
-        def step():
-            scheduler = ref()
-            if scheduler is not None:
-                scheduler._step()
-
-        self.pg._worker.post(step)
-
-    def _step(self) -> None:
-        with self.lock:
-            room = max(1, self.max_batch) - len(self.batch.rows)
-            while room > 0 and self.waiting:
-                req = self.waiting.popleft()
-                if _closed(req):
-                    continue
-                self.joining.append(req)
-                room -= 1
-            if not self.batch.rows and self.joining:
-                mx.reset_peak_memory()
-        try:
-            self.batch.step(self.joining)
-            self.most_rows = max(self.most_rows, len(self.batch.rows))
-        except Exception as err:  # the batch cannot go on: every row gets the error
-            self.batch.fail_all(err)
-        finally:
-            with self.lock:
-                self.joining = []
-                again = self.closed is None and (self.batch.rows or self.waiting)
-                self.posted = False
-                if again:
-                    try:
-                        self._post()
-                        self.posted = True
-                    except PgEdgeError as err:
-                        self._end(err)
-            self.batch.flush()
-
-    def cancel_all(self) -> bool:
-        """Cancel every row decoding now (PaliGemma.cancel()); waiting requests still run."""
-        with self.lock:
-            for r in self.joining:
-                r.channel.cancel.set()
-            return self.batch.cancel_all() or bool(self.joining)
-
-    def close(self, err: Exception) -> None:
-        with self.lock:
-            self.closed = err
-            self._end(err)
-
-    def _end(self, err: Exception) -> None:
-        """With the lock held: rows stop as cancelled, waiting requests get `err`."""
-        for r in list(self.batch.rows) + self.joining:
-            if r.detok is not None:
-                r.channel.cancel.set()
-                self.batch._finish(r, "cancelled")
-            else:
-                r.fail(err)
-        self.batch.rows, self.batch.caches = [], None
-        self.batch.valid = np.zeros((0, 0), dtype=bool)
-        while self.waiting:
-            self.waiting.popleft().fail(err)
-        self.batch.flush()
-
-
 def run_alone(pg, req: Request):
     """On the worker itself (a model call made from inside another one): the request as a
     batch of its own; yields its Chunks."""
@@ -394,4 +285,4 @@ def _drain(req: Request):
         yield item
 
 
-__all__ = ["Request", "Batch", "Scheduler", "RowStream", "run_alone"]
+__all__ = ["Request", "Batch", "run_alone"]

@@ -13,7 +13,9 @@ Threads may share one object: the model calls run on its worker thread one at a 
 (pg_edge/worker.py), and the vision-feature cache is shared by all callers. Generations asked for
 at the same time (`generate`, `stream` and the tasks, from several threads) decode together in
 one batch of up to `max_batch` rows (pg_edge/batching.py: a request joins at a token boundary
-and leaves at its end); greedy results equal each one run alone. `pg.cancel()` stops the
+and leaves at its end; requests arriving together, or announced with `pg.announce()` as a
+server does once it has read one, start in one prefill); greedy results equal each one run
+alone. `pg.cancel()` stops the
 generations that are running (their results say finish_reason "cancelled"); breaking out of a
 `stream` loop, or setting the `cancel` event a call was given, stops that one alone.
 
@@ -40,7 +42,8 @@ from .errors import PgEdgeError
 from .model.config import PaliGemmaConfig
 from .model.config_checks import check_tokenizer_fits
 from .tasks import calls
-from .batching import Request, Scheduler, run_alone
+from .batching import Request, run_alone
+from .scheduler import Arrival, Scheduler
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .checkpoint.folder import resolve
 from .checkpoint.loader import load_folder
@@ -83,6 +86,14 @@ class PaliGemma:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise PgEdgeError(f"max_batch must be a positive integer, got {n!r}")
         self._scheduler.max_batch = n
+
+    def announce(self) -> Arrival:
+        """A generation is coming (a server has just read its request): while it is on its way
+        an idle batch holds its first prefill for it (briefly: pg_edge.scheduler.GATHER_S), so
+        that requests arriving together are prefilled together. Pass the Arrival to
+        `stream(arrival=...)`, or leave a `with` block on it (withdrawn if never used).
+        Any thread may call this."""
+        return self._scheduler.announce()
 
     def cancel(self) -> bool:
         """Stop the generations running now (any thread may call this); True if one was."""
@@ -198,20 +209,31 @@ class PaliGemma:
 
     def stream(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
                sampling: Sampling | None = None, adapter: str | None = None, cancel=None,
-               **settings) -> Iterator[Chunk]:
+               arrival=None, **settings) -> Iterator[Chunk]:
         """Yield text pieces as tokens arrive; the last chunk carries the GenerationResult.
         `sampling`: a generate.Sampling, or its fields as keywords (temperature, top_p, top_k,
         seed); default greedy. `adapter`: a loaded adapter's name (None: the base alone).
         `cancel`: a threading.Event; setting it ends this generation ("cancelled").
-        From another thread than the worker the iterator is a pg_edge.batching.RowStream:
+        `arrival`: what `announce()` gave for this request (a server announces a request as
+        soon as it has read it); this call consumes it.
+        From another thread than the worker the iterator is a pg_edge.scheduler.RowStream:
         `.cancel()` ends the generation early (the last chunk still comes), `.close()` drops it.
         Concurrent calls decode together (see the module docstring)."""
         # Prepared on the worker, as every call's inputs are (one thread's allocator: big images
         # from many callers do not each leave their own heap behind).
-        req = self._worker.call(self._request, image, prompt, max_tokens, sampling, settings, adapter, cancel)
         if self._worker.on_worker():
-            return run_alone(self, req)
-        return self._scheduler.submit(req)
+            return run_alone(self, self._request(image, prompt, max_tokens, sampling, settings, adapter, cancel))
+        # Announced first (unless the caller did): an idle batch waits for requests arriving
+        # together, so that they are prefilled in one pass.
+        own = arrival is None
+        arrival = arrival or self._scheduler.announce()
+        try:
+            req = self._worker.call(self._request, image, prompt, max_tokens, sampling, settings, adapter, cancel)
+        except BaseException:
+            if own:
+                arrival.withdraw()
+            raise
+        return self._scheduler.submit(req, arrival)
 
     def generate(self, image: ImageInput, prompt: str, *, max_tokens: int = 256,
                  sampling: Sampling | None = None, adapter: str | None = None, cancel=None,

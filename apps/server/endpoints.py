@@ -11,7 +11,9 @@ A request's `model` picks the base (the served name, or none given) or an adapte
 `--max-batch` requests generate at once, in one batch (pg_edge/batching.py), each with its own
 adapter; one client hanging up cancels its own row only.
 
-A request's image is fetched and its header read in the connection's thread (a bad one is a
+A chat request is announced to the model as soon as its body is read (`pg.announce()`: an
+idle batch waits briefly for requests arriving together, so they share one prefill). A
+request's image is fetched and its header read in the connection's thread (a bad one is a
 400 at once); it is decoded only once the Gate has admitted the request and holds its pixels
 (apps/server/gate.py). Between tokens the handler checks whether its client went away and,
 if so, cancels the generation, so the next request starts within a token or two. A
@@ -83,8 +85,10 @@ def chat(h) -> None:
         else:
             pieces.append(text)
 
-    with generation(h, req.image_url, "image_url") as (image, entry):
-        result, stopped = _run(h, req, image, emit, entry)
+    # Announced as soon as it is read: its image is fetched and decoded below, and a batch
+    # starting meanwhile waits briefly so that requests arriving together share one prefill.
+    with srv.pg.announce() as arrival, generation(h, req.image_url, "image_url") as (image, entry):
+        result, stopped = _run(h, req, image, emit, entry, arrival)
     # The model is free and the history written before the last bytes go out: a client that
     # has its answer finds its generation recorded, and the next request need not wait on I/O.
     if result.finish_reason == "cancelled" and not stopped:
@@ -101,10 +105,10 @@ def chat(h) -> None:
         h.send_json(200, completion(cid, req.model, "".join(pieces), finish, use))
 
 
-def _run(h, req, image, emit, entry):
+def _run(h, req, image, emit, entry, arrival=None):
     """Generate, sending text through emit() with stop strings cut; -> (result, stopped)."""
     matcher = StopMatcher(req.stop)
-    stream = h.server.pg.stream(image, req.prompt, **req.gen)
+    stream = h.server.pg.stream(image, req.prompt, arrival=arrival, **req.gen)
     result = None
     try:
         for piece in stream:

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import pg_edge
+from pg_edge.batching import Batch
 from pg_edge.errors import PgEdgeError
+from pg_edge.scheduler import GATHER_S
 from tests.helpers.adapter_helpers import DEMO, make_adapter
 
 SHAPES = [f"pg_edge/demo/samples/shapes_{i}.png" for i in (1, 2, 3)]
@@ -66,6 +68,55 @@ def test_concurrent_mixed_requests_equal_their_run_alone(pg):
     pg._scheduler.most_rows = 0
     assert at_once(pg, JOBS) == expected
     assert pg._scheduler.most_rows > 2  # they did share a batch
+
+
+def test_requests_announced_together_share_one_prefill(pg, monkeypatch):
+    """A server announces each request as soon as it has read it (pg.announce()): an idle batch
+    waits for the announced ones, so requests arriving one after another within
+    GATHER_S are prefilled in one pass, and each still equals its run alone."""
+    jobs = JOBS[:4]
+    expected = alone(pg, jobs)
+    sizes = []
+    admit = Batch.admit
+    monkeypatch.setattr(Batch, "admit", lambda self, reqs: (sizes.append(len(reqs)), admit(self, reqs))[1])
+    arrivals = [pg.announce() for _ in jobs]
+    out = [None] * len(jobs)
+
+    def run(k):
+        time.sleep(0.002 * k)  # they come in one by one
+        img, prompt, ad = jobs[k]
+        with arrivals[k]:
+            chunks = list(pg.stream(img, prompt, adapter=ad, max_tokens=12, arrival=arrivals[k]))
+        out[k] = chunks[-1].result.tokens
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert out == expected
+    assert sizes == [len(jobs)]
+    assert pg._scheduler.preparing == 0
+
+
+def test_an_announcement_never_used_holds_an_idle_batch_briefly_only(pg):
+    """A request announced but never submitted (its image refused, its client gone) delays an
+    idle batch's first prefill by GATHER_S at most; withdrawn, it holds nothing."""
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        out["tokens"] = pg.generate(SHAPES[0], "caption en", max_tokens=4).tokens
+        out["s"] = time.monotonic() - t0
+
+    with pg.announce():
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(timeout=60)
+    assert out["tokens"] and out["s"] >= GATHER_S
+    assert pg._scheduler.preparing == 0
+    pg.announce().withdraw()
+    assert pg._scheduler.preparing == 0
 
 
 def test_an_8_bit_kv_cache_batches_too(adapters):
