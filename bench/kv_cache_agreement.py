@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pg_edge  # noqa: E402  (first: it loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-import pg_edge  # noqa: E402
 
 
 def run(model, ids, feats, bits, steps, forced=None):

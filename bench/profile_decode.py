@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pg_edge  # noqa: E402  (first: it loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
-import pg_edge  # noqa: E402
 from pg_edge.benchmark import bench_image  # noqa: E402
 from pg_edge.generate import generate_step  # noqa: E402
 

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pg_edge  # noqa: E402,F401  (first: it loads the fast BLAS before MLX, as for a user)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 SHAPES = {"lm head 257216x2304": (257216, 2304), "mlp 9216x2304": (9216, 2304),
           "attn q 2048x2304": (2048, 2304), "narrow lm head 257216x64": (257216, 64)}

@@ -33,10 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pg_edge  # noqa: E402,F401  (first: it loads the fast BLAS before MLX, as for a user)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg_edge.cpu import products, streams  # noqa: E402

@@ -81,3 +81,19 @@ def test_pg_edge_bench_says_which_blas_and_its_speed(converted, capsys):
     assert main(["bench", str(converted(version=2)), "--tokens", "2", "--no-warmup"]) == 0
     out = capsys.readouterr().out
     assert f"BLAS: {blas.describe()}" in out and "GFLOP/s" in out
+
+
+def test_bench_scripts_load_the_blas_before_mlx():
+    """A bench script that imports pg_edge at module level does so before MLX: imported after,
+    MLX has bound its bundled reference BLAS and every prefill product runs ~20x slower
+    (bench/serve_batch.py measured batching on it for a while)."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    late = []
+    for script in sorted(bench.glob("*.py")):
+        lines = [ln for ln in script.read_text().splitlines() if not ln.startswith((" ", "\t"))]
+        first = lambda pred: next((i for i, ln in enumerate(lines) if pred(ln)), None)  # noqa: E731
+        pg = first(lambda ln: ln.startswith(("import pg_edge", "from pg_edge")))
+        mlx = first(lambda ln: ln.startswith(("import mlx", "from mlx")))
+        if pg is not None and mlx is not None and mlx < pg:
+            late.append(script.name)
+    assert late == []
