@@ -65,13 +65,18 @@ class Pool {
       fn_ = &f;
       n_ = n;
       next_.store(0);
-      active_ = static_cast<int>(workers_.size());
+      open_ = true;
+      joined_ = 0;
       ++generation_;
     }
     cv_.notify_all();
     work();
+    // Every chunk is taken. Wait only for the workers that joined (they are finishing theirs):
+    // one the OS has not scheduled yet (a core busy with another process) skips this job when
+    // it wakes, instead of the caller waiting a time slice for it.
     std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [this] { return active_ == 0; });
+    open_ = false;
+    done_cv_.wait(lk, [this] { return joined_ == 0; });
     fn_ = nullptr;
   }
 
@@ -87,10 +92,12 @@ class Pool {
         cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
+        if (!open_) continue;  // woke after the caller finished the job alone
+        ++joined_;
       }
       work();
       std::lock_guard<std::mutex> lk(m_);
-      if (--active_ == 0) done_cv_.notify_one();
+      if (--joined_ == 0) done_cv_.notify_one();
     }
   }
 
@@ -98,10 +105,10 @@ class Pool {
   std::mutex job_, m_;
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* fn_ = nullptr;
-  int n_ = 0, active_ = 0;
+  int n_ = 0, joined_ = 0;
   std::atomic<int> next_{0};
   unsigned long generation_ = 0;
-  bool stop_ = false;
+  bool stop_ = false, open_ = false;
 };
 
 Pool& pool() {
