@@ -6,8 +6,8 @@ Read in this order:
                    many rows, products split by output rows over the streams
     ops.py         leaner RMSNorm / RoPE / softcap graphs, and CpuRMSNorm
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
-    layers.py      prefill evaluated layer by layer; float32 vision for 16-bit and quantized models,
-                   float32 activations for quantized decoders
+    layers.py      prefill evaluated layer by layer; float32 activations for 16-bit and
+                   quantized models
 
 `apply(model)` is called once at load (pg_edge.checkpoint.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
@@ -28,7 +28,7 @@ from ..model.gemma import Attention, GemmaModel, RMSNorm
 from ..model.paligemma import PaliGemmaModel
 from ..model.siglip import SiglipAttention, SiglipEncoder
 from .attention import CpuAttention, CpuSiglipAttention
-from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder, CpuVisionPaliGemmaModel
+from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
 from . import products
 from .ops import CpuRMSNorm
 from .products import CpuEmbedding, CpuLinear, CpuQuantizedEmbedding, CpuQuantizedLinear
@@ -59,7 +59,7 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
     mode = mode or policy()
     if mode != "cpu":
         return mode
-    quantized_decoder = quantized = half = False
+    quantized = half = False
     for path, module in model.named_modules():
         swap = SWAPS.get(type(module))
         if swap in (CpuLinear, CpuEmbedding):
@@ -71,14 +71,13 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
         module.__class__ = swap
         if swap in (CpuQuantizedLinear, CpuQuantizedEmbedding):
             quantized = True
-            quantized_decoder = quantized_decoder or path.startswith("language_model.")
     if quantized or half:
         for _, module in model.named_modules():
             swap = LAYER_BY_LAYER.get(type(module))
             if swap is not None:
                 module.__class__ = swap
-        if type(model) is PaliGemmaModel:  # float32 vision; and decoder, when it is quantized
-            model.__class__ = CpuPaliGemmaModel if quantized_decoder else CpuVisionPaliGemmaModel
+        if type(model) is PaliGemmaModel:  # float32 activations, vision and decoder
+            model.__class__ = CpuPaliGemmaModel
     return mode
 
 

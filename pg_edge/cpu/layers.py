@@ -1,5 +1,5 @@
-"""CPU variants of the stacks: prefill evaluated layer by layer, the vision tower of a 16-bit
-or quantized model in float32, and a quantized decoder's activations in float32.
+"""CPU variants of the stacks: prefill evaluated layer by layer, and a 16-bit or quantized
+model's activations in float32.
 
 A quantized model's dense prefill products dequantize pieces of every layer; in one lazy graph
 MLX keeps many layers' pieces alive at once, so evaluating each layer's output frees its pieces
@@ -44,22 +44,17 @@ class CpuSiglipEncoder(SiglipEncoder):
         return x
 
 
-class CpuVisionPaliGemmaModel(PaliGemmaModel):
-    """`PaliGemmaModel` whose vision tower and connector compute in float32 in inference (a
-    16-bit or quantized model: every SigLIP product then is a float32 GEMM or dequantizes in
-    float32; MLX promotes the 16-bit weights it meets). The features leave in float32 and
-    `embed` casts them to the decoder's dtype, as it does any features."""
+class CpuPaliGemmaModel(PaliGemmaModel):
+    """`PaliGemmaModel` that computes in float32 in inference, a 16-bit or quantized model's
+    vision tower, connector and decoder alike: every product then is a float32 GEMM on the
+    BLAS, dequantizes in float32, or takes the fast float32 quantized kernel with no casts
+    around it; attention's own products (scores, weighted values) run on the BLAS too, where
+    in bf16 they would not (MLX's bf16 matmul: docs/performance.md). The KV cache is float32."""
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         if not lean(self):
             return super().encode_image(pixel_values)
         return self.multi_modal_projector(self.vision_tower(pixel_values.astype(mx.float32)))
-
-
-class CpuPaliGemmaModel(CpuVisionPaliGemmaModel):
-    """`CpuVisionPaliGemmaModel` whose decoder also computes in float32 from the embedding on
-    (a quantized decoder: every quantized product then takes the fast kernel without casts
-    around it)."""
 
     def embed_text(self, ids: mx.array) -> mx.array:
         return super().embed_text(ids).astype(mx.float32)

@@ -1,5 +1,5 @@
-"""16-bit models on the CPU compute their many-row products and their vision tower in float32
-(pg_edge.cpu: products.float32_product, layers.CpuVisionPaliGemmaModel), where MLX's float32
+"""16-bit models on the CPU compute their many-row products, their vision tower and their decoder
+in float32 (pg_edge.cpu: products.float32_product, layers.CpuPaliGemmaModel), where MLX's float32
 products run on the BLAS and its bf16 ones do not."""
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,17 +50,17 @@ def test_decode_rows_stay_16_bit(monkeypatch):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_bf16_model_vision_and_prefill_in_float32_closer_to_float32_truth(converted, sample_images, version,
+def test_bf16_model_vision_and_decoder_in_float32_closer_to_float32_truth(converted, sample_images, version,
                                                                          monkeypatch):
     folder = converted(version=version, dtype="bfloat16")
     pg = pg_edge.load(folder)
     if cpu.policy() != "cpu":
         pytest.skip("the CPU variants are swapped in on the CPU backend only")
-    assert type(pg.model) is layers.CpuVisionPaliGemmaModel
+    assert type(pg.model) is layers.CpuPaliGemmaModel
     image = sample_images[0]
     inp = pg.prepare([image], ["caption en"])
     assert pg.model.encode_image(mx.array(inp.pixel_values)).dtype == mx.float32
-    assert pg.model.embed(mx.array(inp.input_ids), None).dtype == mx.bfloat16  # decoder stays bf16
+    assert pg.model.embed(mx.array(inp.input_ids), None).dtype == mx.float32  # the decoder too
     ours = pg.logits(image, "caption en")
     truth = pg_edge.load(folder, dtype=mx.float32).logits(image, "caption en")
     monkeypatch.setenv("PG_EDGE_QMM", "native")

@@ -55,8 +55,7 @@ def test_softcap_equals_the_plain_ops():
 # The CPU variants of the model's own classes (products: pg_edge.cpu.products, tested apart).
 VARIANTS = {ops.CpuRMSNorm: gemma.RMSNorm, attention.CpuAttention: gemma.Attention,
             attention.CpuSiglipAttention: siglip.SiglipAttention, layers.CpuGemmaModel: gemma.GemmaModel,
-            layers.CpuSiglipEncoder: siglip.SiglipEncoder, layers.CpuPaliGemmaModel: paligemma.PaliGemmaModel,
-            layers.CpuVisionPaliGemmaModel: paligemma.PaliGemmaModel}
+            layers.CpuSiglipEncoder: siglip.SiglipEncoder, layers.CpuPaliGemmaModel: paligemma.PaliGemmaModel}
 
 
 def variant_modules(model):
