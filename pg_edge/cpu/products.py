@@ -65,8 +65,9 @@ def _quantized_piece(layer, x, lo, hi, dense, stream):
         w, scales = w[lo:hi], scales[lo:hi]
         biases = None if biases is None else biases[lo:hi]
     if dense:
-        if x.dtype == mx.float32 and qmv.dequantizes(layer, w):
+        if x.dtype == mx.float32 and not layer.training and not tracing() and qmv.dequantizes(layer, w):
             # pg_edge's compiled dequantization (pg_edge.cpu.qmv): MLX's is slower than the GEMM
+            # (inference only: the primitive has no gradient and cannot be exported)
             wd = qmv.dequantize(layer, _rows(w), _rows(scales), _rows(biases), stream=stream)
             return mx.matmul(x, wd.T, stream=stream)
         # Dequantized in the activation dtype: float32 inputs get the exact float32 weights;

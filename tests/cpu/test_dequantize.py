@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from pg_edge.cpu import products, qmv
+from pg_edge.cpu import products, qmv, streams
 
 
 def quantized(n, k, gs, bits, dtype, seed=0):
@@ -91,4 +91,8 @@ def test_prefill_takes_it_and_gives_the_same_product(ext, monkeypatch, bits, gs)
     assert mx.allclose(y, ref, rtol=1e-4, atol=1e-4)
     calls.clear()
     layer(x.astype(mx.bfloat16))  # 16-bit activations: MLX's dequantize in their dtype
+    with streams.tracing_on():  # export / compile: MLX's own ops, which they can serialize
+        layer(x)
+    layer.train()  # training: MLX's differentiable ops
+    layer(x)
     assert calls == []
