@@ -8,6 +8,8 @@ Read in this order:
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
     layers.py      prefill evaluated layer by layer; float32 activations for 16-bit and
                    quantized models
+    mlp.py         SigLIP's and Gemma's MLPs with the compiled tanh GELU (16-bit and quantized
+                   models)
 
 `apply(model)` is called once at load (pg_edge.checkpoint.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
@@ -24,11 +26,12 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..model.gemma import Attention, GemmaModel, RMSNorm
+from ..model.gemma import MLP, Attention, GemmaModel, RMSNorm
 from ..model.paligemma import PaliGemmaModel
-from ..model.siglip import SiglipAttention, SiglipEncoder
+from ..model.siglip import SiglipAttention, SiglipEncoder, SiglipMLP
 from .attention import CpuAttention, CpuSiglipAttention
 from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
+from .mlp import CpuMLP, CpuSiglipMLP
 from . import products
 from .ops import CpuRMSNorm
 from .products import CpuEmbedding, CpuLinear, CpuQuantizedEmbedding, CpuQuantizedLinear
@@ -39,8 +42,9 @@ SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuant
          nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding,
          RMSNorm: CpuRMSNorm, Attention: CpuAttention, SiglipAttention: CpuSiglipAttention}
 # Swapped when the model holds quantized or 16-bit float layers (their dense or float32 prefill
-# pieces).
-LAYER_BY_LAYER = {GemmaModel: CpuGemmaModel, SiglipEncoder: CpuSiglipEncoder}
+# pieces; the compiled GELU, whose last bits differ from MLX's: a float32 model keeps those).
+LAYER_BY_LAYER = {GemmaModel: CpuGemmaModel, SiglipEncoder: CpuSiglipEncoder,
+                  MLP: CpuMLP, SiglipMLP: CpuSiglipMLP}
 
 
 def policy() -> str:

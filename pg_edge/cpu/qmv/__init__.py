@@ -11,8 +11,10 @@ pool of one thread per core, pool.cpp):
     [N, K], widened to float32 as they are read and summed in float32.
 
 The same module holds a dequantization primitive (dq.cpp: the weight to float32 [N, K], one
-thread, AVX-512 / AVX2 / plain C++) that a quantized layer's prefill uses before its BLAS GEMM:
-MLX's CPU dequantize is slower than the GEMM it feeds (docs/performance.md).
+thread, AVX-512 / AVX2 / plain C++) that a quantized layer's prefill uses before its BLAS GEMM
+(MLX's CPU dequantize is slower than the GEMM it feeds), and the tanh GELU of SigLIP's and
+Gemma's MLPs (act.cpp, over the pool; pg_edge/cpu/mlp.py), whose tanh MLX's CPU code
+evaluates one element at a time (docs/performance.md).
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)

@@ -1,5 +1,5 @@
 """python -m pg_edge.cpu.qmv [build|status]: build the compiled kernels (decode matvecs for
-quantized and bf16/fp16 weights, prefill dequantization), or say which kernel pg_edge would use."""
+quantized and bf16/fp16 weights, prefill dequantization, GELU), or say which kernel pg_edge would use."""
 from __future__ import annotations
 
 import argparse

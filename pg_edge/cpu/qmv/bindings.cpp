@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
 
+#include "act.h"
 #include "common.h"
 #include "dq.h"
 #include "fmv.h"
@@ -21,6 +22,8 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("dequantize", &pg_edge::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "dequantize(w, scales, biases) -> float32 [N, K] (affine, 4 or 8 bits), one thread");
+  m.def("gelu_tanh", &pg_edge::gelu_tanh, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), x float32 / bfloat16, in float32");
   m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
   m.def("threads", &pg_edge::threads, "threads one product is split over");
 }

@@ -1,0 +1,47 @@
+"""MLP variants whose tanh GELU runs as pg_edge's compiled kernel (pg_edge.cpu.qmv, act.cpp).
+
+SigLIP's MLP, fc2(gelu(fc1(x))), and Gemma's GeGLU, down(gelu(gate(x)) * up(x)), apply the
+tanh-approximated GELU to every hidden unit of every token: x float[B, T, intermediate]. MLX's
+CPU code evaluates its tanh one element at a time (~25 ns an element here: in a PaliGemma 2
+3B-224 prefill about 60 ms per decoder layer, a fifth of the layer's products); the compiled
+kernel computes x / (1 + exp(-2z)), the same function, with a vectorised exp (docs/performance.md,
+"GELU"). It is taken for prefill-sized inputs (GELU_MIN_ELEMENTS and up) in inference when the
+module is built; otherwise, and for the exact GELU, the model class's activation runs.
+
+Swapped in only for 16-bit and quantized models (pg_edge.cpu.apply): a float32 model keeps the
+model classes' exact numbers (the kernel's results differ from MLX's tanh in the last bits).
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..model.gemma import MLP
+from ..model.siglip import SiglipMLP
+from . import qmv
+from .streams import lean
+
+# Below this many elements (decode: one row) MLX's own kernel costs no more than a call.
+GELU_MIN_ELEMENTS = 1 << 16
+
+
+def cpu_activation(module: nn.Module, x: mx.array) -> mx.array:
+    """module.act(x), by the compiled kernel where it applies."""
+    if (module.act is nn.gelu_approx and lean(module) and x.size >= GELU_MIN_ELEMENTS
+            and x.dtype in (mx.float32, mx.bfloat16) and qmv.module() is not None):
+        return qmv.module().gelu_tanh(mx.contiguous(x))
+    return module.act(x)
+
+
+class CpuSiglipMLP(SiglipMLP):
+    """`SiglipMLP` with `cpu_activation` (same parameters)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(cpu_activation(self, self.fc1(x)))
+
+
+class CpuMLP(MLP):
+    """Gemma's `MLP` with `cpu_activation` (same parameters)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(cpu_activation(self, self.gate_proj(x)) * self.up_proj(x))
