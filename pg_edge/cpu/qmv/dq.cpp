@@ -150,15 +150,6 @@ void Dequantize::eval_cpu(const std::vector<array>& inputs, std::vector<array>& 
   });
 }
 
-void Dequantize::eval_gpu(const std::vector<array>&, std::vector<array>&) {
-  throw std::runtime_error("[dequantize] CPU only");
-}
-
-bool Dequantize::is_equivalent(const Primitive& other) const {
-  const auto& o = static_cast<const Dequantize&>(other);
-  return group_size_ == o.group_size_ && bits_ == o.bits_;
-}
-
 array dequantize(const array& w, const array& scales, const array& biases, int group_size, int bits,
                  StreamOrDevice s) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("[dequantize] bits must be 4 or 8");

@@ -318,15 +318,6 @@ void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<arr
   });
 }
 
-void QuantizedMatvec::eval_gpu(const std::vector<array>&, std::vector<array>&) {
-  throw std::runtime_error("[qmv] CPU only");
-}
-
-bool QuantizedMatvec::is_equivalent(const Primitive& other) const {
-  const auto& o = static_cast<const QuantizedMatvec&>(other);
-  return group_size_ == o.group_size_ && bits_ == o.bits_;
-}
-
 array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases,
                        int group_size, int bits, StreamOrDevice s) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("[qmv] bits must be 4 or 8");

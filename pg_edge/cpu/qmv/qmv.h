@@ -1,8 +1,8 @@
 // pg_edge's quantized matrix-vector product primitive (see qmv.cpp for the layout and maths).
 #pragma once
 
+#include "affine.h"
 #include "mlx/ops.h"
-#include "mlx/primitives.h"
 
 namespace pg_edge {
 
@@ -11,23 +11,15 @@ mlx::core::array quantized_matvec(
     const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales,
     const mlx::core::array& biases, int group_size, int bits, mlx::core::StreamOrDevice s = {});
 
-class QuantizedMatvec : public mlx::core::Primitive {
+class QuantizedMatvec : public AffinePrimitive {
  public:
-  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits)
-      : mlx::core::Primitive(stream), group_size_(group_size), bits_(bits) {}
+  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits) : AffinePrimitive(stream, group_size, bits) {}
 
   void eval_cpu(const std::vector<mlx::core::array>& inputs,
-                std::vector<mlx::core::array>& outputs) override;
-  void eval_gpu(const std::vector<mlx::core::array>& inputs,
                 std::vector<mlx::core::array>& outputs) override;
   const char* name() const override {
     return "PgEdgeQuantizedMatvec";
   }
-  bool is_equivalent(const mlx::core::Primitive& other) const override;
-
- private:
-  int group_size_;
-  int bits_;
 };
 
 }  // namespace pg_edge
