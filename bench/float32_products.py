@@ -8,7 +8,8 @@ GEMM; float32 on one stream, in two pieces on two streams, in ten pieces evaluat
 streams at a time (pg_edge.cpu.products.float32_product's way); the 4-bit layer dequantized in
 float32 pieces + GEMM (MLX's dequantize, and pg_edge's compiled one when built:
 pg_edge.cpu.qmv) against MLX's float32 quantized kernel; and one decode row: the bf16
-matvec on one stream and split over two, against casting the weight to float32 per token.
+matvec on one stream and split over two, against casting the weight to float32 per token; and the
+compiled module's dequantization of one piece and its tanh GELU against MLX's.
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pg_edge  # noqa: E402  (first: the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from pg_edge.cpu import qmv  # noqa: E402
 from pg_edge.cpu.streams import cpu_streams, on_streams  # noqa: E402
@@ -83,6 +85,18 @@ def main() -> None:
                     (f"decode row: bf16 matvec, {len(streams)} streams", lambda: split(len(streams))),
                     ("decode row: weight cast to float32 + matvec", lambda: x1.astype(mx.float32) @ w.astype(mx.float32).T)]:
         print(f"{name:<42} {1e3 * best(f, 5):7.1f} ms")
+    # What the compiled module does on its own: dequantize one prefill piece (1024 x 2304, 4-bit),
+    # and the tanh GELU of one decoder layer's hidden units (x [R, 9216] float32).
+    piece = (wq[:1024], sc32[:1024], bi32[:1024], 64, 4)
+    hidden = mx.random.normal((R, O)) * 2
+    mx.eval(hidden)
+    kernels = [("dequantize 1024x2304 4-bit: MLX", lambda: mx.dequantize(*piece)),
+               ("tanh GELU 259x9216: MLX nn.gelu_approx", lambda: nn.gelu_approx(hidden))]
+    if qmv.module() is not None:
+        kernels.insert(1, ("dequantize 1024x2304 4-bit: pg_edge", lambda: qmv.module().dequantize(*piece)))
+        kernels.append(("tanh GELU 259x9216: pg_edge", lambda: qmv.module().gelu_tanh(hidden)))
+    for name, f in kernels:
+        print(f"{name:<42} {1e3 * best(f, 5):7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 SigLIP's MLP, fc2(gelu(fc1(x))), and Gemma's GeGLU, down(gelu(gate(x)) * up(x)), apply the
 tanh-approximated GELU to every hidden unit of every token: x float[B, T, intermediate]. MLX's
-CPU code evaluates its tanh one element at a time (~25 ns an element here: in a PaliGemma 2
-3B-224 prefill about 60 ms per decoder layer, a fifth of the layer's products); the compiled
-kernel computes x / (1 + exp(-2z)), the same function, with a vectorised exp (docs/performance.md,
-"GELU"). It is taken for prefill-sized inputs (GELU_MIN_ELEMENTS and up) in inference when the
-module is built; otherwise, and for the exact GELU, the model class's activation runs.
+CPU code evaluates its tanh one element at a time, a large share of a prefill layer's time; the
+compiled kernel computes x / (1 + exp(-2z)), the same function, with a vectorised exp
+(measurements: docs/performance.md, "GELU"). It is taken for prefill-sized inputs
+(GELU_MIN_ELEMENTS and up) in inference when the module is built; otherwise, and for the exact
+GELU, the model class's activation runs.
 
 Swapped in only for 16-bit and quantized models (pg_edge.cpu.apply): a float32 model keeps the
 model classes' exact numbers (the kernel's results differ from MLX's tanh in the last bits).

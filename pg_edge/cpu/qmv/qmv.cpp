@@ -75,6 +75,22 @@ void rows_portable(const Job& j, int lo, int hi, float* out) {
   }
 }
 
+// Words [from, to) of a row (those after the vector kernels' last whole block: 4 bits, group
+// 32, K % 64 == 32), scaled per group, without the biases' term: plain code.
+template <int BITS>
+float tail_dot(const uint32_t* wr, const float* x, const float* sc, int gs, int from, int to) {
+  constexpr int PER_WORD = 32 / BITS;
+  float total = 0.f;
+  for (int wi = from; wi < to; ++wi) {
+    float dot = 0.f;
+    for (int e = 0; e < PER_WORD; ++e) {
+      dot += static_cast<float>((wr[wi] >> (e * BITS)) & ((1u << BITS) - 1)) * x[wi * PER_WORD + e];
+    }
+    total += sc[wi * PER_WORD / gs] * dot;
+  }
+  return total;
+}
+
 // ------------------------------------------------------------------ AVX2 kernel
 
 #ifdef QMV_X86
@@ -133,15 +149,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
       float total = _mm_cvtss_f32(h);
-      // the words after the last whole block (4 bits, group 32, K % 64 == 32): plain code
       const float* x = j.xs.data() + static_cast<size_t>(mm) * j.K;
-      for (int wi = blocks * 8; wi < words; ++wi) {
-        float dot = 0.f;
-        for (int e = 0; e < PER_WORD; ++e) {
-          dot += static_cast<float>((wr[wi] >> (e * BITS)) & ((1u << BITS) - 1)) * x[wi * PER_WORD + e];
-        }
-        total += sc[wi * PER_WORD / j.gs] * dot;
-      }
+      total += tail_dot<BITS>(wr, x, sc.data(), j.gs, blocks * 8, words);
       for (; g < groups; ++g) total += bi[g] * xsum[g];
       out[static_cast<size_t>(mm) * j.N + n] = total;
     }
@@ -206,13 +215,7 @@ __attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi
       }
       float total = _mm512_reduce_add_ps(acc[m]);
       const float* x = j.xs.data() + static_cast<size_t>(mm) * j.K;
-      for (int wi = blocks * 16; wi < words; ++wi) {
-        float dot = 0.f;
-        for (int e = 0; e < PER_WORD; ++e) {
-          dot += static_cast<float>((wr[wi] >> (e * BITS)) & ((1u << BITS) - 1)) * x[wi * PER_WORD + e];
-        }
-        total += sc[wi * PER_WORD / j.gs] * dot;
-      }
+      total += tail_dot<BITS>(wr, x, sc.data(), j.gs, blocks * 16, words);
       out[static_cast<size_t>(mm) * j.N + n] = total;
     }
   }
