@@ -151,6 +151,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
         "folder_gb": folder_gb(pg.folder), "device": str(mx.default_device()),
         # key kept from before the bf16/fp16 matvec joined the extension: both run the same kernel set
         "quantized_matvec": qmv.kernel() if mx.default_device().type == mx.cpu else "mlx",
+        "prefill_products": qmv.prefill_kernel() if mx.default_device().type == mx.cpu else "mlx",
         "blas": describe(), "matmul_gflops": matmul_gflops(),
     }
 
@@ -171,4 +172,6 @@ def to_text(r: dict) -> str:
     head = f"pg_edge on {r['device']}: {r['folder']}"
     if "quantized_matvec" in r:
         head += f"\n  decode matvec (quantized, bf16/fp16): {r['quantized_matvec']}"
+    if "prefill_products" in r:
+        head += f"\n  prefill products (quantized, bf16/fp16): {r['prefill_products']}"
     return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows] + [f"  BLAS: {r['blas']}"])

@@ -5,8 +5,8 @@ rebuilds it from the HF source in the repository, the README's commands on it, l
 Scores (pg_edge/demo/score.py) on the test split (seeds disjoint from training), 100 images,
 every prompt form (caption, count, detect one kind / two kinds / all three in a shuffled order,
 segment one kind / all three, a kind that is not in the image), generations batched; the float
-model on the first 50 and the forms with a target (CI time), against the quantized model's
-scores on the same 50.
+model on the same 100 images and the forms with a target (CI time), against the quantized
+model's scores.
 Detection and segmentation match predictions to ground truth per kind, greedily by IoU, each
 ground-truth object at most once; an unmatched ground truth scores 0.
 """
@@ -34,7 +34,6 @@ HF_SOURCE = ROOT / "apps" / "demo_model" / "hf"
 VAE_SOURCE = ROOT / "apps" / "demo_model" / "vae-oid.npz"
 RECIPE = json.loads((ROOT / "apps" / "demo_model" / "recipe.json").read_text())
 N_TEST = 100
-N_FLOAT = 50  # the float model runs on the first half only (CI time); compared on that half
 # Issue 20's targets on the held-out split that the shipped model meets, asserted as they are
 # (its scores per form: apps/demo_model/README.md). A broken loader, tokenizer, parser, mask
 # decoder or quantization falls far below them: a random or mis-converted model scores ~0.
@@ -46,8 +45,10 @@ TARGETS = {"caption": 0.90, "count": 0.95, "absent": 0.95}
 FLOORS_MEASURED = {"detect_single": 0.692, "segment_single": 0.650, "detect_all": 0.7496}
 FLOORS = {k: round(v - 0.03, 2) for k, v in FLOORS_MEASURED.items()}
 # The float model is scored on the forms with a target (CI time: pairs and three-kind masks are
-# the quantized model's alone). Float vs quantized "within noise": two images in fifty for the
-# rates, 0.02 IoU.
+# the quantized model's alone). Float vs quantized "within noise": four images in a hundred for
+# the rates, 0.02 IoU (one object of the ~140 a one-kind form averages over, flipped from a
+# good box to none, moves its mean by 0.006; on 50 images the two models' one-kind mask scores
+# differed by 0.04 in both directions as the products' rounding changed).
 FLOAT_FORMS = ("caption", "count", "detect_single", "detect_all", "segment_single", "absent")
 NOISE = {"caption": 0.04, "count": 0.04, "absent": 0.04, "detect_single": 0.02, "detect_pair": 0.02,
          "detect_all": 0.02, "segment_single": 0.02, "segment_all": 0.02}
@@ -79,14 +80,13 @@ def rebuilt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quant_halves(demo_pg, test_samples):
-    """Scores of the shipped model on the first N_FLOAT test images and on the rest."""
-    return (score.evaluate(demo_pg, test_samples[:N_FLOAT]),
-            score.evaluate(demo_pg, test_samples[N_FLOAT:], start=N_FLOAT))
+def quant_scores(demo_pg, test_samples):
+    """Scores of the shipped model on the test images."""
+    return score.evaluate(demo_pg, test_samples)
 
 
-def test_shipped_quantized_model_scores_every_prompt_form(quant_halves):
-    s = quant_halves[0].merge(quant_halves[1])
+def test_shipped_quantized_model_scores_every_prompt_form(quant_scores):
+    s = quant_scores
     print("quantized:", s.as_dict(), "targets:", TARGETS, "floors (issue targets not met):", FLOORS)
     assert s.n_images >= 100 and sorted(s.scores) == sorted(score.FORMS)
     # images (caption, count, absent: the images with a kind missing) or objects (IoU forms)
@@ -95,13 +95,13 @@ def test_shipped_quantized_model_scores_every_prompt_form(quant_halves):
         assert s[name] >= target, (name, s[name])
 
 
-def test_float_model_scores_as_well(rebuilt, test_samples, quant_halves):
+def test_float_model_scores_as_well(rebuilt, test_samples, quant_scores):
     float_dir, _ = rebuilt
     pg = pg_edge.load(float_dir)
-    s = score.evaluate(pg, test_samples[:N_FLOAT], vae=demo.MODEL_DIR / "vae.safetensors", forms=FLOAT_FORMS)
+    s = score.evaluate(pg, test_samples, vae=demo.MODEL_DIR / "vae.safetensors", forms=FLOAT_FORMS)
     print("float:", s.as_dict())
     for name in FLOAT_FORMS:
-        assert s[name] >= quant_halves[0][name] - NOISE[name], name
+        assert s[name] >= quant_scores[name] - NOISE[name], name
 
 
 def _tensors(folder: Path) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ...errors import PgEdgeError
 
 SOURCE = Path(__file__).resolve().parent
-SOURCES = ("qmv.h", "qmv.cpp", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "pool.h", "pool.cpp",
+SOURCES = ("qmv.h", "qmv.cpp", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "amx.h", "amx.cpp", "pool.h", "pool.cpp",
            "common.h", "common.cpp", "affine.h", "bindings.cpp", "CMakeLists.txt")
 MODULE = "_pg_edge_qmv"
 NANOBIND = "nanobind==3.1.0"

@@ -101,28 +101,38 @@ __attribute__((target("avx512f"))) void group_avx512(const uint8_t* src, int gs,
 
 #endif
 
-void dequantize_rows(const Rows& r) {
-  using Fn = void (*)(const uint8_t*, int, int, float, float, float*);
-  Fn fn = group_portable;
+using GroupFn = void (*)(const uint8_t*, int, int, float, float, float*);
+
+GroupFn group_kernel() {
+  GroupFn fn = group_portable;
 #ifdef QMV_X86
   // the vector kernels step 16 / 32 elements: every group size (32, 64, 128) is a multiple
   if (cpu_simd() == 2) fn = group_avx512;
   else if (cpu_simd() == 1) fn = group_avx2;
 #endif
-  const int groups = r.K / r.gs;
-  const size_t row_bytes = static_cast<size_t>(r.K) * r.bits / 8, group_bytes = r.gs * r.bits / 8;
+  return fn;
+}
+
+void dequantize_rows(const Rows& r) {
   for (int n = 0; n < r.N; ++n) {
-    const uint8_t* row = r.w + n * row_bytes;
-    float* dst = r.out + static_cast<size_t>(n) * r.K;
-    for (int g = 0; g < groups; ++g) {
-      const size_t si = static_cast<size_t>(n) * groups + g;
-      fn(row + g * group_bytes, r.gs, r.bits, to_float(r.scales, r.sdt, si), to_float(r.biases, r.sdt, si),
-         dst + static_cast<size_t>(g) * r.gs);
-    }
+    dequantize_span(r.w, r.scales, r.biases, r.sdt, r.K, r.gs, r.bits, n, 0, r.K,
+                    r.out + static_cast<size_t>(n) * r.K);
   }
 }
 
 }  // namespace
+
+void dequantize_span(const uint8_t* w, const void* scales, const void* biases, Dtype sdt, int K, int gs, int bits,
+                     int n, int k0, int kn, float* dst) {
+  const GroupFn fn = group_kernel();
+  const int groups = K / gs;
+  const size_t row_bytes = static_cast<size_t>(K) * bits / 8, group_bytes = gs * bits / 8;
+  const uint8_t* row = w + n * row_bytes;
+  for (int g = k0 / gs; g < (k0 + kn) / gs; ++g) {
+    const size_t si = static_cast<size_t>(n) * groups + g;
+    fn(row + g * group_bytes, gs, bits, to_float(scales, sdt, si), to_float(biases, sdt, si), dst + (g * gs - k0));
+  }
+}
 
 void Dequantize::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
   const array& w = inputs[0];
