@@ -10,7 +10,8 @@ float32 pieces + GEMM (MLX's dequantize, and pg_edge's compiled one when built:
 pg_edge.cpu.qmv) against MLX's float32 quantized kernel; and one decode row: the bf16
 matvec on one stream and split over two, against casting the weight to float32 per token; the
 compiled module's dequantization of one piece and its tanh GELU against MLX's; and, on a CPU with
-AMX-BF16, the compiled module's AMX products of the bf16 and 4-bit weights (pg_edge.cpu.qmv, amx.cpp).
+AMX, the compiled module's bfloat16 products of the bf16 and 4-bit weights on its tiles
+(pg_edge.cpu.qmv, bf16_gemm.cpp).
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
 from __future__ import annotations
@@ -71,9 +72,9 @@ def main() -> None:
             ("4-bit MLX quantized kernel, float32", lambda: mx.quantized_matmul(x32, wq, sc32, bi32, True, 64, 4), 1)]
     if qmv.module() is not None:
         rows.insert(5, ("4-bit pg_edge-dequantized pieces + GEMM", lambda: dequantized(10, qmv.module().dequantize), 3))
-    if qmv.amx():
-        rows += [("bf16 weight, AMX tiles (pg_edge)", lambda: qmv.module().amx_matmul(x32, w), 3),
-                 ("4-bit weight, AMX tiles (pg_edge)", lambda: qmv.module().amx_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
+    if qmv.bf16_prefill():
+        rows += [("bf16 weight, pg_edge AMX tiles", lambda: qmv.module().bf16_matmul(x32, w), 3),
+                 ("4-bit weight, pg_edge AMX tiles", lambda: qmv.module().bf16_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
     print(f"compiled kernels: {qmv.kernel()}; prefill products: {qmv.prefill_kernel()}")
     for name, f, r in rows:
         print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")

@@ -33,10 +33,11 @@ DENSE_PIECE_ELEMENTS = 2 * 2**20
 # Weights from this many elements are split over the CPU streams; smaller ones cost less than
 # the extra dispatch.
 SPLIT_MIN_ELEMENTS = 2 * 2**20
-# Weights from this many elements take the AMX kernel for their many-row products, when the CPU
-# has it (pg_edge.cpu.qmv.amx): it needs no pieces, and a smaller weight (the demo model's) gains
-# little over the float32 GEMM, which keeps its output the same on every x86 CPU.
-AMX_MIN_ELEMENTS = 2**20
+# Weights from this many elements take the compiled bfloat16 kernel for their many-row products
+# when the CPU has AMX (pg_edge.cpu.qmv.bf16_prefill): it needs no pieces, and
+# a smaller weight (the demo model's) gains little over the float32 GEMM, which keeps its output
+# the same on every x86 CPU.
+BF16_MIN_ELEMENTS = 2**20
 # Unquantized weights split only in products with fewer rows than this (decode): a training
 # step's backward pass through sliced weights would build full-size zero gradients per piece.
 SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
@@ -97,10 +98,10 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     out_rows, in_size = layer["scales"].shape[0], x.shape[-1]
     elements = out_rows * in_size
     dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
-    if (dense and elements >= AMX_MIN_ELEMENTS and x.dtype == mx.float32 and not layer.training
-            and not tracing() and qmv.amx() and qmv.dequantizes(layer, layer["weight"])):
-        # prefill on AMX tiles: the weight dequantized to bf16 block by block inside the kernel
-        return qmv.amx_quantized_product(layer, x)
+    if (dense and elements >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and not layer.training
+            and not tracing() and qmv.bf16_prefill() and qmv.dequantizes(layer, layer["weight"])):
+        # prefill in bf16 on AMX tiles: the weight dequantized block by block in the kernel
+        return qmv.bf16_quantized_product(layer, x)
     if not dense and elements < SPLIT_MIN_ELEMENTS:  # the common small matvec: one kernel call
         if x.dtype == mx.float32 and not tracing():
             # float32 copies of the (small) scales and biases, made once: MLX would otherwise
@@ -152,9 +153,9 @@ def cpu_float_product(weight: mx.array, x: mx.array, lean_ok: bool = False) -> m
         # decode: bf16/fp16 weights read near the memory bandwidth, on all cores itself
         return qmv.float_product(weight, x)
     if lean_ok and rows >= DENSE_ROWS and weight.dtype in (mx.bfloat16, mx.float16):
-        if weight.size >= AMX_MIN_ELEMENTS and x.dtype == mx.float32 and weight.ndim == 2 and qmv.amx():
-            # prefill on AMX tiles (pg_edge.cpu.qmv): x rounded to bf16, sums in float32
-            return qmv.amx_float_product(mx.contiguous(weight), x)
+        if weight.size >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and weight.ndim == 2 and qmv.bf16_prefill():
+            # prefill in bf16 on AMX tiles (pg_edge.cpu.qmv): x rounded, sums in float32
+            return qmv.bf16_float_product(mx.contiguous(weight), x)
         return float32_product(weight, x)
     if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
         return x @ weight.T

@@ -14,10 +14,10 @@ The same module holds a dequantization primitive (dq.cpp: the weight to float32 
 thread, AVX-512 / AVX2 / plain C++) that a quantized layer's prefill uses before its BLAS GEMM
 (MLX's CPU dequantize is slower than the GEMM it feeds), and the tanh GELU of SigLIP's and
 Gemma's MLPs (act.cpp, over the pool; pg_edge/cpu/mlp.py), whose tanh MLX's CPU code
-evaluates one element at a time (docs/performance.md). On a CPU with Intel AMX (AMX-BF16), the
-many-row products of 16-bit and quantized weights (prefill, SigLIP's patches) run on its tile
-unit instead of the float32 BLAS GEMM (amx.cpp: activations rounded to bfloat16, sums in
-float32; `PG_EDGE_AMX=off` keeps the float32 GEMM).
+evaluates one element at a time (docs/performance.md). On an Intel CPU with AMX (AMX-BF16), the
+many-row products of 16-bit and quantized weights (prefill, SigLIP's patches) run in bfloat16 on
+its tile unit instead of the float32 BLAS GEMM (bf16_gemm.cpp, amx.cpp: activations rounded to
+bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM).
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -83,34 +83,35 @@ def kernel() -> str:
     mod = module()
     if mod is None:
         return f"mlx (pg_edge qmv {_state['why']})"
-    return f"pg_edge qmv ({mod.simd()}{', amx prefill' if amx() else ''}, {mod.threads()} threads)"
+    bf16 = ", amx prefill" if bf16_prefill() else ""
+    return f"pg_edge qmv ({mod.simd()}{bf16}, {mod.threads()} threads)"
 
 
-def amx() -> bool:
-    """Whether many-row products of 16-bit and quantized weights run on AMX tiles (the module
-    built, the CPU and OS able, PG_EDGE_AMX not off)."""
-    if "amx" not in _state:
+def bf16_prefill() -> bool:
+    """Whether many-row products of 16-bit and quantized weights run on the module's bfloat16
+    AMX kernel (the module built, the CPU and OS able, PG_EDGE_PREFILL not float32)."""
+    if "bf16" not in _state:
         mod = module()
-        _state["amx"] = mod is not None and bool(mod.amx_available())
-    return _state["amx"]
+        _state["bf16"] = mod is not None and mod.bf16_kernel() != "none"
+    return _state["bf16"]
 
 
 def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
-    return "AMX bf16 tiles (pg_edge qmv)" if amx() else "float32 BLAS GEMM"
+    return "bfloat16 on AMX tiles (pg_edge qmv)" if bf16_prefill() else "float32 BLAS GEMM"
 
 
-def amx_float_product(weight: mx.array, x: mx.array) -> mx.array:
+def bf16_float_product(weight: mx.array, x: mx.array) -> mx.array:
     """x float32 [..., in] @ weight[out, in].T (bfloat16 / float16, row-contiguous) -> float32,
-    on AMX tiles (call when `amx()`)."""
-    return module().amx_matmul(x, weight)
+    x rounded to bf16, on AMX tiles (call when `bf16_prefill()`)."""
+    return module().bf16_matmul(x, weight)
 
 
-def amx_quantized_product(layer, x: mx.array) -> mx.array:
-    """x float32 [..., in] @ dequantize(layer).T -> float32 [..., out], on AMX tiles (call when
-    `amx()` and `dequantizes(layer, ...)`)."""
-    return module().amx_quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"],
-                                         layer.group_size, layer.bits)
+def bf16_quantized_product(layer, x: mx.array) -> mx.array:
+    """x float32 [..., in] @ dequantize(layer).T -> float32 [..., out], in bf16 on AMX tiles
+    (call when `bf16_prefill()` and `dequantizes(layer, ...)`)."""
+    return module().bf16_quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"],
+                                          layer.group_size, layer.bits)
 
 
 def supports(layer, x: mx.array) -> bool:

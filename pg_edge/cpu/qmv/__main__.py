@@ -1,5 +1,6 @@
 """python -m pg_edge.cpu.qmv [build|status]: build the compiled kernels (decode matvecs for
-quantized and bf16/fp16 weights, prefill dequantization, GELU), or say which kernel pg_edge would use."""
+quantized and bf16/fp16 weights, prefill dequantization, GELU, AMX prefill products), or say which
+kernels pg_edge would use."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 
 from ...errors import PgEdgeError
 from . import build as _build
-from . import kernel, reset
+from . import kernel, prefill_kernel, reset
 
 
 def main(argv=None) -> int:
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"decode matvec (quantized, bf16/fp16): {kernel()}")
+    print(f"prefill products (quantized, bf16/fp16): {prefill_kernel()}")
     return 0
 
 

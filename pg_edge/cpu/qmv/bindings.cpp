@@ -3,7 +3,7 @@
 #include <nanobind/stl/variant.h>
 
 #include "act.h"
-#include "amx.h"
+#include "bf16_gemm.h"
 #include "common.h"
 #include "dq.h"
 #include "fmv.h"
@@ -25,12 +25,12 @@ NB_MODULE(_pg_edge_qmv, m) {
         "dequantize(w, scales, biases) -> float32 [N, K] (affine, 4 or 8 bits), one thread");
   m.def("gelu_tanh", &pg_edge::gelu_tanh, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), x float32 / bfloat16, in float32");
-  m.def("amx_matmul", &pg_edge::amx_matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "x float32 [..., K] @ w.T -> float32 [..., N], w bfloat16 / float16 [N, K], on AMX tiles");
-  m.def("amx_quantized_matmul", &pg_edge::amx_quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+  m.def("bf16_matmul", &pg_edge::bf16_matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x [..., K] @ w.T -> float32 [..., N], w bfloat16 / float16 [N, K], x rounded to bfloat16 (AMX)");
+  m.def("bf16_quantized_matmul", &pg_edge::bf16_quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "x float32 [..., K] @ dequantize(w, scales, biases).T -> float32 [..., N], on AMX tiles");
-  m.def("amx_available", &pg_edge::amx_available, "whether this CPU and OS run the AMX products");
+        "x [..., K] @ dequantize(w, scales, biases).T -> float32 [..., N], in bfloat16 blocks");
+  m.def("bf16_kernel", &pg_edge::bf16_kernel, "the kernel of bf16_matmul on this CPU: 'amx' or 'none'");
   m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
   m.def("threads", &pg_edge::threads, "threads one product is split over");
 }

@@ -1,7 +1,7 @@
 """Build the optional compiled decode matvecs (`_pg_edge_qmv`) into a user cache folder.
 
 `python -m pg_edge.cpu.qmv build` (or `make qmv`) runs CMake on this folder's CMakeLists.txt
-(qmv.cpp, fmv.cpp, pool.cpp, common.cpp, bindings.cpp) against the installed MLX wheel's headers and CMake files, and puts the
+(SOURCES) against the installed MLX wheel's headers and CMake files, and puts the
 module in `build_dir()`: one folder per MLX version, Python and source digest, so a new MLX or a
 changed source builds afresh and an old build is never loaded against the wrong MLX. Needs a C++
 compiler, CMake >= 3.24 and nanobind of the ABI MLX's own binding was built with (nanobind 3.1
@@ -22,7 +22,8 @@ from pathlib import Path
 from ...errors import PgEdgeError
 
 SOURCE = Path(__file__).resolve().parent
-SOURCES = ("qmv.h", "qmv.cpp", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "amx.h", "amx.cpp", "pool.h", "pool.cpp",
+SOURCES = ("qmv.h", "qmv.cpp", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "bf16_gemm.h",
+           "bf16_gemm.cpp", "bf16_kernels.h", "amx.cpp", "pool.h", "pool.cpp",
            "common.h", "common.cpp", "affine.h", "bindings.cpp", "CMakeLists.txt")
 MODULE = "_pg_edge_qmv"
 NANOBIND = "nanobind==3.1.0"

@@ -1,5 +1,5 @@
-"""pg_edge's AMX products (pg_edge/cpu/qmv/amx.cpp): many-row products of bf16 / fp16 and 4/8-bit
-weights on Intel AMX tiles, x rounded to bfloat16 and sums in float32. The kernels run only on a
+"""pg_edge's bf16 products on AMX (pg_edge/cpu/qmv/bf16_gemm.cpp, amx.cpp): many-row products of
+bf16 / fp16 and 4/8-bit weights on Intel AMX tiles, x rounded to bfloat16 and sums in float32. The kernels run only on a
 CPU with AMX-BF16 (and an OS that grants the tile state): elsewhere the products take the float32
 GEMM (tests/cpu/test_cpu_float32.py, test_dequantize.py) and these tests say so in their skip."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pg_edge.cpu import products, qmv, streams
 
 @pytest.fixture(scope="module")
 def amx(ext):
-    if not ext.amx_available():
+    if ext.bf16_kernel() != "amx":
         pytest.skip("this CPU or OS has no AMX-BF16: prefill takes the float32 GEMM, tested elsewhere")
     return ext
 
@@ -44,7 +44,7 @@ def test_float_weights(amx, wdt, M, N, K):
     rng = np.random.default_rng(M * N + K)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(wdt)
-    got = amx.amx_matmul(mx.array(x), w)
+    got = amx.bf16_matmul(mx.array(x), w)
     assert got.dtype == mx.float32 and got.shape == (M, N)
     # fp16 weights are widened exactly and rounded to bf16 like x
     want = bf16_round(x) @ bf16_round(np.array(w.astype(mx.float32))).T
@@ -61,7 +61,7 @@ def test_quantized_weights(amx, bits, gs, sdt):
     w = mx.array(rng.standard_normal((N, K)).astype(np.float32))
     wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
     s, b = s.astype(sdt), b.astype(sdt)
-    got = amx.amx_quantized_matmul(mx.array(x), wq, s, b, gs, bits)
+    got = amx.bf16_quantized_matmul(mx.array(x), wq, s, b, gs, bits)
     assert got.shape == (2, M, N)
     # the weights as the kernel dequantizes them (dq.cpp's float32, equal to MLX's within rounding:
     # test_dequantize.py), then rounded to bf16
@@ -75,26 +75,26 @@ def test_strided_and_16_bit_x_read_as_float32(amx):
     w = mx.array(rng.standard_normal((64, 96)).astype(np.float32)).astype(mx.bfloat16)
     x = mx.array(rng.standard_normal((96, 40)).astype(np.float32)).T  # [40, 96], a transposed view
     want = bf16_round(np.array(x)) @ bf16_round(np.array(w.astype(mx.float32))).T
-    assert rel_err(amx.amx_matmul(x, w), want) < 1e-5
+    assert rel_err(amx.bf16_matmul(x, w), want) < 1e-5
     xb = x.astype(mx.bfloat16)
-    assert rel_err(amx.amx_matmul(xb, w), want) < 1e-5  # bf16 x: the same values
+    assert rel_err(amx.bf16_matmul(xb, w), want) < 1e-5  # bf16 x: the same values
 
 
 def test_bad_input_is_refused(amx):
     w = mx.zeros((32, 64), dtype=mx.bfloat16)
     with pytest.raises(ValueError, match="does not match"):
-        amx.amx_matmul(mx.zeros((4, 48)), w)
+        amx.bf16_matmul(mx.zeros((4, 48)), w)
     with pytest.raises(ValueError, match="bfloat16 / float16"):
-        amx.amx_matmul(mx.zeros((4, 64)), mx.zeros((32, 64)))
+        amx.bf16_matmul(mx.zeros((4, 64)), mx.zeros((32, 64)))
     wq, s, b = mx.quantize(mx.zeros((32, 64)), group_size=64, bits=4)
     with pytest.raises(ValueError, match="bits"):
-        amx.amx_quantized_matmul(mx.zeros((4, 64)), wq, s, b, 64, 3)
+        amx.bf16_quantized_matmul(mx.zeros((4, 64)), wq, s, b, 64, 3)
 
 
 def test_prefill_takes_it_decode_training_and_tracing_do_not(amx, monkeypatch):
-    monkeypatch.setattr(products, "AMX_MIN_ELEMENTS", 256 * 128)
+    monkeypatch.setattr(products, "BF16_MIN_ELEMENTS", 256 * 128)
     calls = []
-    for name in ("amx_float_product", "amx_quantized_product"):
+    for name in ("bf16_float_product", "bf16_quantized_product"):
         real = getattr(qmv, name)
         monkeypatch.setattr(qmv, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     lin = nn.Linear(256, 128, bias=True)
@@ -110,7 +110,7 @@ def test_prefill_takes_it_decode_training_and_tracing_do_not(amx, monkeypatch):
     assert y.dtype == mx.float32 and mx.allclose(y, want, rtol=2e-2, atol=2e-2)
     wd = mx.dequantize(q["weight"], q["scales"], q["biases"], group_size=64, bits=4).astype(mx.float32)
     assert mx.allclose(q(x), x @ wd.T, rtol=2e-2, atol=2e-2)
-    assert calls == ["amx_float_product", "amx_quantized_product"]
+    assert calls == ["bf16_float_product", "bf16_quantized_product"]
     calls.clear()
     lin(x[:, :1]), q(x[:, :1])  # decode rows: the matvecs
     with streams.tracing_on():  # export / compile: MLX's own ops
@@ -118,16 +118,16 @@ def test_prefill_takes_it_decode_training_and_tracing_do_not(amx, monkeypatch):
     lin.train(), q.train()  # training: differentiable ops
     lin(x), q(x)
     lin.eval(), q.eval()
-    monkeypatch.setattr(products, "AMX_MIN_ELEMENTS", 256 * 128 + 1)  # small weights: the float32 GEMM
+    monkeypatch.setattr(products, "BF16_MIN_ELEMENTS", 256 * 128 + 1)  # small weights: the float32 GEMM
     lin(x), q(x)
     assert calls == []
 
 
 def test_turned_off_by_the_environment(amx):
-    code = "from pg_edge.cpu import qmv; print(qmv.amx(), qmv.prefill_kernel())"
-    env = {**os.environ, "PG_EDGE_AMX": "off"}
+    code = "from pg_edge.cpu import qmv; print(qmv.bf16_prefill(), qmv.prefill_kernel())"
+    env = {**os.environ, "PG_EDGE_PREFILL": "float32"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False" and "float32 BLAS" in out
-    env.pop("PG_EDGE_AMX")
+    env.pop("PG_EDGE_PREFILL")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "True" and "AMX" in out
