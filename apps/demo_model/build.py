@@ -12,7 +12,8 @@ Stages (outputs under --work, default build/demo_model; the last stages write th
     export      the fine-tuned float model in the official HF layout -> hf_finetuned
     table       the segment codes that model writes, per (kind, box side)      (apps/demo_model/seg_table.py)
     retask      prompt following: torch, every detect/segment prompt form with empty answers for
-                absent kinds, caption and count replayed -> apps/demo_model/hf (kept in the repo)
+                absent kinds, caption and count replayed; the last phase on a model deepened to
+                6 + 6 layers (apps/demo_model/grow.py) -> apps/demo_model/hf (kept in the repo)
     ship        pg-edge convert apps/demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
                 pg-edge convert-vae -> pg_edge/demo/model/vae.safetensors, sample images
 Settings for convert / finetune / quantize: apps/demo_model/recipe.json (the reproduction test reads
@@ -120,7 +121,9 @@ def commands(stage: str, w: Path) -> list[list[str]]:
         # Phases as run (recipe.json "retask"), each from the previous one's output. A phase with
         # "table": "retaskN" takes its segment targets from a table of hf_retaskN's own codes
         # (the later phases did: the phase-1 model writes the same shapes with the codes it
-        # was taught, 64x64 IoU 0.993 after decoding), the others from hf_finetuned's.
+        # was taught, 64x64 IoU 0.993 after decoding), the others from hf_finetuned's. A phase
+        # with "grow" first deepens its input (apps/demo_model/grow.py); "float32": no bf16
+        # autocast.
         out = []
         for i, t in enumerate(r["retask"]):
             last = i == len(r["retask"]) - 1
@@ -132,11 +135,19 @@ def commands(stage: str, w: Path) -> list[list[str]]:
                                   "-o", table))
             stop = ["--stop-at", t["stop_at"]] if "stop_at" in t else []
             decision = ["--decision", t["decision"]] if "decision" in t else []
+            init = w / ("hf_finetuned" if i == 0 else f"hf_retask{i}")
+            if "grow" in t:  # deeper stacks, the new layers starting as the identity (grow.py)
+                grown = w / f"hf_retask{i}_grown"
+                out.append(py("apps.demo_model.grow", init, "-o", grown, "--text-layers", t["grow"]["text_layers"],
+                              "--vision-layers", t["grow"]["vision_layers"]))
+                init = grown
+            precision = ["--float32"] if t.get("float32") else []
             out.append(py("apps.demo_model.pretrain", "--tokenizer", w / "hf_finetuned", "--vae", table,
-                          "--init", w / ("hf_finetuned" if i == 0 else f"hf_retask{i}"),
+                          "--init", init,
                           "-o", HF_SOURCE if last else w / f"hf_retask{i + 1}", "--steps", t["steps"], *stop,
                           "--batch-size", t["batch_size"], "--lr", t["lr"], "--warmup", t["warmup"],
                           "--smooth-loc", 0, "--single", 0, "--mix", t["mix"], "--prompts", t["prompts"], *decision,
+                          *precision,
                           "--start-index", t["start_index"], "--save-every", 250, "--threads", t.get("threads", 1)))
         return out
     if stage == "ship":

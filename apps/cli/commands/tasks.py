@@ -105,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.task in ("detect", "segment"):
         for obj in result.objects:
             box = ", ".join(f"{v:.1f}" for v in obj.box)
-            area = f"  mask {int(obj.mask.sum())} px" if obj.mask is not None else ""
+            area = ""
+            if obj.mask is not None:
+                area = f"  mask {int(obj.mask.sum())} px"
+            elif args.task == "segment":  # the model wrote a box without its 16 <seg> codes
+                area = "  (no mask: the answer has no <seg> codes for it)"
             print(f"{obj.label or '(no label)'}  [{box}]{area}")
         if not result.objects:
             print("(nothing found)")
