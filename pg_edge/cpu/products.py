@@ -8,7 +8,8 @@ behind it: ~1-2 GFLOP/s here, float32 with OpenBLAS 20-45, pg_edge/blas.py); and
 runs on one core, so a product split by output rows over one CPU stream per core
 runs its pieces side by side (measurements: docs/performance.md). Decode-sized products
 (quantized, and of bf16/fp16 weights) take pg_edge's compiled matvecs instead when they are
-built (pg_edge.cpu.qmv). The variants keep the stored weights (the pieces are views) and only
+built (pg_edge.cpu.qmv), and on a CPU with AMX the many-row products of 16-bit and quantized
+weights of BF16_MIN_ELEMENTS+ take its bfloat16 tile kernel (x rounded to bf16, sums in float32). The variants keep the stored weights (the pieces are views) and only
 change how the product is computed; the output dtype of a quantized product always equals the
 input dtype, as on Metal; an unquantized one's is promote(x, weight), as `x @ weight.T`.
 """
