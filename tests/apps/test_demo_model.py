@@ -37,12 +37,11 @@ N_TEST = 100
 # Issue 20's targets on the held-out split that the shipped model meets, asserted as they are
 # (its scores per form: apps/demo_model/README.md). A broken loader, tokenizer, parser, mask
 # decoder or quantization falls far below them: a random or mis-converted model scores ~0.
-TARGETS = {"caption": 0.90, "count": 0.95, "absent": 0.95, "detect_all": 0.75}
-# NOT MET: issue 20 asks single-kind detection >= 0.75 and segmentation >= 0.70; the shipped model
-# scores FLOORS_MEASURED (apps/demo_model/README.md: the re-transfer took one-kind prompts from
-# 0.52 / 0.42 to these). Asserted as floors (measured minus 0.03) so that a regression shows;
-# raise them with the model.
-FLOORS_MEASURED = {"detect_single": 0.726, "segment_single": 0.664}
+TARGETS = {"caption": 0.90, "count": 0.95, "absent": 0.95, "detect_all": 0.75, "detect_single": 0.75}
+# NOT MET: issue 20 asks single-kind segmentation >= 0.70; the shipped model scores FLOORS_MEASURED
+# (apps/demo_model/README.md: the re-transfer took it from 0.42 to this). Asserted as a floor
+# (measured minus 0.03) so that a regression shows; raise it with the model.
+FLOORS_MEASURED = {"segment_single": 0.667}
 FLOORS = {k: round(v - 0.03, 2) for k, v in FLOORS_MEASURED.items()}
 # The float model is scored on the forms with a target (CI time: pairs and three-kind masks are
 # the quantized model's alone). Float vs quantized "within noise": four images in a hundred for
