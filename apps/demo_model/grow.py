@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--text-layers", type=int, required=True)
     p.add_argument("--vision-layers", type=int, required=True)
     a = p.parse_args()
+    src, dst = a.input.resolve(), a.output.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise SystemExit(f"grow: the output {a.output} must lie outside the input {a.input} (and not hold it)")
     cfg = json.loads((a.input / "config.json").read_text())
     t, v = cfg["text_config"], cfg["vision_config"]
     if a.text_layers < t["num_hidden_layers"] or a.vision_layers < v["num_hidden_layers"]:

@@ -133,7 +133,8 @@ void run(Job j, const float* x) {
   j.Kp = (j.K + 31) / 32 * 32;
   std::vector<uint32_t> xpack(static_cast<size_t>(j.Mp) * j.Kp / 2);
   j.x = xpack.data();
-  split_rows(j.Mp / 16, static_cast<int64_t>(j.M) * j.K, 1, [&](int lo, int hi) { pack_tiles(x, j, lo, hi, xpack.data()); });
+  split_rows(j.Mp / 16, static_cast<int64_t>(j.M) * j.K, 1,
+             [&](int lo, int hi) { pack_tiles(x, j, lo, hi, xpack.data()); });
   split_rows(j.N, static_cast<int64_t>(j.M) * j.N * j.K, 32, [&](int lo, int hi) { rows_amx(j, lo, hi); });
 #else
   (void)j;
@@ -156,7 +157,9 @@ const float* x_rows(const array& x, std::vector<float>& keep) {
 
 void check(const array& x, int K, Stream stream) {
   if (!bf16_available()) throw std::runtime_error("[bf16_matmul] this CPU or OS does not run AMX (bf16_available())");
-  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("[bf16_matmul] x [..., K] does not match the weight");
+  if (x.ndim() < 1 || x.shape(-1) != K) {
+    throw std::invalid_argument("[bf16_matmul] x [..., K] does not match the weight");
+  }
   if (x.dtype() != float32 && x.dtype() != bfloat16 && x.dtype() != float16) {
     throw std::invalid_argument("[bf16_matmul] x must be float32 / bfloat16 / float16");
   }
@@ -167,6 +170,31 @@ Shape out_shape(const array& x, int N) {
   Shape s = x.shape();
   s.back() = N;
   return s;
+}
+
+// Evaluates one product on `stream`: inputs[0] is x [..., K], the rest the weight's arrays (w
+// [N, ...] first); `weight` fills the job's weight fields from them once they are ready.
+template <class F>
+void eval_product(Stream stream, const std::vector<array>& inputs, array& out, F weight) {
+  out.set_data(allocator::malloc(out.nbytes()));
+  auto& encoder = cpu::get_command_encoder(stream);
+  std::vector<array> in;
+  for (const array& a : inputs) {
+    encoder.set_input_array(a);
+    in.push_back(array::unsafe_weak_copy(a));
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([in = std::move(in), out = array::unsafe_weak_copy(out), weight]() mutable {
+    const array& x = in[0];
+    bf16::Job j{};
+    j.K = x.shape(-1);
+    j.M = static_cast<int>(x.size() / j.K);
+    j.N = in[1].shape(0);
+    j.out = out.data<float>();
+    weight(j, in);
+    std::vector<float> keep;
+    bf16::run(j, x_rows(x, keep));
+  });
 }
 
 }  // namespace
@@ -181,53 +209,21 @@ const char* bf16_kernel() {
 }
 
 void Bf16Matmul::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
-  const array& x = inputs[0];
-  const array& w = inputs[1];
-  array& out = outputs[0];
-  out.set_data(allocator::malloc(out.nbytes()));
-  auto& encoder = cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_output_array(out);
-  encoder.dispatch([x = array::unsafe_weak_copy(x), w = array::unsafe_weak_copy(w),
-                    out = array::unsafe_weak_copy(out)]() mutable {
-    std::vector<float> keep;
-    const int K = x.shape(-1);
-    bf16::Job j{};
-    j.M = static_cast<int>(x.size() / K);
-    j.N = w.shape(0);
-    j.K = K;
-    j.w16 = w.data<uint16_t>();
-    j.fp16 = w.dtype() == float16;
-    j.out = out.data<float>();
-    bf16::run(j, x_rows(x, keep));
+  eval_product(stream(), inputs, outputs[0], [](bf16::Job& j, const std::vector<array>& in) {
+    j.w16 = in[1].data<uint16_t>();
+    j.fp16 = in[1].dtype() == float16;
   });
 }
 
 void Bf16QuantizedMatmul::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
-  const array& x = inputs[0];
-  array& out = outputs[0];
-  out.set_data(allocator::malloc(out.nbytes()));
-  auto& encoder = cpu::get_command_encoder(stream());
-  for (const array& a : inputs) encoder.set_input_array(a);
-  encoder.set_output_array(out);
-  encoder.dispatch([x = array::unsafe_weak_copy(x), w = array::unsafe_weak_copy(inputs[1]),
-                    scales = array::unsafe_weak_copy(inputs[2]), biases = array::unsafe_weak_copy(inputs[3]),
-                    out = array::unsafe_weak_copy(out), gs = group_size_, bits = bits_]() mutable {
-    std::vector<float> keep;
-    const int K = x.shape(-1);
-    bf16::Job j{};
-    j.M = static_cast<int>(x.size() / K);
-    j.N = w.shape(0);
-    j.K = K;
-    j.wq = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-    j.scales = scales.data<void>();
-    j.biases = biases.data<void>();
-    j.sdt = scales.dtype();
+  const int gs = group_size_, bits = bits_;
+  eval_product(stream(), inputs, outputs[0], [gs, bits](bf16::Job& j, const std::vector<array>& in) {
+    j.wq = reinterpret_cast<const uint8_t*>(in[1].data<uint32_t>());
+    j.scales = in[2].data<void>();
+    j.biases = in[3].data<void>();
+    j.sdt = in[2].dtype();
     j.gs = gs;
     j.bits = bits;
-    j.out = out.data<float>();
-    bf16::run(j, x_rows(x, keep));
   });
 }
 
