@@ -1,5 +1,6 @@
 """pg_edge.cpu.qmv: the optional compiled quantized matvec equals mx.quantized_matmul, and the CPU
-backend takes it for decode when built, MLX's kernel otherwise (and says which).
+backend takes it for decode when built, MLX's kernel otherwise (and says which). These tests pass
+int8=False: the int8 kernel of large 4-bit weights has its own tests (test_qmv_int8.py).
 
 The module is built once (python -m pg_edge.cpu.qmv build: CMake, a C++ compiler, nanobind;
 make setup installs them) into the user cache, keyed by MLX version and source digest (the `ext`
@@ -51,7 +52,7 @@ def test_equals_mlx_quantized_matmul(ext, bits, gs):
                          (mx.float16, mx.float16)]:
             wq, s, b = quantized(n, xshape[-1], gs, bits, sdt, seed=i)
             x = mx.random.normal(xshape, key=mx.random.key(100 + i)).astype(xdt)
-            y = ext.quantized_matvec(x, wq, s, b, gs, bits)
+            y = ext.quantized_matvec(x, wq, s, b, gs, bits, int8=False)
             assert y.shape == (*xshape[:-1], n)
             assert y.dtype == (mx.float32 if mx.float32 in (xdt, sdt) else xdt)
             tol = 2e-5 if y.dtype == mx.float32 else 1e-2  # 16-bit outputs: their own rounding
@@ -62,10 +63,10 @@ def test_big_product_over_threads_and_strided_x(ext):
     # 4099 x 2304 at 4 bits: split over the thread pool; x a transposed (strided) view
     wq, s, b = quantized(4099, 2304, 64, 4, mx.bfloat16)
     xt = mx.random.normal((2304, 2), key=mx.random.key(7))
-    y = ext.quantized_matvec(xt.T, wq, s, b, 64, 4)
+    y = ext.quantized_matvec(xt.T, wq, s, b, 64, 4, int8=False)
     assert rel_err(y, reference(xt.T, wq, s, b, 64, 4)) < 2e-5
     # the same numbers as one call per row (each output row is one dot product, whichever thread)
-    y0 = ext.quantized_matvec(xt.T[:1], wq, s, b, 64, 4)
+    y0 = ext.quantized_matvec(xt.T[:1], wq, s, b, 64, 4, int8=False)
     assert mx.array_equal(y[:1], y0)
 
 

@@ -17,7 +17,10 @@ Gemma's MLPs (act.cpp, over the pool; pg_edge/cpu/mlp.py), whose tanh MLX's CPU 
 evaluates one element at a time (docs/performance.md). On an Intel CPU with AMX (AMX-BF16), the
 many-row products of 16-bit and quantized weights (prefill, SigLIP's patches) run in bfloat16 on
 its tile unit instead of the float32 BLAS GEMM (bf16_gemm.cpp, amx.cpp: activations rounded to
-bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM).
+bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM). On a CPU with
+AVX512-VNNI, the decode matvec of large 4-bit weights rounds x to int8 per group and sums in
+int32 (qmv_int8.cpp: twice the float32 kernel's speed, near the memory bandwidth;
+`PG_EDGE_DECODE=float32` keeps the float32 kernel).
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -83,8 +86,19 @@ def kernel() -> str:
     mod = module()
     if mod is None:
         return f"mlx (pg_edge qmv {_state['why']})"
+    int8 = ", int8 4-bit decode" if int8_decode() else ""
     bf16 = ", amx prefill" if bf16_prefill() else ""
-    return f"pg_edge qmv ({mod.simd()}{bf16}, {mod.threads()} threads)"
+    return f"pg_edge qmv ({mod.simd()}{int8}{bf16}, {mod.threads()} threads)"
+
+
+def int8_decode() -> bool:
+    """Whether the decode matvec of 4-bit weights of 2^20+ elements rounds x to int8 per group
+    and sums in int32 on AVX512-VNNI (qmv_int8.cpp; the module built, the CPU able,
+    PG_EDGE_DECODE not float32). Smaller and 8-bit weights keep the float32 kernels."""
+    if "int8" not in _state:
+        mod = module()
+        _state["int8"] = mod is not None and mod.decode_kernel() != "float32"
+    return _state["int8"]
 
 
 def bf16_prefill() -> bool:

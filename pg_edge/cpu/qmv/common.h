@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "mlx/array.h"
@@ -20,6 +21,22 @@ int cpu_simd();
 bool cpu_f16c();
 // "avx512", "avx2" or "portable": cpu_simd() in words.
 const char* simd();
+
+// One thread's scratch of n floats on cache lines of its own. The row kernels rewrite their weight
+// row's scales and biases into such a buffer for every row; where two threads' small heap
+// vectors shared a line, each write took the line from the other core and a 2-thread product ran
+// at a third of its speed (docs/performance.md, "Decode with int8 activations").
+class LineScratch {
+ public:
+  explicit LineScratch(size_t n) : buf_(n + 48) {
+    p_ = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf_.data()) + 127) / 64 * 64);
+  }
+  float* data() { return p_; }
+
+ private:
+  std::vector<float> buf_;  // 64+ bytes free before p_ and after p_[n - 1]
+  float* p_;
+};
 
 // Element i of p (float32 / bfloat16 / float16) as float32.
 float to_float(const void* p, mlx::core::Dtype t, size_t i);

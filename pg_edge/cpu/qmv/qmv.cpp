@@ -11,6 +11,8 @@
 // in float32 (AVX-512F, else AVX2 + FMA, when the CPU has them, checked at run time; plain C++
 // otherwise; PG_EDGE_QMV_SIMD=avx2|portable caps the choice: common.cpp), output rows split
 // over the thread pool shared with fmv.cpp (pool.cpp; PG_EDGE_QMV_THREADS sets its size).
+// Weights of 2^20+ elements on a CPU with AVX512-VNNI take qmv_int8.cpp's kernel instead (x
+// rounded to int8 per group; PG_EDGE_DECODE=float32 keeps these float32 kernels).
 #include "qmv.h"
 
 #include <algorithm>
@@ -21,6 +23,7 @@
 #include "common.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "qmv_int8.h"
 
 #ifdef QMV_X86
 #include <immintrin.h>
@@ -105,12 +108,14 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
   const int words = j.K / PER_WORD, groups = j.K / j.gs, blocks = j.K / B;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
   const int gshift = __builtin_ctz(j.gs);  // group sizes are powers of two
-  std::vector<float> sc(groups), bi(groups);
+  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
+  float* sc = scratch.data();
+  float* bi = sc + groups;
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
     const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(j.scales, j.sdt, s0, groups, sc.data());
-    load_floats(j.biases, j.sdt, s0, groups, bi.data());
+    load_floats(j.scales, j.sdt, s0, groups, sc);
+    load_floats(j.biases, j.sdt, s0, groups, bi);
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
@@ -143,14 +148,14 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
       const float* xsum = j.xsum.data() + static_cast<size_t>(mm) * groups;
       int g = 0;
       for (; g + 8 <= groups; g += 8) {  // the biases' term, 8 groups at a time
-        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(bi.data() + g), _mm256_loadu_ps(xsum + g), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(bi + g), _mm256_loadu_ps(xsum + g), acc[m]);
       }
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
       float total = _mm_cvtss_f32(h);
       const float* x = j.xs.data() + static_cast<size_t>(mm) * j.K;
-      total += tail_dot<BITS>(wr, x, sc.data(), j.gs, blocks * 8, words);
+      total += tail_dot<BITS>(wr, x, sc, j.gs, blocks * 8, words);
       for (; g < groups; ++g) total += bi[g] * xsum[g];
       out[static_cast<size_t>(mm) * j.N + n] = total;
     }
@@ -173,12 +178,14 @@ __attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi
   const __m512i lane_group = _mm512_load_si512(idx);
   const int per_block = B > j.gs ? B / j.gs : 1;  // groups in a block (1, 2 or 4)
   const __mmask16 load_mask = static_cast<__mmask16>((1u << per_block) - 1);
-  std::vector<float> sc(groups), bi(groups);
+  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
+  float* sc = scratch.data();
+  float* bi = sc + groups;
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
     const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(j.scales, j.sdt, s0, groups, sc.data());
-    load_floats(j.biases, j.sdt, s0, groups, bi.data());
+    load_floats(j.scales, j.sdt, s0, groups, sc);
+    load_floats(j.biases, j.sdt, s0, groups, bi);
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
@@ -202,7 +209,7 @@ __attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi
       const int g0 = (b * B) >> gshift;
       const __m512 sv = per_block == 1
           ? _mm512_set1_ps(sc[g0])
-          : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(load_mask, sc.data() + g0));
+          : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(load_mask, sc + g0));
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(d0[m], d1[m]), sv, acc[m]);
     }
     for (int m = 0; m < MB; ++m) {
@@ -211,11 +218,11 @@ __attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi
       const float* xsum = j.xsum.data() + static_cast<size_t>(mm) * groups;
       for (int g = 0; g < groups; g += 16) {
         const __mmask16 k = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bi.data() + g), _mm512_maskz_loadu_ps(k, xsum + g), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bi + g), _mm512_maskz_loadu_ps(k, xsum + g), acc[m]);
       }
       float total = _mm512_reduce_add_ps(acc[m]);
       const float* x = j.xs.data() + static_cast<size_t>(mm) * j.K;
-      total += tail_dot<BITS>(wr, x, sc.data(), j.gs, blocks * 16, words);
+      total += tail_dot<BITS>(wr, x, sc, j.gs, blocks * 16, words);
       out[static_cast<size_t>(mm) * j.N + n] = total;
     }
   }
@@ -261,11 +268,11 @@ void rows(const Job& j, int lo, int hi, float* out) {
   rows_portable(j, lo, hi, out);
 }
 
-// Reads x (any strides) into float32: xs [M, K] as is, xp [M, K] permuted per block of the
+// Takes x's rows in float32: xs [M, K] as is, xp [M, K] permuted per block of the
 // vector kernel (xp[b * B + j * lanes + i] = x[b * B + i * per_word + j]), xsum.
-void prepare_x(Job& j, const array& x) {
+void prepare_x(Job& j, std::vector<float> xs_rows) {
   const int per_word = 32 / j.bits, L = j.lanes, B = L * per_word, groups = j.K / j.gs;
-  j.xs = read_rows(x);
+  j.xs = std::move(xs_rows);
   j.xp.resize(j.xs.size());
   j.xsum.assign(static_cast<size_t>(j.M) * groups, 0.f);
   for (int m = 0; m < j.M; ++m) {
@@ -306,23 +313,29 @@ void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<arr
   encoder.dispatch([x = array::unsafe_weak_copy(x), w = array::unsafe_weak_copy(w),
                     scales = array::unsafe_weak_copy(scales),
                     biases = array::unsafe_weak_copy(biases), out = array::unsafe_weak_copy(out),
-                    M, N, K, gs = group_size_, bits = bits_]() mutable {
-    Job j{M, N, K, gs, bits, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-          scales.dtype(), {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
-    prepare_x(j, x);
+                    M, N, K, gs = group_size_, bits = bits_, int8 = int8_]() mutable {
+    std::vector<float> xs = read_rows(x);
     std::vector<float> tmp;
     float* res = out.dtype() == float32 ? out.data<float>() : nullptr;
     if (res == nullptr) {
       tmp.resize(static_cast<size_t>(M) * N);
       res = tmp.data();
     }
-    split_rows(N, static_cast<int64_t>(N) * K * M, 1, [&](int lo, int hi) { rows(j, lo, hi, res); });
+    // large weights on AVX512-VNNI: x in int8 (qmv_int8.cpp), unless x holds inf / NaN
+    const Int8Product ip{M, N, K, gs, bits, xs.data(), w.data<uint32_t>(), scales.data<void>(),
+                         biases.data<void>(), scales.dtype()};
+    if (!int8 || !int8_applies(ip) || !int8_matvec(ip, res)) {
+      Job j{M, N, K, gs, bits, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+            scales.dtype(), {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
+      prepare_x(j, std::move(xs));
+      split_rows(N, static_cast<int64_t>(N) * K * M, 1, [&](int lo, int hi) { rows(j, lo, hi, res); });
+    }
     if (!tmp.empty()) write_out(out, tmp.data());
   });
 }
 
 array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases,
-                       int group_size, int bits, StreamOrDevice s) {
+                       int group_size, int bits, bool int8, StreamOrDevice s) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("[qmv] bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128) {
     throw std::invalid_argument("[qmv] group_size must be 32, 64 or 128");
@@ -345,7 +358,7 @@ array quantized_matvec(const array& x, const array& w, const array& scales, cons
   Shape out_shape = x.shape();
   out_shape.back() = N;
   return array(out_shape, promote_types(x.dtype(), scales.dtype()),
-               std::make_shared<QuantizedMatvec>(stream, group_size, bits), {x, w, scales, biases});
+               std::make_shared<QuantizedMatvec>(stream, group_size, bits, int8), {x, w, scales, biases});
 }
 
 }  // namespace pg_edge

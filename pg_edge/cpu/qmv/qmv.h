@@ -6,20 +6,30 @@
 
 namespace pg_edge {
 
-// x [..., K] @ dequantize(w, scales, biases).T -> [..., N], MLX's affine quantization.
+// x [..., K] @ dequantize(w, scales, biases).T -> [..., N], MLX's affine quantization. `int8`:
+// whether the product may take qmv_int8.cpp's kernel (x rounded to int8; large 4-bit weights on
+// AVX512-VNNI); false keeps the float32 kernels.
 mlx::core::array quantized_matvec(
     const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales,
-    const mlx::core::array& biases, int group_size, int bits, mlx::core::StreamOrDevice s = {});
+    const mlx::core::array& biases, int group_size, int bits, bool int8 = true,
+    mlx::core::StreamOrDevice s = {});
 
 class QuantizedMatvec : public AffinePrimitive {
  public:
-  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits) : AffinePrimitive(stream, group_size, bits) {}
+  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits, bool int8)
+      : AffinePrimitive(stream, group_size, bits), int8_(int8) {}
+  bool is_equivalent(const mlx::core::Primitive& other) const override {
+    return AffinePrimitive::is_equivalent(other) && int8_ == static_cast<const QuantizedMatvec&>(other).int8_;
+  }
 
   void eval_cpu(const std::vector<mlx::core::array>& inputs,
                 std::vector<mlx::core::array>& outputs) override;
   const char* name() const override {
     return "PgEdgeQuantizedMatvec";
   }
+
+ private:
+  bool int8_;
 };
 
 }  // namespace pg_edge

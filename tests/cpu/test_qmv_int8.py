@@ -1,0 +1,131 @@
+"""pg_edge's int8 decode matvec (pg_edge/cpu/qmv/qmv_int8.cpp): 4-bit weights of 2^20+ elements,
+x rounded to int8 per group of the weights' group size and summed in int32 on AVX512-VNNI. It runs
+only on a CPU with AVX512-VNNI: elsewhere these products take the float32 kernels of
+tests/cpu/test_qmv.py, and these tests say so in their skip."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pg_edge.cpu import qmv
+
+BIG = 1 << 20  # qmv_int8.h kInt8MinElements: the smallest weight (N * K) that takes the kernel
+
+
+@pytest.fixture(scope="module")
+def vnni(ext):
+    if ext.decode_kernel() == "float32":
+        pytest.skip("this CPU has no AVX512-VNNI (or PG_EDGE_DECODE=float32): 4-bit decode takes the "
+                    "float32 kernels, tested in test_qmv.py")
+    return ext
+
+
+def quantized(N: int, K: int, gs: int, bits: int, sdt, seed: int):
+    """A random [N, K] weight quantized by mx.quantize, its scales and biases in `sdt`."""
+    w = mx.array(np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32) * 0.02)
+    wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    return w, wq, s.astype(sdt), b.astype(sdt)
+
+
+def exact(x: np.ndarray, wq, s, b, gs: int, bits: int) -> np.ndarray:
+    """x @ dequantize(w).T in float64."""
+    wd = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits),
+                  dtype=np.float64)
+    return x.astype(np.float64) @ wd.T
+
+
+def rounding_bound(x: np.ndarray, wq, s, b, gs: int) -> np.ndarray:
+    """The most that rounding x to int8 per group (step max|x_g| / 127, error <= half a step per
+    element) can move each output, times the centred weights the kernel multiplies it by:
+    sum_k |scale_g (q_k - 8)| * step_g / 2, [M, N]."""
+    N, K = wq.shape[0], x.shape[1]
+    q = np.array(mx.dequantize(wq, mx.ones(s.shape), mx.zeros(s.shape), group_size=gs, bits=4), dtype=np.float64)
+    centred = np.abs((q - 8).reshape(N, K // gs, gs) * np.array(s.astype(mx.float32))[:, :, None])
+    step = np.abs(x.astype(np.float64)).reshape(x.shape[0], K // gs, gs).max(-1) / 127  # [M, G]
+    return np.einsum("ng,mg->mn", centred.sum(-1), step / 2)
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("sdt", [mx.bfloat16, mx.float32, mx.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+def test_within_the_rounding_of_x(vnni, gs, sdt, M):
+    N, K = 512, 2304  # 2^20 + 128K elements; K = 18 blocks of 128
+    w, wq, s, b = quantized(N, K, gs, 4, sdt, seed=gs + M)
+    x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
+    x[:, :gs] *= 40  # one group far larger than the rest: its own step, the others unaffected
+    got = np.array(vnni.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+    want = exact(x, wq, s, b, gs, 4)
+    err = np.abs(got - want)
+    assert (err <= rounding_bound(x, wq, s, b, gs) * 1.001 + 1e-4 * np.abs(want).max()).all()
+    # the kernel did round x (the float32 kernel agrees to ~1e-6): the int8 path ran
+    assert err.max() > 1e-5 * np.abs(want).max()
+    # and the rounding is far below the 4-bit weights' own: against the unquantized weight
+    # the outputs' RMS error grows by under 2%
+    full = x.astype(np.float64) @ np.array(w, dtype=np.float64).T
+    rms = lambda a: float(np.sqrt((a ** 2).mean()))  # noqa: E731
+    assert rms(got - full) < 1.02 * rms(want - full)
+    assert rms(got - want) < 0.01 * rms(want)
+
+
+def test_layout_of_x_and_groups(vnni):
+    """One x element at a time: each lands on its own weight column (the even/odd nibble order and
+    the lanes' groups), exact because one nonzero per group rounds to +-127 steps exactly."""
+    N, K, gs = 1024, 1024, 32
+    _, wq, s, b = quantized(N, K, gs, 4, mx.float32, seed=7)
+    wd = np.array(mx.dequantize(wq, s, b, group_size=gs, bits=4), dtype=np.float64)
+    for k in (0, 1, 2, 7, 8, 63, 64, 65, 127, 128, 129, 1000, 1023):
+        x = np.zeros((1, K), np.float32)
+        x[0, k] = -1.5
+        got = np.array(vnni.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)[0]
+        np.testing.assert_allclose(got, -1.5 * wd[:, k], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_rows_and_groups(vnni):
+    N, K, gs = 1024, 1024, 64
+    _, wq, s, b = quantized(N, K, gs, 4, mx.bfloat16, seed=3)
+    x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
+    x[0] = 0
+    x[1, 128:512] = 0  # whole groups of zeros: step 0, no division by it
+    got = np.array(vnni.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+    assert np.isfinite(got).all() and (got[0] == 0).all()
+    want = exact(x, wq, s, b, gs, 4)
+    assert np.abs(got[1:] - want[1:]).max() < 0.01 * np.abs(want[1:]).max()
+
+
+def test_what_keeps_the_float32_kernel(vnni):
+    """Small weights (the demo model's), 8-bit weights, K not a multiple of 128, and an x holding
+    inf or NaN take the float32 kernel: they agree with MLX's product to float32 rounding."""
+    rng = np.random.default_rng(5)
+    cases = [(1024, 1024 - 128, 64, 4),  # one block short of 2^20 elements
+             (1024, 2304, 64, 8),         # 8 bits
+             (1024, 1088, 64, 4)]         # K = 8.5 blocks
+    for N, K, gs, bits in cases:
+        _, wq, s, b = quantized(N, K, gs, bits, mx.float32, seed=N + K + bits)
+        x = mx.array(rng.standard_normal((2, K)).astype(np.float32))
+        got = vnni.quantized_matvec(x, wq, s, b, gs, bits)
+        want = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)
+        assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max()), (N, K, bits)
+    _, wq, s, b = quantized(1024, 2304, 64, 4, mx.float32, seed=9)
+    x = rng.standard_normal((2, 2304)).astype(np.float32)
+    x[1, 5] = np.inf
+    got = np.array(vnni.quantized_matvec(mx.array(x), wq, s, b, 64, 4))
+    want = np.array(mx.quantized_matmul(mx.array(x), wq, s, b, transpose=True, group_size=64, bits=4))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)  # row 0 too: one kernel per call
+
+
+def test_kernel_named_and_turned_off_by_the_environment(vnni):
+    code = "from pg_edge.cpu import qmv; print(qmv.int8_decode(), qmv.kernel())"
+    env = {**os.environ, "PG_EDGE_DECODE": "float32"}
+    env.pop("PG_EDGE_QMV", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "False" and "int8" not in out
+    env.pop("PG_EDGE_DECODE")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "True" and "int8 4-bit decode" in out
+    assert qmv.int8_decode() and vnni.decode_kernel() == "int8 on AVX512-VNNI"
