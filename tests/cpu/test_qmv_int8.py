@@ -1,7 +1,7 @@
 """pg_edge's int8 decode matvec (pg_edge/cpu/qmv/qmv_int8.cpp): 4-bit weights of 2^20+ elements,
-x rounded to int8 per group of the weights' group size and summed in int32 on AVX512-VNNI. It runs
-only on a CPU with AVX512-VNNI: elsewhere these products take the float32 kernels of
-tests/cpu/test_qmv.py, and these tests say so in their skip."""
+x rounded to int8 per group of the weights' group size and summed in int32, on AVX512-VNNI or
+AVX2 (the AVX2 kernel is also run here under PG_EDGE_QMV_SIMD=avx2). On a CPU with neither these
+products take the float32 kernels of tests/cpu/test_qmv.py, and these tests say so in their skip."""
 from __future__ import annotations
 
 import os
@@ -19,9 +19,10 @@ BIG = 1 << 20  # qmv_int8.h kInt8MinElements: the smallest weight (N * K) that t
 
 @pytest.fixture(scope="module")
 def vnni(ext):
+    """The module, where this CPU runs the int8 kernel (AVX512-VNNI, else AVX2)."""
     if ext.decode_kernel() == "float32":
-        pytest.skip("this CPU has no AVX512-VNNI (or PG_EDGE_DECODE=float32): 4-bit decode takes the "
-                    "float32 kernels, tested in test_qmv.py")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2 (or PG_EDGE_DECODE=float32): 4-bit decode "
+                    "takes the float32 kernels, tested in test_qmv.py")
     return ext
 
 
@@ -128,4 +129,42 @@ def test_kernel_named_and_turned_off_by_the_environment(vnni):
     env.pop("PG_EDGE_DECODE")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "True" and "int8 4-bit decode" in out
-    assert qmv.int8_decode() and vnni.decode_kernel() == "int8 on AVX512-VNNI"
+    assert qmv.int8_decode() and vnni.decode_kernel() in ("int8 on AVX512-VNNI", "int8 on AVX2")
+
+
+AVX2_CODE = """
+import sys
+import mlx.core as mx, numpy as np
+from pg_edge.cpu import qmv
+m = qmv.module()
+print(m.decode_kernel())
+for gs, M in [(32, 1), (64, 3), (128, 5), (64, 8)]:
+    w = mx.array(np.random.default_rng(gs + M).standard_normal((640, 2304)).astype(np.float32) * 0.02)
+    wq, s, b = mx.quantize(w, group_size=gs, bits=4)
+    x = mx.array(np.random.default_rng(M).standard_normal((M, 2304)).astype(np.float32))
+    np.save(sys.argv[1] + f"/{gs}_{M}.npy", np.array(m.quantized_matvec(x, wq, s.astype(mx.bfloat16), b.astype(mx.bfloat16), gs, 4)))
+"""
+
+
+def test_avx2_kernel_agrees(vnni, tmp_path):
+    """The AVX2 kernel (CPUs without AVX512-VNNI: PG_EDGE_QMV_SIMD=avx2 caps this one to it) rounds x
+    the same way and sums the same integers: the same outputs to float32 rounding."""
+    env = dict(os.environ, PG_EDGE_QMV_SIMD="avx2")
+    env.pop("PG_EDGE_QMV", None)
+    (tmp_path / "avx2").mkdir()
+    out = subprocess.run([sys.executable, "-c", AVX2_CODE, str(tmp_path / "avx2")], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split("\n")[0] == "int8 on AVX2"
+    (tmp_path / "here").mkdir()
+    env.pop("PG_EDGE_QMV_SIMD")
+    subprocess.run([sys.executable, "-c", AVX2_CODE, str(tmp_path / "here")], env=env, check=True)
+    for f in sorted((tmp_path / "avx2").iterdir()):
+        a, b = np.load(f), np.load(tmp_path / "here" / f.name)
+        gs, M = map(int, f.stem.split("_"))
+        w = mx.array(np.random.default_rng(gs + M).standard_normal((640, 2304)).astype(np.float32) * 0.02)
+        wq, s, bb = mx.quantize(w, group_size=gs, bits=4)
+        x = mx.array(np.random.default_rng(M).standard_normal((M, 2304)).astype(np.float32))
+        want = np.array(mx.quantized_matmul(x, wq, s.astype(mx.bfloat16).astype(mx.float32),
+                                            bb.astype(mx.bfloat16).astype(mx.float32), transpose=True, group_size=gs, bits=4))
+        assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max(), f.name  # the same int8 sums, other float order
+        assert 1e-5 < np.abs(a - want).max() / np.abs(want).max() < 0.01, f.name  # x rounded, by little

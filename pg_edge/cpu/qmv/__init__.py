@@ -17,10 +17,10 @@ Gemma's MLPs (act.cpp, over the pool; pg_edge/cpu/mlp.py), whose tanh MLX's CPU 
 evaluates one element at a time (docs/performance.md). On an Intel CPU with AMX (AMX-BF16), the
 many-row products of 16-bit and quantized weights (prefill, SigLIP's patches) run in bfloat16 on
 its tile unit instead of the float32 BLAS GEMM (bf16_gemm.cpp, amx.cpp: activations rounded to
-bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM). On a CPU with
-AVX512-VNNI, the decode matvec of large 4-bit weights rounds x to int8 per group and sums in
-int32 (qmv_int8.cpp: twice the float32 kernel's speed, near the memory bandwidth;
-`PG_EDGE_DECODE=float32` keeps the float32 kernel).
+bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM). The decode
+matvec of large 4-bit weights rounds x to int8 per group and sums in int32 (qmv_int8.cpp, on
+AVX512-VNNI or AVX2: about twice the float32 kernel's speed; `PG_EDGE_DECODE=float32` keeps the
+float32 kernel).
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -93,7 +93,7 @@ def kernel() -> str:
 
 def int8_decode() -> bool:
     """Whether the decode matvec of 4-bit weights of 2^20+ elements rounds x to int8 per group
-    and sums in int32 on AVX512-VNNI (qmv_int8.cpp; the module built, the CPU able,
+    and sums in int32 (qmv_int8.cpp, AVX512-VNNI or AVX2; the module built, the CPU able,
     PG_EDGE_DECODE not float32). Smaller and 8-bit weights keep the float32 kernels."""
     if "int8" not in _state:
         mod = module()

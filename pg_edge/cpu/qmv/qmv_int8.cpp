@@ -6,21 +6,25 @@
 // (a shift and a lookup per 16 weights) and stay compute-bound at about a third of the memory
 // bandwidth (docs/performance.md, "Decode with int8 activations"). Here x is rounded to int8, per
 // row and group of gs, with its own scale sx[m, g] = max|x_g| / 127, and q_g . x_g is summed in
-// int32 by VPDPBUSD (64 unsigned weight bytes times 64 signed x bytes, four products per int32
-// lane), so 128 weights cost an and, a shift, an and and two dot instructions:
+// int32: on AVX512-VNNI by VPDPBUSD (64 unsigned weight bytes times 64 signed x bytes, four
+// products per int32 lane), so 128 weights cost an and, a shift, an and and two dot
+// instructions; on AVX2 by VPMADDUBSW + VPMADDWD over 64 weights.
 //   q_g . x_g ~= sx[m, g] * (q_g . round(x_g / sx[m, g]))
 // The weights enter centred, q - 8:
 //   scale * (q . x) + bias * sum(x) = scale * ((q - 8) . x) + (bias + 8 * scale) * sum(x)
-// where (q - 8) . round(x) = q . round(x) - 8 * sum(round(x)), the last sum taken once per x. The
-// second term uses the float32 sums of x, so only the rounding of x enters, at most sx / 2 per
-// element (about 1/250 of the group's largest x), times a centred weight, about as large as the
-// weight itself: far below a 4-bit weight's own rounding (tests/cpu/test_qmv_int8.py measures
-// it against the float32 kernel; docs/performance.md has the figures). 8-bit weights keep the
-// float32 kernels: there the rounding of x would be as large as the weights' own.
+// with (q - 8) . x ~= sx * (q . round(x)) - 8 * sx * sum(round(x)): the blocks sum the first
+// part, each row's tail adds scale[g] * 8 * (sum(x_g) - sx[m, g] * sum(round(x_g))) (xr, taken
+// once per call) with the biases' term. That term uses the float32 sums of x, so only the
+// rounding of x enters, at most sx / 2 per element (about 1/250 of the group's largest x), times
+// a centred weight, about as large as the weight itself: far below a 4-bit weight's own
+// rounding (tests/cpu/test_qmv_int8.py measures it against the exact product;
+// docs/performance.md has the figures). 8-bit weights keep the float32 kernels: there the
+// rounding of x would be as large as the weights' own.
 //
-// Layout: a block is 64 bytes of one weight row (128 elements), 16 int32 lanes. Byte t of block
-// b holds elements b * 128 + 2t (low nibble) and + 1 (high nibble), so lane i sums elements
-// b * 128 + 8i .. + 7, and x is stored per block as the 64 even elements then the 64 odd ones.
+// Layout: a block is 64 bytes (AVX-512: 128 elements, 16 int32 lanes) or 32 bytes (AVX2: 64
+// elements, 8 lanes) of one weight row. Byte t of block b holds elements b * B + 2t (low nibble)
+// and + 1 (high nibble), so lane i sums elements b * B + 8i .. + 7, and x is stored per block as
+// its B / 2 even elements, then its B / 2 odd ones.
 #include "qmv_int8.h"
 
 #include <algorithm>
@@ -42,31 +46,30 @@ using namespace mlx::core;
 
 namespace {
 
-// x of one call, rounded: xq [M, K] int8 in the blocks' order, xl [M, blocks * 16] the scale
-// sx of each lane's group, xc [M, blocks * 16] c times the sum of each lane's xq, xsum
-// [M, K / gs] the float32 sums of x per group.
-constexpr int B = 128;  // elements per 64-byte block
-constexpr int E = B / 16;  // elements per int32 lane
+constexpr int E = 8;  // elements per int32 lane: 128 per 512-bit block, 64 per 256-bit one
 // Bytes ahead of the block being read that the weight stream is prefetched from (6 KB: 5 rows
 // of K = 2304). The hardware prefetchers stop at 4 KB pages; with this the LM head's product
 // read 23 GB/s from memory instead of 15.5 (2 threads; docs/performance.md).
 constexpr int kPrefetchBytes = 6144;
 
+// x of one call, rounded: xq [M, K] int8 in the blocks' order, xl [M, K / 8] the scale sx of
+// each lane's group, xsum [M, K / gs] the float32 sums of x per group, xr [M, K / gs]
+// 8 * (xsum - sx * the sum of the group's xq). B: elements per block (128: AVX-512, 64: AVX2).
 struct Job {
   Int8Product p;
+  int B;
   std::vector<int8_t> xq;
-  std::vector<int32_t> xc;
-  std::vector<float> xl, xsum;
+  std::vector<float> xl, xsum, xr;
 };
 
 // Rounds x into j's buffers; false when a group's largest |x| is not finite.
 bool prepare(Job& j) {
   const Int8Product& p = j.p;
-  const int groups = p.K / p.gs, blocks = p.K / B;
+  const int groups = p.K / p.gs, B = j.B;
   j.xq.resize(static_cast<size_t>(p.M) * p.K);
-  j.xl.resize(static_cast<size_t>(p.M) * blocks * 16);
-  j.xc.assign(static_cast<size_t>(p.M) * blocks * 16, 0);
+  j.xl.resize(static_cast<size_t>(p.M) * p.K / E);
   j.xsum.resize(static_cast<size_t>(p.M) * groups);
+  j.xr.resize(static_cast<size_t>(p.M) * groups);
   std::vector<float> sx(groups);
   for (int m = 0; m < p.M; ++m) {
     const float* x = p.x + static_cast<size_t>(m) * p.K;
@@ -81,18 +84,18 @@ bool prepare(Job& j) {
       sx[g] = amax / 127.f;
       j.xsum[static_cast<size_t>(m) * groups + g] = sum;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int qsum = 0;
       for (int k = g * p.gs; k < (g + 1) * p.gs; ++k) {
         const float r = std::nearbyint(x[k] * inv);
         const int8_t v = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
         const int b = k / B, r_in = k % B;
-        j.xc[(static_cast<size_t>(m) * blocks + b) * 16 + r_in / E] += 8 * v;
-        xq[b * B + (r_in & 1) * 64 + r_in / 2] = v;  // even elements, then odd: the nibbles' order
+        qsum += v;
+        xq[b * B + (r_in & 1) * (B / 2) + r_in / 2] = v;  // even elements, then odd: the nibbles' order
       }
+      j.xr[static_cast<size_t>(m) * groups + g] = 8.f * (sum - sx[g] * static_cast<float>(qsum));
     }
-    float* xl = j.xl.data() + static_cast<size_t>(m) * blocks * 16;
-    for (int b = 0; b < blocks; ++b) {
-      for (int i = 0; i < 16; ++i) xl[b * 16 + i] = sx[(b * B + i * E) / p.gs];
-    }
+    float* xl = j.xl.data() + static_cast<size_t>(m) * p.K / E;
+    for (int lane = 0; lane < p.K / E; ++lane) xl[lane] = sx[lane * E / p.gs];
   }
   return true;
 }
@@ -102,6 +105,7 @@ bool prepare(Job& j) {
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(
     const Job& j, int lo, int hi, int m0, float* out) {
+  constexpr int B = 128;
   const Int8Product& p = j.p;
   const int words = p.K / 8, groups = p.K / p.gs, blocks = p.K / B;
   const int gshift = __builtin_ctz(p.gs);  // group sizes are powers of two
@@ -135,8 +139,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(
         const int8_t* xb = j.xq.data() + row * p.K + static_cast<size_t>(b) * B;
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qlo, _mm512_loadu_si512(xb));
         d = _mm512_dpbusd_epi32(d, qhi, _mm512_loadu_si512(xb + 64));
-        d = _mm512_sub_epi32(d, _mm512_loadu_si512(j.xc.data() + (row * blocks + b) * 16));
-        const __m512 xs = _mm512_loadu_ps(j.xl.data() + (row * blocks + b) * 16);
+        const __m512 xs = _mm512_loadu_ps(j.xl.data() + row * p.K / E + b * 16);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, xs), acc[m]);
       }
     }
@@ -144,24 +147,92 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(
       const size_t row = static_cast<size_t>(m0 + m);
       // the term sum_g (bias[g] + 8 scale[g]) * sum(x_g), in the same vector before the reduction
       const float* xsum = j.xsum.data() + row * groups;
-      const __m512 eight = _mm512_set1_ps(8.f);
+      const float* xr = j.xr.data() + row * groups;
       for (int g = 0; g < groups; g += 16) {
         const __mmask16 k = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        const __m512 centred = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sc + g), eight, _mm512_maskz_loadu_ps(k, bi + g));
-        acc[m] = _mm512_fmadd_ps(centred, _mm512_maskz_loadu_ps(k, xsum + g), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bi + g), _mm512_maskz_loadu_ps(k, xsum + g), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, xr + g), acc[m]);
       }
       out[row * p.N + n] = _mm512_reduce_add_ps(acc[m]);
     }
   }
 }
 
+// The same on AVX2: a block is 32 bytes (64 elements), 8 int32 lanes of 8 elements each, the
+// even x elements of a block then its odd ones. VPMADDUBSW multiplies weight bytes by x bytes
+// and adds neighbours into int16 (at most 4 x 15 x 127 after the two halves' sum: no
+// saturation), VPMADDWD by ones widens the pairs to int32.
+template <int MB>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Job& j, int lo, int hi, int m0, float* out) {
+  constexpr int B = 64;
+  const Int8Product& p = j.p;
+  const int words = p.K / 8, groups = p.K / p.gs, blocks = p.K / B;
+  const int gshift = __builtin_ctz(p.gs);  // group sizes are powers of two
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
+  float* sc = scratch.data();
+  float* bi = sc + groups;
+  for (int n = lo; n < hi; ++n) {
+    const uint32_t* wr = p.w + static_cast<size_t>(n) * words;
+    const size_t s0 = static_cast<size_t>(n) * groups;
+    load_floats(p.scales, p.sdt, s0, groups, sc);
+    load_floats(p.biases, p.sdt, s0, groups, bi);
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + b * 8) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 8));
+      const __m256i qlo = _mm256_and_si256(wv, low4);
+      const __m256i qhi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+      const int g0 = (b * B) >> gshift;
+      // group 32: lanes 0-3 in one group, 4-7 in the next; else one group for the block
+      const __m256 sv = p.gs >= B ? _mm256_set1_ps(sc[g0])
+                                  : _mm256_set_m128(_mm_set1_ps(sc[g0 + 1]), _mm_set1_ps(sc[g0]));
+      for (int m = 0; m < MB; ++m) {
+        const size_t row = static_cast<size_t>(m0 + m);
+        const int8_t* xb = j.xq.data() + row * p.K + static_cast<size_t>(b) * B;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(qlo, x0), _mm256_maddubs_epi16(qhi, x1));
+        const __m256i d = _mm256_madd_epi16(pairs, ones);
+        const __m256 xs = _mm256_loadu_ps(j.xl.data() + row * p.K / E + b * 8);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sv, xs), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const size_t row = static_cast<size_t>(m0 + m);
+      const float* xsum = j.xsum.data() + row * groups;
+      const float* xr = j.xr.data() + row * groups;
+      __m256 tail = acc[m];
+      int g = 0;
+      for (; g + 8 <= groups; g += 8) {  // the biases' and the centring's terms, 8 groups at a time
+        tail = _mm256_fmadd_ps(_mm256_loadu_ps(bi + g), _mm256_loadu_ps(xsum + g), tail);
+        tail = _mm256_fmadd_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(xr + g), tail);
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(tail), _mm256_extractf128_ps(tail, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      float total = _mm_cvtss_f32(h);
+      for (; g < groups; ++g) total += bi[g] * xsum[g] + sc[g] * xr[g];
+      out[row * p.N + n] = total;
+    }
+  }
+}
+
+template <int MB>
+void rows_level(const Job& j, int lo, int hi, int m0, float* out) {
+  if (j.B == 128) rows_vnni<MB>(j, lo, hi, m0, out);
+  else rows_avx2<MB>(j, lo, hi, m0, out);
+}
+
 void rows_all(const Job& j, int lo, int hi, float* out) {
   int m = 0;
-  for (; m + 4 <= j.p.M; m += 4) rows_vnni<4>(j, lo, hi, m, out);
+  for (; m + 4 <= j.p.M; m += 4) rows_level<4>(j, lo, hi, m, out);
   switch (j.p.M - m) {
-    case 3: rows_vnni<3>(j, lo, hi, m, out); break;
-    case 2: rows_vnni<2>(j, lo, hi, m, out); break;
-    case 1: rows_vnni<1>(j, lo, hi, m, out); break;
+    case 3: rows_level<3>(j, lo, hi, m, out); break;
+    case 2: rows_level<2>(j, lo, hi, m, out); break;
+    case 1: rows_level<1>(j, lo, hi, m, out); break;
     default: break;
   }
 }
@@ -169,34 +240,42 @@ void rows_all(const Job& j, int lo, int hi, float* out) {
 
 }  // namespace
 
-bool int8_available() {
+// 2: AVX512-VNNI (512-bit blocks), 1: AVX2 (256-bit blocks), 0: the float32 kernels only.
+int int8_level() {
 #ifdef QMV_X86
-  static const bool available = [] {
+  static const int level = [] {
     if (const char* env = std::getenv("PG_EDGE_DECODE")) {
       const std::string v(env);
-      if (v == "float32" || v == "off" || v == "0") return false;
+      if (v == "float32" || v == "off" || v == "0") return 0;
     }
     __builtin_cpu_init();
-    return cpu_simd() >= 2 && __builtin_cpu_supports("avx512vnni") != 0;
+    if (cpu_simd() >= 2 && __builtin_cpu_supports("avx512vnni")) return 2;
+    return cpu_simd() >= 1 ? 1 : 0;
   }();
-  return available;
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
+bool int8_available() {
+  return int8_level() > 0;
+}
+
 const char* decode_kernel() {
-  return int8_available() ? "int8 on AVX512-VNNI" : "float32";
+  static const char* names[] = {"float32", "int8 on AVX2", "int8 on AVX512-VNNI"};
+  return names[int8_level()];
 }
 
 bool int8_applies(const Int8Product& p) {
   if (!int8_available() || p.bits != 4) return false;
+  const int B = int8_level() == 2 ? 128 : 64;
   return static_cast<int64_t>(p.N) * p.K >= kInt8MinElements && p.K % B == 0;
 }
 
 bool int8_matvec(const Int8Product& p, float* out) {
 #ifdef QMV_X86
-  Job j{p, {}, {}, {}, {}};
+  Job j{p, int8_level() == 2 ? 128 : 64, {}, {}, {}, {}};
   if (!prepare(j)) return false;
   split_rows(p.N, static_cast<int64_t>(p.N) * p.K * p.M, 1, [&](int lo, int hi) {
     rows_all(j, lo, hi, out);

@@ -1,5 +1,6 @@
-// pg_edge's decode products of large 4-bit weights with x in int8, on AVX512-VNNI (qmv_int8.cpp
-// has the layout and the maths). qmv.cpp's primitive calls it; elsewhere its float32 kernels run.
+// pg_edge's decode products of large 4-bit weights with x in int8, on AVX512-VNNI or AVX2
+// (qmv_int8.cpp has the layout and the maths). qmv.cpp's primitive calls it; elsewhere (no AVX2,
+// not x86) its float32 kernels run.
 #pragma once
 
 #include <cstdint>
@@ -12,10 +13,12 @@ namespace pg_edge {
 // small models' outputs (tests, the demo model) stay the same on every x86 CPU.
 constexpr int64_t kInt8MinElements = int64_t{1} << 20;
 
-// Whether this CPU and process run the int8 kernel at all: AVX-512 F/BW + AVX512-VNNI, not capped
-// by PG_EDGE_QMV_SIMD, and PG_EDGE_DECODE not "float32" (or "off", "0").
+// 2: AVX-512 F/BW + AVX512-VNNI; 1: AVX2 (or PG_EDGE_QMV_SIMD=avx2 capping the first); 0: none
+// (no AVX2, not x86, PG_EDGE_DECODE "float32" / "off" / "0"). Read once.
+int int8_level();
+// Whether this CPU and process run the int8 kernel at all: int8_level() > 0.
 bool int8_available();
-// "int8 on AVX512-VNNI" or "float32": what int8_available() means, in words.
+// "int8 on AVX512-VNNI", "int8 on AVX2" or "float32": int8_level() in words.
 const char* decode_kernel();
 
 // One product: x float32 [M, K] row-contiguous; w uint32 [N, K * bits / 32], scales and biases
@@ -30,7 +33,7 @@ struct Int8Product {
 };
 
 // Whether `p` takes the int8 kernel: int8_available(), 4 bits, N * K >= kInt8MinElements, K a
-// multiple of 128 (one 64-byte block of a weight row).
+// multiple of the kernel's block (128 elements on AVX512-VNNI, 64 on AVX2).
 bool int8_applies(const Int8Product& p);
 
 // out[m * N + n] (float32) = the product, x rounded to int8 per group of gs; false (out
