@@ -11,7 +11,8 @@ pg_edge.cpu.qmv) against MLX's float32 quantized kernel; and one decode row: the
 matvec on one stream and split over two, against casting the weight to float32 per token; the
 compiled module's dequantization of one piece and its tanh GELU against MLX's; and, on a CPU with
 AMX, the compiled module's bfloat16 products of the bf16 and 4-bit weights on its tiles
-(pg_edge.cpu.qmv, bf16_gemm.cpp).
+(pg_edge.cpu.qmv, bf16_gemm.cpp); on a CPU with AVX512-VNNI, its int8 GEMM of the 4-bit weight
+(qmm_int8.cpp: what prefill runs there without AMX).
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     if qmv.bf16_prefill():
         rows += [("bf16 weight, pg_edge AMX tiles", lambda: qmv.module().bf16_matmul(x32, w), 3),
                  ("4-bit weight, pg_edge AMX tiles", lambda: qmv.module().bf16_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
+    if qmv.module() is not None and qmv.module().decode_kernel() == "int8 on AVX512-VNNI":
+        rows += [("4-bit weight, pg_edge int8 GEMM (VNNI)", lambda: qmv.module().quantized_matvec(x32, wq, sc, bi, 64, 4), 3)]
     print(f"compiled kernels: {qmv.kernel()}; prefill products: {qmv.prefill_kernel()}")
     for name, f, r in rows:
         print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")

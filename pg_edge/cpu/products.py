@@ -9,7 +9,8 @@ runs on one core, so a product split by output rows over one CPU stream per core
 runs its pieces side by side (measurements: docs/performance.md). Decode-sized products
 (quantized, and of bf16/fp16 weights) take pg_edge's compiled matvecs instead when they are
 built (pg_edge.cpu.qmv), and on a CPU with AMX the many-row products of 16-bit and quantized
-weights of BF16_MIN_ELEMENTS+ take its bfloat16 tile kernel (x rounded to bf16, sums in float32). The variants keep the stored weights (the pieces are views) and only
+weights of BF16_MIN_ELEMENTS+ take its bfloat16 tile kernel (x rounded to bf16, sums in float32);
+without AMX, on AVX512-VNNI, those of 4-bit weights take its int8 GEMM (x rounded to int8 per group). The variants keep the stored weights (the pieces are views) and only
 change how the product is computed; the output dtype of a quantized product always equals the
 input dtype, as on Metal; an unquantized one's is promote(x, weight), as `x @ weight.T`.
 """
@@ -103,6 +104,10 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
             and not tracing() and qmv.bf16_prefill() and qmv.dequantizes(layer, layer["weight"])):
         # prefill in bf16 on AMX tiles: the weight dequantized block by block in the kernel
         return qmv.bf16_quantized_product(layer, x)
+    if (dense and elements >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and not layer.training
+            and not tracing() and qmv.int8_prefill(layer, x)):
+        # no AMX: 4-bit prefill with x rounded to int8, on AVX512-VNNI (pg_edge.cpu.qmv)
+        return qmv.product(layer, x)
     if not dense and elements < SPLIT_MIN_ELEMENTS:  # the common small matvec: one kernel call
         if x.dtype == mx.float32 and not tracing():
             # float32 copies of the (small) scales and biases, made once: MLX would otherwise

@@ -168,3 +168,63 @@ def test_avx2_kernel_agrees(vnni, tmp_path):
                                             bb.astype(mx.bfloat16).astype(mx.float32), transpose=True, group_size=gs, bits=4))
         assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max(), f.name  # the same int8 sums, other float order
         assert 1e-5 < np.abs(a - want).max() / np.abs(want).max() < 0.01, f.name  # x rounded, by little
+
+
+# ------------------------------------------------------------------ prefill: the int8 GEMM (qmm_int8.cpp)
+
+@pytest.fixture(scope="module")
+def vnni512(vnni):
+    if vnni.decode_kernel() != "int8 on AVX512-VNNI":
+        pytest.skip("this CPU has no AVX512-VNNI: many-row 4-bit products take the float32 GEMM (or AMX)")
+    return vnni
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("M,N", [(9, 1024), (17, 1000), (40, 520), (64, 2304)])
+def test_many_rows_within_the_rounding_of_x(vnni512, gs, M, N):
+    """Prefill-sized x (more rows than the matvec's 8): panels of 32 weight rows (N % 32 tails),
+    tiles of 6 x rows (M % 6 tails), each output within the bound of x's rounding."""
+    K = 2304
+    _, wq, s, b = quantized(N, K, gs, 4, mx.bfloat16, seed=gs * M + N)
+    x = np.random.default_rng(N).standard_normal((M, K)).astype(np.float32)
+    x[:, gs:2 * gs] *= 30
+    got = np.array(vnni512.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+    want = exact(x, wq, s, b, gs, 4)
+    err = np.abs(got - want)
+    assert (err <= rounding_bound(x, wq, s, b, gs) * 1.001 + 1e-4 * np.abs(want).max()).all()
+    assert err.max() > 1e-5 * np.abs(want).max()  # rounded: the int8 GEMM ran
+    # the same rounding and integer sums as the matvec: row by row, the same numbers
+    one = np.array(vnni512.quantized_matvec(mx.array(x[:3]), wq, s, b, gs, 4), dtype=np.float64)
+    np.testing.assert_allclose(got[:3], one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+
+
+def test_prefill_takes_it_without_amx(vnni512, monkeypatch):
+    """A 4-bit layer's many-row product goes to the int8 GEMM when the CPU has no AMX (here:
+    bf16_prefill off); 8-bit layers, decode, training and tracing do not."""
+    from pg_edge.cpu import products, streams
+    import mlx.nn as nn
+
+    monkeypatch.setattr(qmv, "bf16_prefill", lambda: False)
+    monkeypatch.setitem(qmv._state, "int8_prefill", True)
+    calls = []
+    real = qmv.product
+    monkeypatch.setattr(qmv, "product", lambda layer, x: calls.append(x.shape[-2]) or real(layer, x))
+    layers = {}
+    for bits in (4, 8):
+        q = nn.QuantizedLinear(1024, 1024, bias=False, group_size=64, bits=bits)
+        q.eval()
+        q.__class__ = products.CpuQuantizedLinear
+        layers[bits] = q
+    x = mx.random.normal((1, products.DENSE_ROWS + 3, 1024), key=mx.random.key(0))
+    q4 = layers[4]
+    wd = mx.dequantize(q4["weight"], q4["scales"], q4["biases"], group_size=64, bits=4)
+    y = q4(x)
+    assert mx.allclose(y, x @ wd.T, rtol=0.05, atol=0.02 * float(mx.abs(x @ wd.T).max()))
+    assert calls == [products.DENSE_ROWS + 3]
+    calls.clear()
+    layers[8](x)  # 8 bits: the float32 GEMM
+    with streams.tracing_on():
+        q4(x)
+    q4.train()
+    q4(x)
+    assert calls == []

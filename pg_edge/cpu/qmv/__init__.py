@@ -20,7 +20,8 @@ its tile unit instead of the float32 BLAS GEMM (bf16_gemm.cpp, amx.cpp: activati
 bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM). The decode
 matvec of large 4-bit weights rounds x to int8 per group and sums in int32 (qmv_int8.cpp, on
 AVX512-VNNI or AVX2: about twice the float32 kernel's speed; `PG_EDGE_DECODE=float32` keeps the
-float32 kernel).
+float32 kernel); without AMX, on AVX512-VNNI, the prefill products of those weights run an int8
+GEMM (qmm_int8.cpp; `PG_EDGE_PREFILL=int8` picks it over AMX, `=float32` turns it off).
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -101,6 +102,20 @@ def int8_decode() -> bool:
     return _state["int8"]
 
 
+def int8_prefill(layer, x: mx.array) -> bool:
+    """Whether the many-row (prefill) product of `layer` by x runs on the module's int8 GEMM
+    (qmm_int8.cpp): no AMX prefill, AVX512-VNNI, 4-bit affine weights with K a multiple of 128,
+    PG_EDGE_PREFILL not float32 / off (PG_EDGE_PREFILL=int8 picks it over AMX)."""
+    if "int8_prefill" not in _state:
+        mod = module()
+        env = os.environ.get("PG_EDGE_PREFILL", "").lower()
+        _state["int8_prefill"] = (mod is not None and env not in ("float32", "off", "0")
+                                  and mod.decode_kernel() == "int8 on AVX512-VNNI")
+    return (_state["int8_prefill"] and not bf16_prefill() and getattr(layer, "mode", "affine") == "affine"
+            and layer.bits == 4 and layer.group_size in GROUP_SIZES and "biases" in layer
+            and x.shape[-1] % 128 == 0)
+
+
 def bf16_prefill() -> bool:
     """Whether many-row products of 16-bit and quantized weights run on the module's bfloat16
     AMX kernel (the module built, the CPU and OS able, PG_EDGE_PREFILL not float32)."""
@@ -112,7 +127,13 @@ def bf16_prefill() -> bool:
 
 def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
-    return "bfloat16 on AMX tiles (pg_edge qmv)" if bf16_prefill() else "float32 BLAS GEMM"
+    if bf16_prefill():
+        return "bfloat16 on AMX tiles (pg_edge qmv)"
+    mod = module()
+    env = os.environ.get("PG_EDGE_PREFILL", "").lower()
+    if mod is not None and env not in ("float32", "off", "0") and mod.decode_kernel() == "int8 on AVX512-VNNI":
+        return "int8 on AVX512-VNNI for 4-bit weights (pg_edge qmv), float32 BLAS GEMM for the rest"
+    return "float32 BLAS GEMM"
 
 
 def bf16_float_product(weight: mx.array, x: mx.array) -> mx.array:

@@ -111,7 +111,7 @@ bool detect() {
 #ifdef QMV_BF16
   if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
     const std::string v(env);
-    if (v == "float32" || v == "off" || v == "0") return false;
+    if (v == "float32" || v == "off" || v == "0" || v == "int8") return false;  // int8: qmm_int8.cpp
   }
   if (cpu_simd() < 2) return false;  // no AVX-512 (or PG_EDGE_QMV_SIMD caps it below)
   unsigned a, b, c, d;

@@ -9,7 +9,7 @@
 namespace pg_edge {
 
 // Whether this CPU runs the products: AMX-TILE + AMX-BF16 + AVX512-BF16 + AVX-512 F/BW/VL, and the
-// OS's permission to use the tile registers; PG_EDGE_PREFILL=float32 (or PG_EDGE_QMV_SIMD below
+// OS's permission to use the tile registers; PG_EDGE_PREFILL=float32 or int8 (or PG_EDGE_QMV_SIMD below
 // avx512) turns them off.
 bool bf16_available();
 // The kernel in words: "amx" or "none".

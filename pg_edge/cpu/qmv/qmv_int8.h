@@ -40,4 +40,8 @@ bool int8_applies(const Int8Product& p);
 // untouched) when a row of x holds inf or NaN, for the caller's float32 kernel to run instead.
 bool int8_matvec(const Int8Product& p, float* out);
 
+// The same product over many x rows (prefill), in qmm_int8.cpp's GEMM layout; AVX512-VNNI only
+// (false, out untouched, elsewhere or when x holds inf / NaN).
+bool int8_matmul(const Int8Product& p, float* out);
+
 }  // namespace pg_edge
