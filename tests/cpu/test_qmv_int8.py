@@ -228,3 +228,14 @@ def test_prefill_takes_it_without_amx(vnni512, monkeypatch):
     q4.train()
     q4(x)
     assert calls == []
+
+
+def test_many_rows_with_inf_take_the_float32_kernel(vnni512):
+    _, wq, s, b = quantized(1024, 1024, 64, 4, mx.float32, seed=11)
+    x = np.random.default_rng(3).standard_normal((12, 1024)).astype(np.float32)
+    x[7, 100] = -np.inf
+    got = np.array(vnni512.quantized_matvec(mx.array(x), wq, s, b, 64, 4))
+    want = np.array(mx.quantized_matmul(mx.array(x), wq, s, b, transpose=True, group_size=64, bits=4))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)

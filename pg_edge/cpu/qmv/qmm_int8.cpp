@@ -8,6 +8,7 @@
 // and one broadcast x quad per x row feed VPDPBUSD; at each group's end the int32 sums become
 // float32, times scale[n, g] * sx[m, g]. No horizontal sums: lane r is output row r.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -26,45 +27,48 @@ namespace {
 constexpr int PANEL = 32;  // weight rows per panel: two 16-lane vectors
 constexpr int TILE = 6;    // x rows per tile: 12 int32 + 12 float32 accumulators
 
-// x rounded: xq [M, K] int8 in order, sx / xsum / xr [M, G] as in qmv_int8.cpp.
+// x rounded: xq [M, K] int8 in order, sx / xsum / xr [M, G] as in qmv_int8.cpp (round_rows).
 struct Rounded {
   std::vector<int8_t> xq;
   std::vector<float> sx, xsum, xr;
 };
 
-bool round_x(const Int8Product& p, Rounded& r) {
+#ifdef QMV_X86
+#define QMM_ATTR __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// x rows [lo, hi) rounded into r (sized by the caller); false when a group's largest |x| is not
+// finite. 16 floats at a time: VCVTPS2DQ rounds to nearest even, as std::nearbyint does.
+QMM_ATTR bool round_rows(const Int8Product& p, Rounded& r, int lo, int hi) {
   const int G = p.K / p.gs;
-  r.xq.resize(static_cast<size_t>(p.M) * p.K);
-  r.sx.resize(static_cast<size_t>(p.M) * G);
-  r.xsum.resize(r.sx.size());
-  r.xr.resize(r.sx.size());
-  for (int m = 0; m < p.M; ++m) {
+  for (int m = lo; m < hi; ++m) {
     for (int g = 0; g < G; ++g) {
       const float* x = p.x + static_cast<size_t>(m) * p.K + g * p.gs;
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < p.gs; ++k) {
-        amax = std::max(amax, std::fabs(x[k]));
-        sum += x[k];
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+      for (int k = 0; k < p.gs; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        vsum = _mm512_add_ps(vsum, v);
       }
+      const float amax = _mm512_reduce_max_ps(vmax);
       if (!std::isfinite(amax)) return false;
       const float inv = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
       int8_t* q = r.xq.data() + static_cast<size_t>(m) * p.K + g * p.gs;
-      int qsum = 0;
-      for (int k = 0; k < p.gs; ++k) {
-        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.f, 127.f));
-        qsum += q[k];
+      __m512i vq = _mm512_setzero_si512();
+      for (int k = 0; k < p.gs; k += 16) {
+        __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
+        iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        vq = _mm512_add_epi32(vq, iv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(iv));
       }
+      const float sum = _mm512_reduce_add_ps(vsum);
       const size_t i = static_cast<size_t>(m) * G + g;
       r.sx[i] = step;
       r.xsum[i] = sum;
-      r.xr[i] = 8.f * (sum - step * static_cast<float>(qsum));
+      r.xr[i] = 8.f * (sum - step * static_cast<float>(_mm512_reduce_add_epi32(vq)));
     }
   }
   return true;
 }
-
-#ifdef QMV_X86
-#define QMM_ATTR __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 // Rows [n0, n0 + rows) of the weight into `panel` ([K / 4][PANEL] int32 quads, rows past `rows`
 // zero) and their scales / biases into sct / bit ([G][PANEL] float32); `bytes`: PANEL * K scratch.
@@ -178,7 +182,16 @@ bool int8_matmul([[maybe_unused]] const Int8Product& p, [[maybe_unused]] float* 
 #ifdef QMV_X86
   if (int8_level() != 2) return false;
   Rounded x;
-  if (!round_x(p, x)) return false;
+  const size_t groups = static_cast<size_t>(p.M) * (p.K / p.gs);
+  x.xq.resize(static_cast<size_t>(p.M) * p.K);
+  x.sx.resize(groups);
+  x.xsum.resize(groups);
+  x.xr.resize(groups);
+  std::atomic<bool> finite{true};
+  split_rows(p.M, static_cast<int64_t>(p.M) * p.K * 64, 1, [&](int lo, int hi) {
+    if (!round_rows(p, x, lo, hi)) finite = false;
+  });
+  if (!finite) return false;
   split_rows(p.N, static_cast<int64_t>(p.N) * p.K * p.M, PANEL, [&](int lo, int hi) { panels(p, x, lo, hi, out); });
   return true;
 #endif
