@@ -106,14 +106,19 @@ def int8_prefill(layer, x: mx.array) -> bool:
     """Whether the many-row (prefill) product of `layer` by x runs on the module's int8 GEMM
     (qmm_int8.cpp): no AMX prefill, AVX512-VNNI, 4-bit affine weights with K a multiple of 128,
     PG_EDGE_PREFILL not float32 / off (PG_EDGE_PREFILL=int8 picks it over AMX)."""
+    return (_int8_gemm() and not bf16_prefill() and getattr(layer, "mode", "affine") == "affine"
+            and layer.bits == 4 and layer.group_size in GROUP_SIZES and "biases" in layer
+            and x.shape[-1] % 128 == 0)
+
+
+def _int8_gemm() -> bool:
+    """Whether the module's int8 GEMM may run: built, AVX512-VNNI, PG_EDGE_PREFILL not float32 / off."""
     if "int8_prefill" not in _state:
         mod = module()
         env = os.environ.get("PG_EDGE_PREFILL", "").lower()
         _state["int8_prefill"] = (mod is not None and env not in ("float32", "off", "0")
                                   and mod.decode_kernel() == "int8 on AVX512-VNNI")
-    return (_state["int8_prefill"] and not bf16_prefill() and getattr(layer, "mode", "affine") == "affine"
-            and layer.bits == 4 and layer.group_size in GROUP_SIZES and "biases" in layer
-            and x.shape[-1] % 128 == 0)
+    return _state["int8_prefill"]
 
 
 def bf16_prefill() -> bool:
@@ -129,9 +134,7 @@ def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
     if bf16_prefill():
         return "bfloat16 on AMX tiles (pg_edge qmv)"
-    mod = module()
-    env = os.environ.get("PG_EDGE_PREFILL", "").lower()
-    if mod is not None and env not in ("float32", "off", "0") and mod.decode_kernel() == "int8 on AVX512-VNNI":
+    if _int8_gemm():
         return "int8 on AVX512-VNNI for 4-bit weights (pg_edge qmv), float32 BLAS GEMM for the rest"
     return "float32 BLAS GEMM"
 

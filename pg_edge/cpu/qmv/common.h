@@ -48,4 +48,27 @@ std::vector<float> read_rows(const mlx::core::array& x);
 // out (allocated, row-contiguous, float32 / bfloat16 / float16) = src, src holding out.size().
 void write_out(mlx::core::array& out, const float* src);
 
+// One weight row's scales and biases at a time, in float32, on the thread's own cache lines
+// (LineScratch): the row kernels (qmv.cpp, qmv_int8.cpp) load row n before its blocks.
+class RowScales {
+ public:
+  RowScales(const void* scales, const void* biases, mlx::core::Dtype t, int groups)
+      : scales_(scales), biases_(biases), t_(t), groups_(groups), buf_(2 * static_cast<size_t>(groups)) {}
+  // scales and biases [N, groups] row n.
+  void load(int n) {
+    const size_t at = static_cast<size_t>(n) * groups_;
+    load_floats(scales_, t_, at, groups_, buf_.data());
+    load_floats(biases_, t_, at, groups_, buf_.data() + groups_);
+  }
+  const float* scales() { return buf_.data(); }
+  const float* biases() { return buf_.data() + groups_; }
+
+ private:
+  const void* scales_;
+  const void* biases_;
+  mlx::core::Dtype t_;
+  int groups_;
+  LineScratch buf_;
+};
+
 }  // namespace pg_edge

@@ -108,14 +108,12 @@ __attribute__((target("avx2,fma"))) void rows_avx2(
   const int words = j.K / PER_WORD, groups = j.K / j.gs, blocks = j.K / B;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
   const int gshift = __builtin_ctz(j.gs);  // group sizes are powers of two
-  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
-  float* sc = scratch.data();
-  float* bi = sc + groups;
+  RowScales row(j.scales, j.biases, j.sdt, groups);  // (common.h)
+  const float* sc = row.scales();
+  const float* bi = row.biases();
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
-    const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(j.scales, j.sdt, s0, groups, sc);
-    load_floats(j.biases, j.sdt, s0, groups, bi);
+    row.load(n);
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
@@ -178,14 +176,12 @@ __attribute__((target("avx512f"))) void rows_avx512(const Job& j, int lo, int hi
   const __m512i lane_group = _mm512_load_si512(idx);
   const int per_block = B > j.gs ? B / j.gs : 1;  // groups in a block (1, 2 or 4)
   const __mmask16 load_mask = static_cast<__mmask16>((1u << per_block) - 1);
-  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
-  float* sc = scratch.data();
-  float* bi = sc + groups;
+  RowScales row(j.scales, j.biases, j.sdt, groups);  // (common.h)
+  const float* sc = row.scales();
+  const float* bi = row.biases();
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = j.w + static_cast<size_t>(n) * words;
-    const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(j.scales, j.sdt, s0, groups, sc);
-    load_floats(j.biases, j.sdt, s0, groups, bi);
+    row.load(n);
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; ++b) {

@@ -115,14 +115,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(
   const int per_block = B > p.gs ? B / p.gs : 1;  // groups in a block (1, 2 or 4)
   const __mmask16 load_mask = static_cast<__mmask16>((1u << per_block) - 1);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
-  float* sc = scratch.data();
-  float* bi = sc + groups;
+  RowScales row(p.scales, p.biases, p.sdt, groups);  // (common.h)
+  const float* sc = row.scales();
+  const float* bi = row.biases();
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = p.w + static_cast<size_t>(n) * words;
-    const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(p.scales, p.sdt, s0, groups, sc);
-    load_floats(p.biases, p.sdt, s0, groups, bi);
+    row.load(n);
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
@@ -170,14 +168,12 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Job& j, int lo, int hi,
   const int gshift = __builtin_ctz(p.gs);  // group sizes are powers of two
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  LineScratch scratch(2 * groups);  // this row's scales and biases (common.h: why its own lines)
-  float* sc = scratch.data();
-  float* bi = sc + groups;
+  RowScales row(p.scales, p.biases, p.sdt, groups);  // (common.h)
+  const float* sc = row.scales();
+  const float* bi = row.biases();
   for (int n = lo; n < hi; ++n) {
     const uint32_t* wr = p.w + static_cast<size_t>(n) * words;
-    const size_t s0 = static_cast<size_t>(n) * groups;
-    load_floats(p.scales, p.sdt, s0, groups, sc);
-    load_floats(p.biases, p.sdt, s0, groups, bi);
+    row.load(n);
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; ++b) {
