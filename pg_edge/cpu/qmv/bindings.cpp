@@ -19,7 +19,7 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("quantized_matvec", &pg_edge::quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "int8"_a = true, "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases).T -> [..., N] (affine, 4 or 8 bits); int8=False "
-        "keeps the float32 kernels where the int8 one (large 4-bit weights, AVX512-VNNI) would run");
+        "keeps the float32 kernels where the int8 ones (large 4-bit weights, AVX512-VNNI or AVX2) would run");
   m.def("float_matvec", &pg_edge::float_matvec, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w.T -> [..., N] for w bfloat16 / float16 [N, K], in float32");
   m.def("dequantize", &pg_edge::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
@@ -34,7 +34,7 @@ NB_MODULE(_pg_edge_qmv, m) {
         "x [..., K] @ dequantize(w, scales, biases).T -> float32 [..., N], in bfloat16 blocks");
   m.def("bf16_kernel", &pg_edge::bf16_kernel, "the kernel of bf16_matmul on this CPU: 'amx' or 'none'");
   m.def("decode_kernel", &pg_edge::decode_kernel,
-        "the kernel of quantized_matvec for weights of 2^20+ elements: 'int8 on AVX512-VNNI' or 'float32'");
+        "the kernel of quantized_matvec for weights of 2^20+ elements: 'int8 on AVX512-VNNI', 'int8 on AVX2' or 'float32'");
   m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
   m.def("threads", &pg_edge::threads, "threads one product is split over");
 }

@@ -11,8 +11,9 @@
 // in float32 (AVX-512F, else AVX2 + FMA, when the CPU has them, checked at run time; plain C++
 // otherwise; PG_EDGE_QMV_SIMD=avx2|portable caps the choice: common.cpp), output rows split
 // over the thread pool shared with fmv.cpp (pool.cpp; PG_EDGE_QMV_THREADS sets its size).
-// Weights of 2^20+ elements on a CPU with AVX512-VNNI take qmv_int8.cpp's kernel instead (x
-// rounded to int8 per group; PG_EDGE_DECODE=float32 keeps these float32 kernels).
+// 4-bit weights of 2^20+ elements take qmv_int8.cpp's kernels instead (x rounded to int8 per
+// group; AVX512-VNNI or AVX2; over 8 x rows on AVX512-VNNI, qmm_int8.cpp's GEMM);
+// PG_EDGE_DECODE=float32 keeps these float32 kernels.
 #include "qmv.h"
 
 #include <algorithm>

@@ -7,8 +7,8 @@
 namespace pg_edge {
 
 // x [..., K] @ dequantize(w, scales, biases).T -> [..., N], MLX's affine quantization. `int8`:
-// whether the product may take qmv_int8.cpp's kernel (x rounded to int8; large 4-bit weights on
-// AVX512-VNNI); false keeps the float32 kernels.
+// whether the product may take qmv_int8.cpp's / qmm_int8.cpp's kernels (x rounded to int8; large
+// 4-bit weights on AVX512-VNNI or AVX2); false keeps the float32 kernels.
 mlx::core::array quantized_matvec(
     const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales,
     const mlx::core::array& biases, int group_size, int bits, bool int8 = true,
