@@ -73,11 +73,17 @@ def main() -> None:
             ("4-bit MLX quantized kernel, float32", lambda: mx.quantized_matmul(x32, wq, sc32, bi32, True, 64, 4), 1)]
     if qmv.module() is not None:
         rows.insert(5, ("4-bit pg_edge-dequantized pieces + GEMM", lambda: dequantized(10, qmv.module().dequantize), 3))
-    if qmv.bf16_prefill():
+    if qmv.amx_prefill():
         rows += [("bf16 weight, pg_edge AMX tiles", lambda: qmv.module().bf16_matmul(x32, w), 3),
                  ("4-bit weight, pg_edge AMX tiles", lambda: qmv.module().bf16_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
-    if qmv.module() is not None and qmv.module().decode_kernel() == "int8 on AVX512-VNNI":
-        rows += [("4-bit weight, pg_edge int8 GEMM (VNNI)", lambda: qmv.module().quantized_matvec(x32, wq, sc, bi, 64, 4), 3)]
+    if qmv.module() is not None and qmv.module().bf16_kernel() == "int16":
+        wq8, sc8, bi8 = mx.quantize(w.astype(mx.float32), group_size=64, bits=8)
+        rows += [("bf16 weight, pg_edge int16 GEMM (AVX2)", lambda: qmv.module().bf16_matmul(x32, w), 3),
+                 ("8-bit weight, pg_edge int16 GEMM (AVX2)",
+                  lambda: qmv.module().bf16_quantized_matmul(x32, wq8, sc8, bi8, 64, 8), 3)]
+    if qmv.module() is not None and qmv.module().decode_kernel() in ("int8 on AVX512-VNNI", "int8 on AVX2"):
+        which = qmv.module().decode_kernel().removeprefix("int8 on ")
+        rows += [(f"4-bit weight, pg_edge int8 GEMM ({which})", lambda: qmv.module().quantized_matvec(x32, wq, sc, bi, 64, 4), 3)]
     print(f"compiled kernels: {qmv.kernel()}; prefill products: {qmv.prefill_kernel()}")
     for name, f, r in rows:
         print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")

@@ -17,10 +17,17 @@ PG_EDGE_BLAS chooses:
     a path                         that library (if it cannot be loaded: one warning line on
                                    stderr, and MLX keeps its bundled BLAS)
 
+One thread per call: pg_edge splits its big inference products over one CPU stream per core
+(pg_edge/cpu/streams.py), so OpenBLAS's own threads would double-book the cores; load() sets
+OpenBLAS to one thread unless OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS or OMP_NUM_THREADS says
+otherwise, and training, whose products stay whole, takes every core back (`all_cores()`).
+Figures: docs/performance.md ("One OpenBLAS thread per stream").
+
 macOS: nothing to do (MLX's CPU products use Accelerate). Other systems: nothing is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -38,10 +45,14 @@ SEARCH = (
     "/usr/local/lib/libopenblas.so.0",
 )
 INSTALL_HINT = "apt-get install libopenblas0-pthread"
+# The user's own thread count for OpenBLAS, which pg_edge then leaves alone.
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 # What load() did: {"blas": the library MLX's float32 products use, "path": a file or None,
 # "active": bool, "note": one line for `pg-edge bench` and backend_info()}.
 _state: dict | None = None
+# The loaded OpenBLAS (ctypes.CDLL) while it is the active BLAS, for its thread count.
+_lib = None
 
 
 def find() -> str | None:
@@ -78,6 +89,7 @@ def load() -> dict:
         _state = _record("bundled reference BLAS", None, False, f"off ({ENV}={choice})")
     elif _preloaded():
         _state = _record("OpenBLAS", _preloaded(), True, "LD_PRELOAD")
+        _one_thread(_preloaded())
     else:
         path = find() if choice.lower() in AUTO else choice
         if path is None:
@@ -100,7 +112,58 @@ def load() -> dict:
                           file=sys.stderr)
             else:
                 _state = _record("OpenBLAS", path, True, "loaded before MLX")
+                _one_thread(path)
     return _state
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _one_thread(path: str) -> None:
+    """OpenBLAS at one thread per call (module docstring), unless the user chose a count."""
+    global _lib
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)  # the loaded library's handle
+        lib.openblas_set_num_threads.argtypes = [ctypes.c_int]
+        lib.openblas_get_num_threads.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not an OpenBLAS after all: leave it as it is
+        return
+    _lib = lib
+    if not any(os.environ.get(v) for v in THREAD_VARS) and _cores() > 1:
+        lib.openblas_set_num_threads(1)
+
+
+def threads() -> int | None:
+    """OpenBLAS's threads per call now, or None when OpenBLAS is not the active BLAS."""
+    return None if _lib is None else int(_lib.openblas_get_num_threads())
+
+
+def set_threads(n: int) -> int | None:
+    """Set OpenBLAS's threads per call (no-op without it); returns the count before."""
+    before = threads()
+    if _lib is not None:
+        _lib.openblas_set_num_threads(max(1, int(n)))
+    return before
+
+
+@contextlib.contextmanager
+def all_cores():
+    """OpenBLAS on every core for the duration (training: its products are not split over
+    the CPU streams), unless the user set the thread count; restored after."""
+    if _lib is None or any(os.environ.get(v) for v in THREAD_VARS):
+        yield
+        return
+    before = set_threads(_cores())
+    try:
+        yield
+    finally:
+        set_threads(before)
 
 
 def _record(blas: str, path: str | None, active: bool, note: str) -> dict:
@@ -116,7 +179,9 @@ def describe() -> str:
     """One line: e.g. "OpenBLAS (/usr/lib/.../libopenblas.so.0, loaded before MLX)"."""
     i = info()
     where = f"{i['path']}, " if i["path"] and i["active"] else ""
-    return f"{i['blas']} ({where}{i['note']})"
+    n = threads()
+    per_call = "" if n is None else f", {n} thread{'s' if n != 1 else ''} per call"
+    return f"{i['blas']} ({where}{i['note']}{per_call})"
 
 
 def backend_info() -> dict:

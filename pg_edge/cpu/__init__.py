@@ -68,8 +68,8 @@ def apply(model: nn.Module, mode: str | None = None) -> str:
         swap = SWAPS.get(type(module))
         if swap in (CpuLinear, CpuEmbedding):
             half = half or module["weight"].dtype in (mx.bfloat16, mx.float16)
-            if module["weight"].size < products.SPLIT_MIN_ELEMENTS:
-                continue  # small float layers gain nothing from the split: left as they are
+            if module["weight"].size < products.DENSE_SPLIT_MIN_ELEMENTS:
+                continue  # small float layers gain nothing from the variant: left as they are
         if swap is None:
             continue
         module.__class__ = swap

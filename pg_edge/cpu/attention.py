@@ -2,9 +2,9 @@
 and SigLIP's attention that use it (with the decoder's leaner RoPE and softcap).
 
 MLX runs one attention on one core; heads are independent, so groups of heads on one stream per
-core are the same numbers (the same per-head products) side by side. SigLIP from 448 px and the
-decoder's prefill at 896 px are long enough to gain (docs/performance.md, "Long attentions split
-by heads over the CPU cores").
+core are the same numbers (the same per-head products) side by side. Every prefill's attention
+is long enough to gain, from SigLIP's at 224 px (docs/performance.md, "Long attentions split by
+heads over the CPU cores").
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from ..model.siglip import SiglipAttention
 from . import ops
 from .streams import lean, on_streams, stream_count
 
-# Attentions with this many scores (B x H x T x S) or more are split: from 448 px on (at
-# 224 px, 16 x 256 x 256 = 1M stay whole).
-ATTENTION_SPLIT_SCORES = 4 * 2**20
+# Attentions with this many scores (B x H x T x S) or more are split: every prefill from 224 px
+# (SigLIP's 16 x 256 x 256 = 1M), as OpenBLAS runs one thread per call (pg_edge/blas.py); a
+# decode step's (heads x 1 x the cache) stays whole.
+ATTENTION_SPLIT_SCORES = 2**18
 # ... in groups of at most this many float32 scores (256 MB) alive per stream.
 ATTENTION_PIECE_SCORES = 64 * 2**20
 

@@ -32,9 +32,12 @@ DENSE_MAX_ELEMENTS = 64 * 2**20
 # Weight elements dequantized per piece of a dense product (8 MB in float32): smaller pieces,
 # lower MLX peak (docs/performance.md, "Dense prefill in bounded pieces").
 DENSE_PIECE_ELEMENTS = 2 * 2**20
-# Weights from this many elements are split over the CPU streams; smaller ones cost less than
-# the extra dispatch.
+# Weights from this many elements are split over the CPU streams in decode-sized products;
+# smaller ones cost less than the extra dispatch.
 SPLIT_MIN_ELEMENTS = 2 * 2**20
+# ... and in many-row (dense) products from this many: OpenBLAS runs one thread per call
+# (pg_edge/blas.py), so an unsplit GEMM would use one core (SigLIP's 1152 x 1152 projections).
+DENSE_SPLIT_MIN_ELEMENTS = 2**18
 # Weights from this many elements take the compiled bfloat16 kernel for their many-row products
 # when the CPU has AMX (pg_edge.cpu.qmv.bf16_prefill): it needs no pieces, and
 # a smaller weight (the demo model's) gains little over the float32 GEMM, which keeps its output
@@ -101,8 +104,9 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     elements = out_rows * in_size
     dense = rows >= DENSE_ROWS and elements <= DENSE_MAX_ELEMENTS
     if (dense and elements >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and not layer.training
-            and not tracing() and qmv.bf16_prefill() and qmv.dequantizes(layer, layer["weight"])):
-        # prefill in bf16 on AMX tiles: the weight dequantized block by block in the kernel
+            and not tracing() and qmv.bf16_prefill(layer=layer) and qmv.dequantizes(layer, layer["weight"])):
+        # prefill in bf16 on AMX tiles (the weight dequantized block by block in the kernel), or
+        # 8-bit weights in int16 on AVX2 (qmm_int16.cpp)
         return qmv.bf16_quantized_product(layer, x)
     if (dense and elements >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and not layer.training
             and not tracing() and qmv.int8_prefill(layer, x)):
@@ -116,7 +120,8 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
             return mx.quantized_matmul(x, layer["weight"], scales=scales, biases=biases, transpose=True,
                                        group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
         return _quantized_piece(layer, x, 0, out_rows, False, None)
-    pieces = row_pieces(out_rows, in_size, dense, split=elements >= SPLIT_MIN_ELEMENTS)
+    pieces = row_pieces(out_rows, in_size, dense,
+                        split=elements >= (DENSE_SPLIT_MIN_ELEMENTS if dense else SPLIT_MIN_ELEMENTS))
     # Inference prefill: one piece per stream at a time. Left lazy, MLX dequantizes pieces
     # ahead of the products that use them, and a dozen float32 pieces (8 MB each) can be alive.
     eager = dense and not layer.training and not tracing()
@@ -140,7 +145,7 @@ def float32_product(weight: mx.array, x: mx.array) -> mx.array:
     """x float[..., in] @ weight[out, in].T for a 16-bit weight, computed in float32: pieces of
     the weight (at most DENSE_PIECE_ELEMENTS each) cast to float32 one round of streams at a
     time (inference only: evaluated as it goes), the BLAS GEMM; the result in x's dtype."""
-    split = weight.size >= SPLIT_MIN_ELEMENTS and stream_count() > 1
+    split = weight.size >= DENSE_SPLIT_MIN_ELEMENTS and stream_count() > 1
     pieces = row_pieces(weight.shape[0], weight.shape[1], True, split)
     x32 = x.astype(mx.float32)
     parts = on_streams(lambda i, s: mx.matmul(x32, weight[pieces[i][0]:pieces[i][1]].astype(mx.float32, stream=s).T,
@@ -152,17 +157,26 @@ def float32_product(weight: mx.array, x: mx.array) -> mx.array:
 def cpu_float_product(weight: mx.array, x: mx.array, lean_ok: bool = False) -> mx.array:
     """x float[..., in] @ weight[out, in].T: with `lean_ok` (inference, not tracing) a 16-bit
     weight's product over at most qmv.MAX_ROWS rows by pg_edge's compiled matvec when built,
-    over DENSE_ROWS+ rows in float32 (`float32_product`); other decode-sized x split over the
-    CPU streams."""
+    over DENSE_ROWS+ rows in float32 (`float32_product`), and a float32 weight's many-row
+    products split over the CPU streams; other decode-sized x split over the CPU streams."""
     rows = x.size // x.shape[-1]
     if lean_ok and rows <= qmv.MAX_ROWS and qmv.supports_float(weight, x):
         # decode: bf16/fp16 weights read near the memory bandwidth, on all cores itself
         return qmv.float_product(weight, x)
     if lean_ok and rows >= DENSE_ROWS and weight.dtype in (mx.bfloat16, mx.float16):
-        if weight.size >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and weight.ndim == 2 and qmv.bf16_prefill():
-            # prefill in bf16 on AMX tiles (pg_edge.cpu.qmv): x rounded, sums in float32
+        if (weight.size >= BF16_MIN_ELEMENTS and x.dtype == mx.float32 and weight.ndim == 2
+                and qmv.bf16_prefill(weight)):
+            # prefill in bf16 on AMX tiles (pg_edge.cpu.qmv): x rounded, sums in float32; or in
+            # int16 on AVX2 (qmm_int16.cpp)
             return qmv.bf16_float_product(mx.contiguous(weight), x)
         return float32_product(weight, x)
+    if (lean_ok and rows >= DENSE_ROWS and weight.dtype == mx.float32 and weight.ndim == 2
+            and weight.size >= DENSE_SPLIT_MIN_ELEMENTS and stream_count() > 1):
+        # a float32 model's prefill: output rows over the CPU streams, one OpenBLAS thread each
+        streams = cpu_streams()
+        parts = [mx.matmul(x, weight[lo:hi].T, stream=streams[i % len(streams)])
+                 for i, (lo, hi) in enumerate(row_pieces(weight.shape[0], weight.shape[1], False, True))]
+        return mx.concatenate(parts, axis=-1)
     if rows >= SPLIT_MAX_ROWS_FLOAT or weight.size < SPLIT_MIN_ELEMENTS or stream_count() == 1:
         return x @ weight.T
     streams = cpu_streams()

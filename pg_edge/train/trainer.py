@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..blas import all_cores
 from ..checkpoint.atomic import atomic_file
 from ..errors import PgEdgeError
 from ..model.paligemma import PaliGemmaModel
@@ -239,14 +240,17 @@ class Trainer:
                            f"{count_parameters(self.model):,} parameters ({self.spec.mode}"
                            f"{', vision frozen' if self.spec.freeze_vision else ''}) on "
                            f"{len(self.train_data)} examples, {self.world} process(es)")
-        while self.step < stop:
-            rec = self.train_step()
-            self._log(rec)
-            last = self.step == self.cfg.steps
-            if self.valid_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
-                self.validate()
-            if self.out is not None and (last or (self.cfg.save_every and self.step % self.cfg.save_every == 0)):
-                self.save()
+        # training's products stay whole (not split over the CPU streams): OpenBLAS's threads
+        # use the cores (pg_edge/blas.py)
+        with all_cores():
+            while self.step < stop:
+                rec = self.train_step()
+                self._log(rec)
+                last = self.step == self.cfg.steps
+                if self.valid_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                    self.validate()
+                if self.out is not None and (last or (self.cfg.save_every and self.step % self.cfg.save_every == 0)):
+                    self.save()
         return self.history
 
     def validate(self) -> dict | None:

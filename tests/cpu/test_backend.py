@@ -122,17 +122,28 @@ def test_split_product_equals_the_whole(monkeypatch, streams, rows):
     """Split over CPU streams (and dense pieces): the same numbers as one MLX product."""
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", streams)
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     monkeypatch.setattr(products, "DENSE_PIECE_ELEMENTS", 40 * 128)  # 3 pieces of the 96 rows
+    splits = []
+    row_pieces = products.row_pieces
+    def spy(out_rows, in_size, dense, split):
+        splits.append(split)
+        return row_pieces(out_rows, in_size, dense, split)
+
+    monkeypatch.setattr(products, "row_pieces", spy)
     layer = quantized_linear(4)
     x = mx.random.normal((1, rows, 128))
     want = np.array(layer(x))
     cpu.apply(layer, "cpu")
     np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
-    lin = nn.Linear(128, 96)
+    lin = nn.Linear(128, 96)  # float32: a float32 model's prefill is split too (inference)
     want = np.array(lin(x))
     cpu.apply(lin, "cpu")
+    lin.eval()
     assert type(lin) is products.CpuLinear
     np.testing.assert_allclose(np.array(lin(x)), want, rtol=1e-5, atol=1e-5)
+    if streams != "1" and rows >= products.DENSE_ROWS:  # both prefill products were split
+        assert splits.count(True) == 2, splits
 
 
 def test_split_runs_inside_the_worker_thread(monkeypatch, converted):
@@ -145,6 +156,7 @@ def test_split_runs_inside_the_worker_thread(monkeypatch, converted):
     whole = pg_edge.load(folder).generate(image, "caption en", max_tokens=6).tokens
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", "2")
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     pg = pg_edge.load(folder)
     assert any(type(m) is products.CpuLinear for _, m in pg.model.named_modules())
     assert pg.generate(image, "caption en", max_tokens=6).tokens == whole

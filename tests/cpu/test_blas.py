@@ -97,3 +97,34 @@ def test_bench_scripts_load_the_blas_before_mlx():
         if pg is not None and mlx is not None and mlx < pg:
             late.append(script.name)
     assert late == []
+
+
+def threads_in_child(**env) -> int | None:
+    """blas.threads() of a fresh interpreter after `import pg_edge`, with `env` set and the
+    thread-count variables otherwise unset."""
+    base = {k: v for k, v in os.environ.items() if k not in blas.THREAD_VARS}
+    code = "import pg_edge, pg_edge.blas as b; print(b.threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**base, "LD_PRELOAD": "", "PG_EDGE_BLAS": "", **env}, check=True)
+    last = out.stdout.split()[-1]
+    return None if last == "None" else int(last)
+
+
+@pytest.mark.skipif(blas.find() is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs an OpenBLAS and two cores")
+def test_openblas_runs_one_thread_per_call_unless_the_user_chose():
+    """pg_edge splits its products over one stream per core; OpenBLAS's own threads on top
+    double-booked the cores (docs/performance.md, "One OpenBLAS thread per stream")."""
+    assert threads_in_child() == 1
+    assert threads_in_child(OPENBLAS_NUM_THREADS="2") == 2
+    assert threads_in_child(OMP_NUM_THREADS="2") == 2
+    assert threads_in_child(PG_EDGE_BLAS="off") is None
+
+
+@pytest.mark.skipif(blas.threads() is None, reason="OpenBLAS is not this process's BLAS")
+def test_all_cores_gives_training_every_core_and_restores():
+    before = blas.threads()
+    with blas.all_cores():
+        if not any(os.environ.get(v) for v in blas.THREAD_VARS):
+            assert blas.threads() == len(os.sched_getaffinity(0))
+    assert blas.threads() == before

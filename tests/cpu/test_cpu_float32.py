@@ -16,8 +16,9 @@ from pg_edge.benchmark import bench_image
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_float32_product_is_the_float32_product_in_the_input_dtype(monkeypatch, streams, dtype):
     monkeypatch.setenv("PG_EDGE_CPU_STREAMS", streams)
-    monkeypatch.setattr(qmv, "bf16_prefill", lambda: False)  # the float32 GEMM (AMX: test_bf16_gemm.py)
+    monkeypatch.setattr(qmv, "bf16_prefill", lambda *a, **k: False)  # the float32 GEMM (AMX: test_bf16_gemm.py)
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     monkeypatch.setattr(products, "DENSE_PIECE_ELEMENTS", 40 * 128)  # 3 pieces of the 96 rows
     lin = nn.Linear(128, 96)
     lin.set_dtype(dtype)
@@ -41,6 +42,7 @@ def test_float32_product_is_the_float32_product_in_the_input_dtype(monkeypatch, 
 
 def test_decode_rows_stay_16_bit(monkeypatch):
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     lin = nn.Linear(64, 48)
     lin.set_dtype(mx.bfloat16)
     cpu.apply(lin, "cpu")

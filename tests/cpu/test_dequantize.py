@@ -79,7 +79,7 @@ def dense_layer(n, k, bits, gs):
 
 @pytest.mark.parametrize("bits,gs", [(4, 64), (8, 32)])
 def test_prefill_takes_it_and_gives_the_same_product(ext, monkeypatch, bits, gs):
-    monkeypatch.setattr(qmv, "bf16_prefill", lambda: False)  # the float32 GEMM (AMX: test_bf16_gemm.py)
+    monkeypatch.setattr(qmv, "bf16_prefill", lambda *a, **k: False)  # the float32 GEMM (AMX: test_bf16_gemm.py)
     monkeypatch.setattr(qmv, "int8_prefill", lambda layer, x: False)  # (the int8 GEMM: test_qmv_int8.py)
     calls = []
     real = qmv.dequantize

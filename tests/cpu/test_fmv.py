@@ -105,6 +105,7 @@ def counted(monkeypatch):
 
 def test_backend_takes_it_for_16_bit_decode_only(ext, monkeypatch):
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)  # cpu.apply leaves small layers plain
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     calls = counted(monkeypatch)
     lin = nn.Linear(256, 96)
     lin.set_dtype(mx.bfloat16)
@@ -133,6 +134,7 @@ def test_backend_takes_it_for_16_bit_decode_only(ext, monkeypatch):
 
 def test_tied_head_takes_it(ext, monkeypatch):
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     calls = counted(monkeypatch)
     emb = nn.Embedding(1000, 64)
     emb.set_dtype(mx.float16)
@@ -151,6 +153,7 @@ def test_bf16_model_greedy_decode_same_tokens_with_and_without(ext, converted, m
     folder = converted(version=2, dtype="bfloat16")
     # every layer swapped for its CPU variant (at real widths all are: 2M+ weight elements)
     monkeypatch.setattr(products, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(products, "DENSE_SPLIT_MIN_ELEMENTS", 1)
     pg = pg_edge.load(folder)
     if cpu.policy() != "cpu":
         pytest.skip("the CPU variants are swapped in on the CPU backend only")

@@ -170,42 +170,90 @@ def test_avx2_kernel_agrees(vnni, tmp_path):
         assert 1e-5 < np.abs(a - want).max() / np.abs(want).max() < 0.01, f.name  # x rounded, by little
 
 
-# ------------------------------------------------------------------ prefill: the int8 GEMM (qmm_int8.cpp)
+# ------------------------------------------------------------------ prefill: the int8 GEMMs
+# qmm_int8.cpp (AVX512-VNNI) and qmm_int8_avx2.cpp (AVX2; run here under PG_EDGE_QMV_SIMD=avx2 too)
 
 @pytest.fixture(scope="module")
-def vnni512(vnni):
-    if vnni.decode_kernel() != "int8 on AVX512-VNNI":
-        pytest.skip("this CPU has no AVX512-VNNI: many-row 4-bit products take the float32 GEMM (or AMX)")
+def gemm(vnni):
+    """The module, where this CPU runs an int8 GEMM for many rows (AVX512-VNNI or AVX2)."""
     return vnni
 
 
-@pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("M,N", [(9, 1024), (17, 1000), (40, 520), (64, 2304)])
-def test_many_rows_within_the_rounding_of_x(vnni512, gs, M, N):
-    """Prefill-sized x (more rows than the matvec's 8): panels of 32 weight rows (N % 32 tails),
-    tiles of 6 x rows (M % 6 tails), each output within the bound of x's rounding."""
-    K = 2304
-    _, wq, s, b = quantized(N, K, gs, 4, mx.bfloat16, seed=gs * M + N)
-    x = np.random.default_rng(N).standard_normal((M, K)).astype(np.float32)
-    x[:, gs:2 * gs] *= 30
-    got = np.array(vnni512.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+MANY_ROWS = [(9, 1024), (10, 1007), (17, 1000), (40, 520), (64, 2304)]
+
+
+def check_many_rows(got: np.ndarray, x: np.ndarray, wq, s, b, gs: int, one: np.ndarray) -> None:
+    """got [M, N]: within the bound of x's rounding, rounded at all, and rows 0-2 the same
+    numbers as the matvec's (`one`: the same rounding and integer sums)."""
     want = exact(x, wq, s, b, gs, 4)
     err = np.abs(got - want)
     assert (err <= rounding_bound(x, wq, s, b, gs) * 1.001 + 1e-4 * np.abs(want).max()).all()
     assert err.max() > 1e-5 * np.abs(want).max()  # rounded: the int8 GEMM ran
-    # the same rounding and integer sums as the matvec: row by row, the same numbers
-    one = np.array(vnni512.quantized_matvec(mx.array(x[:3]), wq, s, b, gs, 4), dtype=np.float64)
     np.testing.assert_allclose(got[:3], one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
 
 
-def test_prefill_takes_it_without_amx(vnni512, monkeypatch):
+def many_rows_case(gs: int, M: int, N: int):
+    K = 2304
+    _, wq, s, b = quantized(N, K, gs, 4, mx.bfloat16, seed=gs * M + N)
+    x = np.random.default_rng(N).standard_normal((M, K)).astype(np.float32)
+    x[:, gs:2 * gs] *= 30
+    return x, wq, s, b
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("M,N", MANY_ROWS)
+def test_many_rows_within_the_rounding_of_x(gemm, gs, M, N):
+    """Prefill-sized x (more rows than the matvec's 8): panels of 32 (VNNI) or 16 (AVX2) weight
+    rows, with N's tails; tiles of 6 or 3 x rows, with M's tails; each output within the bound
+    of x's rounding."""
+    x, wq, s, b = many_rows_case(gs, M, N)
+    got = np.array(gemm.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+    one = np.array(gemm.quantized_matvec(mx.array(x[:3]), wq, s, b, gs, 4), dtype=np.float64)
+    check_many_rows(got, x, wq, s, b, gs, one)
+
+
+MANY_CODE = """
+import sys
+import mlx.core as mx, numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_qmv_int8 import MANY_ROWS, many_rows_case
+from pg_edge.cpu import qmv
+m = qmv.module()
+print(m.decode_kernel())
+for gs in (32, 64, 128):
+    for M, N in MANY_ROWS:
+        x, wq, s, b = many_rows_case(gs, M, N)
+        np.save(sys.argv[1] + f"/{gs}_{M}_{N}.npy", np.array(m.quantized_matvec(mx.array(x), wq, s, b, gs, 4)))
+        np.save(sys.argv[1] + f"/{gs}_{M}_{N}_one.npy", np.array(m.quantized_matvec(mx.array(x[:3]), wq, s, b, gs, 4)))
+"""
+
+
+def test_avx2_gemm_within_the_rounding_of_x(gemm, tmp_path):
+    """The AVX2 GEMM (int16 runs of eight quads, tiles of 3 rows) on a CPU that would take the
+    VNNI one: capped by PG_EDGE_QMV_SIMD=avx2 in a child process."""
+    if gemm.decode_kernel() == "int8 on AVX2":
+        pytest.skip("this CPU runs the AVX2 GEMM itself: test_many_rows_within_the_rounding_of_x covers it")
+    env = dict(os.environ, PG_EDGE_QMV_SIMD="avx2")
+    env.pop("PG_EDGE_QMV", None)
+    out = subprocess.run([sys.executable, "-c", MANY_CODE, str(tmp_path), os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "int8 on AVX2"
+    for gs in (32, 64, 128):
+        for M, N in MANY_ROWS:
+            x, wq, s, b = many_rows_case(gs, M, N)
+            got = np.load(tmp_path / f"{gs}_{M}_{N}.npy").astype(np.float64)
+            check_many_rows(got, x, wq, s, b, gs, np.load(tmp_path / f"{gs}_{M}_{N}_one.npy").astype(np.float64))
+
+
+def test_prefill_takes_it_without_amx(gemm, monkeypatch):
     """A 4-bit layer's many-row product goes to the int8 GEMM when the CPU has no AMX (here:
     bf16_prefill off); 8-bit layers, decode, training and tracing do not."""
     from pg_edge.cpu import products, streams
     import mlx.nn as nn
 
-    monkeypatch.setattr(qmv, "bf16_prefill", lambda: False)
-    monkeypatch.setitem(qmv._state, "int8_prefill", True)
+    monkeypatch.setattr(qmv, "bf16_prefill", lambda *a, **k: False)
+    monkeypatch.setattr(qmv, "amx_prefill", lambda: False)
+    monkeypatch.setitem(qmv._state, "int8_prefill", gemm.decode_kernel().removeprefix("int8 on "))
     calls = []
     real = qmv.product
     monkeypatch.setattr(qmv, "product", lambda layer, x: calls.append(x.shape[-2]) or real(layer, x))
@@ -230,11 +278,11 @@ def test_prefill_takes_it_without_amx(vnni512, monkeypatch):
     assert calls == []
 
 
-def test_many_rows_with_inf_take_the_float32_kernel(vnni512):
+def test_many_rows_with_inf_take_the_float32_kernel(gemm):
     _, wq, s, b = quantized(1024, 1024, 64, 4, mx.float32, seed=11)
     x = np.random.default_rng(3).standard_normal((12, 1024)).astype(np.float32)
     x[7, 100] = -np.inf
-    got = np.array(vnni512.quantized_matvec(mx.array(x), wq, s, b, 64, 4))
+    got = np.array(gemm.quantized_matvec(mx.array(x), wq, s, b, 64, 4))
     want = np.array(mx.quantized_matmul(mx.array(x), wq, s, b, transpose=True, group_size=64, bits=4))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     finite = np.isfinite(want)

@@ -88,7 +88,7 @@ def kernel() -> str:
     if mod is None:
         return f"mlx (pg_edge qmv {_state['why']})"
     int8 = ", int8 4-bit decode" if int8_decode() else ""
-    bf16 = ", amx prefill" if bf16_prefill() else ""
+    bf16 = {"amx": ", amx prefill", "int16": ", int16 prefill"}.get(_prefill16(), "")
     return f"pg_edge qmv ({mod.simd()}{int8}{bf16}, {mod.threads()} threads)"
 
 
@@ -104,50 +104,75 @@ def int8_decode() -> bool:
 
 def int8_prefill(layer, x: mx.array) -> bool:
     """Whether the many-row (prefill) product of `layer` by x runs on the module's int8 GEMM
-    (qmm_int8.cpp): no AMX prefill, AVX512-VNNI, 4-bit affine weights with K a multiple of 128,
-    PG_EDGE_PREFILL not float32 / off (PG_EDGE_PREFILL=int8 picks it over AMX)."""
-    return (_int8_gemm() and not bf16_prefill() and getattr(layer, "mode", "affine") == "affine"
+    (qmm_int8.cpp on AVX512-VNNI, K a multiple of 128; qmm_int8_avx2.cpp on AVX2, K a multiple
+    of 64): no AMX prefill, 4-bit affine weights, PG_EDGE_PREFILL not float32 / off
+    (PG_EDGE_PREFILL=int8 picks it over AMX)."""
+    return (_int8_gemm() is not None and not amx_prefill() and getattr(layer, "mode", "affine") == "affine"
             and layer.bits == 4 and layer.group_size in GROUP_SIZES and "biases" in layer
-            and x.shape[-1] % 128 == 0)
+            and x.shape[-1] % (128 if _int8_gemm() == "AVX512-VNNI" else 64) == 0)
 
 
-def _int8_gemm() -> bool:
-    """Whether the module's int8 GEMM may run: built, AVX512-VNNI, PG_EDGE_PREFILL not float32 / off."""
+def _int8_gemm() -> str | None:
+    """The instructions the module's int8 GEMM runs on ("AVX512-VNNI" or "AVX2"), or None when it
+    may not run: not built, neither, PG_EDGE_DECODE=float32, PG_EDGE_PREFILL float32 / off."""
     if "int8_prefill" not in _state:
         mod = module()
         env = os.environ.get("PG_EDGE_PREFILL", "").lower()
-        _state["int8_prefill"] = (mod is not None and env not in ("float32", "off", "0")
-                                  and mod.decode_kernel() == "int8 on AVX512-VNNI")
+        kernel = None if mod is None else mod.decode_kernel()
+        _state["int8_prefill"] = (kernel.removeprefix("int8 on ") if env not in ("float32", "off", "0")
+                                  and kernel in ("int8 on AVX512-VNNI", "int8 on AVX2") else None)
     return _state["int8_prefill"]
 
 
-def bf16_prefill() -> bool:
-    """Whether many-row products of 16-bit and quantized weights run on the module's bfloat16
-    AMX kernel (the module built, the CPU and OS able, PG_EDGE_PREFILL not float32)."""
+def _prefill16() -> str:
+    """The module's kernel for many-row products of 16-bit (and quantized) weights: "amx"
+    (bfloat16 on AMX tiles), "int16" (qmm_int16.cpp: AVX2 CPUs without AVX512-VNNI), or "none"
+    (not built, neither, PG_EDGE_PREFILL float32 / off; int8 turns AMX off)."""
     if "bf16" not in _state:
         mod = module()
-        _state["bf16"] = mod is not None and mod.bf16_kernel() != "none"
+        _state["bf16"] = "none" if mod is None else mod.bf16_kernel()
     return _state["bf16"]
+
+
+def amx_prefill() -> bool:
+    """Whether many-row products of 16-bit and quantized weights run in bfloat16 on AMX tiles."""
+    return _prefill16() == "amx"
+
+
+def bf16_prefill(weight: mx.array | None = None, layer=None) -> bool:
+    """Whether a many-row product runs on the module's bf16_matmul primitives: on AMX every
+    16-bit and quantized weight; on the int16 kernel (AVX2 without VNNI) 16-bit weights of K a
+    multiple of 16 and 8-bit ones (4-bit weights take the int8 GEMM there). With neither
+    argument: whether the primitives run here at all."""
+    kind = _prefill16()
+    if kind == "amx" or kind == "none":
+        return kind == "amx"
+    if layer is not None:
+        return layer.bits == 8
+    return weight is None or weight.shape[-1] % 16 == 0
 
 
 def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
-    if bf16_prefill():
+    if amx_prefill():
         return "bfloat16 on AMX tiles (pg_edge qmv)"
-    if _int8_gemm():
-        return "int8 on AVX512-VNNI for 4-bit weights (pg_edge qmv), float32 BLAS GEMM for the rest"
+    int16 = "int16 on AVX2 for 16-bit and 8-bit weights, " if _prefill16() == "int16" else ""
+    if _int8_gemm() is not None:
+        rest = "" if int16 else ", float32 BLAS GEMM for the rest"
+        return f"{int16}int8 on {_int8_gemm()} for 4-bit weights (pg_edge qmv){rest}"
     return "float32 BLAS GEMM"
 
 
 def bf16_float_product(weight: mx.array, x: mx.array) -> mx.array:
-    """x float32 [..., in] @ weight[out, in].T (bfloat16 / float16, row-contiguous) -> float32,
-    x rounded to bf16, on AMX tiles (call when `bf16_prefill()`)."""
+    """x float32 [..., in] @ weight[out, in].T (bfloat16 / float16, row-contiguous) -> float32:
+    x rounded to bf16 on AMX tiles, or weight and x rounded to int16 per block of 64 (call when
+    `bf16_prefill(weight)`)."""
     return module().bf16_matmul(x, weight)
 
 
 def bf16_quantized_product(layer, x: mx.array) -> mx.array:
-    """x float32 [..., in] @ dequantize(layer).T -> float32 [..., out], in bf16 on AMX tiles
-    (call when `bf16_prefill()` and `dequantizes(layer, ...)`)."""
+    """x float32 [..., in] @ dequantize(layer).T -> float32 [..., out], in bf16 on AMX tiles or
+    (8 bits) in int16 (call when `bf16_prefill(layer=layer)` and `dequantizes(layer, ...)`)."""
     return module().bf16_quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"],
                                           layer.group_size, layer.bits)
 

@@ -26,6 +26,7 @@
 #include "bf16_kernels.h"
 #include "dq.h"
 #include "pool.h"
+#include "qmv_int8.h"
 
 #ifdef QMV_BF16
 #include <cpuid.h>
@@ -126,8 +127,38 @@ bool detect() {
 #endif
 }
 
-// Runs the product of `j` (its x still float32 in `x`): packs x, then the weight rows over the pool.
+// The product of `j` in float32, one output at a time: what runs where the int16 kernel cannot
+// (x holding inf / NaN, which no rounding to integers keeps; a weight it does not take).
+void run_exact(const Job& j, const float* x) {
+  std::vector<float> w(j.K);
+  const int per = 32 / std::max(j.bits, 1);
+  for (int n = 0; n < j.N; ++n) {
+    if (j.w16 != nullptr) {
+      load_floats(j.w16, j.fp16 ? float16 : bfloat16, static_cast<size_t>(n) * j.K, j.K, w.data());
+    } else {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(j.wq) + static_cast<size_t>(n) * j.K / per;
+      for (int k = 0; k < j.K; ++k) {
+        const uint32_t q = (words[k / per] >> (j.bits * (k % per))) & ((1u << j.bits) - 1);
+        const size_t g = static_cast<size_t>(n) * (j.K / j.gs) + k / j.gs;
+        w[k] = to_float(j.scales, j.sdt, g) * static_cast<float>(q) + to_float(j.biases, j.sdt, g);
+      }
+    }
+    for (int m = 0; m < j.M; ++m) {
+      const float* xr = x + static_cast<size_t>(m) * j.K;
+      float acc = 0.f;
+      for (int k = 0; k < j.K; ++k) acc += xr[k] * w[k];
+      j.out[static_cast<size_t>(m) * j.N + n] = acc;
+    }
+  }
+}
+
+// Runs the product of `j` (its x still float32 in `x`): on AMX, packs x, then the weight rows over
+// the pool; elsewhere in int16 (qmm_int16.cpp).
 void run(Job j, const float* x) {
+  if (!bf16_available()) {
+    if (!int16_run(j, x)) run_exact(j, x);
+    return;
+  }
 #ifdef QMV_BF16
   j.Mp = (j.M + 15) / 16 * 16;
   j.Kp = (j.K + 31) / 32 * 32;
@@ -156,7 +187,9 @@ const float* x_rows(const array& x, std::vector<float>& keep) {
 }
 
 void check(const array& x, int K, Stream stream) {
-  if (!bf16_available()) throw std::runtime_error("[bf16_matmul] this CPU or OS does not run AMX (bf16_available())");
+  if (std::string(bf16_kernel()) == "none") {
+    throw std::runtime_error("[bf16_matmul] this CPU or OS runs neither AMX nor the int16 kernel (bf16_kernel())");
+  }
   if (x.ndim() < 1 || x.shape(-1) != K) {
     throw std::invalid_argument("[bf16_matmul] x [..., K] does not match the weight");
   }
@@ -205,7 +238,8 @@ bool bf16_available() {
 }
 
 const char* bf16_kernel() {
-  return bf16_available() ? "amx" : "none";
+  if (bf16_available()) return "amx";
+  return int16_available() && int8_level() == 1 ? "int16" : "none";
 }
 
 void Bf16Matmul::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {

@@ -12,11 +12,19 @@ namespace pg_edge {
 // OS's permission to use the tile registers; PG_EDGE_PREFILL=float32 or int8 (or PG_EDGE_QMV_SIMD below
 // avx512) turns them off.
 bool bf16_available();
-// The kernel in words: "amx" or "none".
+// The kernel in words: "amx"; "int16" where bf16_available() is false but the CPU runs AVX2 and
+// not AVX512-VNNI (int8_level() == 1: qmm_int16.cpp takes 16-bit and 8-bit weights, whose K fits
+// its blocks); or "none".
 const char* bf16_kernel();
 
+// qmm_int16.cpp: whether its int16 GEMM may run (AVX2 + F16C, PG_EDGE_PREFILL not float32 / off),
+// and whether it takes a weight of K columns (affine: 8 bits, gs | K; 16-bit floats: 16 | K).
+bool int16_available();
+bool int16_applies(int K, bool affine, int gs, int bits);
+
 // x float32 [..., K] @ w.T -> float32 [..., N], w bfloat16 / float16 [N, K] (row-contiguous); x
-// rounded to bfloat16, products summed in float32 (call when bf16_available()).
+// rounded to bfloat16, products summed in float32, on AMX; or in int16 (qmm_int16.cpp) where
+// bf16_kernel() is "int16" (call when it is not "none").
 mlx::core::array bf16_matmul(const mlx::core::array& x, const mlx::core::array& w,
                              mlx::core::StreamOrDevice s = {});
 

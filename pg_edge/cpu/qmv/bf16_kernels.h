@@ -77,4 +77,8 @@ void rows_amx(const Job& j, int lo, int hi);
 
 #endif
 
+// The whole product of j in int16 (qmm_int16.cpp), x float32 [M, K]; false (j.out untouched)
+// when it does not apply (int16_applies) or x holds inf / NaN.
+bool int16_run(const Job& j, const float* x);
+
 }  // namespace pg_edge::bf16

@@ -321,8 +321,10 @@ void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<arr
     // large weights on AVX512-VNNI: x in int8 (qmv_int8.cpp), unless x holds inf / NaN
     const Int8Product ip{M, N, K, gs, bits, xs.data(), w.data<uint32_t>(), scales.data<void>(),
                          biases.data<void>(), scales.dtype()};
-    const bool many = M > 8 && int8_level() == 2;  // prefill: the GEMM layout (qmm_int8.cpp)
-    if (!int8 || !int8_applies(ip) || !(many ? int8_matmul(ip, res) : int8_matvec(ip, res))) {
+    // prefill: the GEMM layouts (qmm_int8.cpp on AVX512-VNNI, qmm_int8_avx2.cpp on AVX2)
+    const bool many = M > 8;
+    const auto gemm = [&] { return int8_level() == 2 ? int8_matmul(ip, res) : int8_matmul_avx2(ip, res); };
+    if (!int8 || !int8_applies(ip) || !(many ? gemm() : int8_matvec(ip, res))) {
       Job j{M, N, K, gs, bits, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
             scales.dtype(), {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
       prepare_x(j, std::move(xs));

@@ -44,4 +44,8 @@ bool int8_matvec(const Int8Product& p, float* out);
 // (false, out untouched, elsewhere or when x holds inf / NaN).
 bool int8_matmul(const Int8Product& p, float* out);
 
+// The same on AVX2 (qmm_int8_avx2.cpp): int8_level() >= 1, gs a multiple of 32 (false, out
+// untouched, otherwise or when x holds inf / NaN).
+bool int8_matmul_avx2(const Int8Product& p, float* out);
+
 }  // namespace pg_edge
