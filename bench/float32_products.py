@@ -12,7 +12,8 @@ matvec on one stream and split over two, against casting the weight to float32 p
 compiled module's dequantization of one piece and its tanh GELU against MLX's; and, on a CPU with
 AMX, the compiled module's bfloat16 products of the bf16 and 4-bit weights on its tiles
 (pg_edge.cpu.qmv, bf16_gemm.cpp); on a CPU with AVX512-VNNI, its int8 GEMM of the 4-bit weight
-(qmm_int8.cpp: what prefill runs there without AMX).
+(qmm_int8.cpp: what prefill runs there without AMX); and without AMX the int16 GEMM of
+the bf16 weight and its 8-bit version (qmm_int16.cpp), and on AVX2 the int8 GEMM (qmm_int8_avx2.cpp).
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
 from __future__ import annotations
@@ -78,8 +79,9 @@ def main() -> None:
                  ("4-bit weight, pg_edge AMX tiles", lambda: qmv.module().bf16_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
     if qmv.module() is not None and qmv.module().bf16_kernel() == "int16":
         wq8, sc8, bi8 = mx.quantize(w.astype(mx.float32), group_size=64, bits=8)
-        rows += [("bf16 weight, pg_edge int16 GEMM (AVX2)", lambda: qmv.module().bf16_matmul(x32, w), 3),
-                 ("8-bit weight, pg_edge int16 GEMM (AVX2)",
+        which = qmv.module().int16_kernel().removeprefix("int16 on ")
+        rows += [(f"bf16 weight, pg_edge int16 GEMM ({which})", lambda: qmv.module().bf16_matmul(x32, w), 3),
+                 (f"8-bit weight, pg_edge int16 GEMM ({which})",
                   lambda: qmv.module().bf16_quantized_matmul(x32, wq8, sc8, bi8, 64, 8), 3)]
     if qmv.module() is not None and qmv.module().decode_kernel() in ("int8 on AVX512-VNNI", "int8 on AVX2"):
         which = qmv.module().decode_kernel().removeprefix("int8 on ")

@@ -10,8 +10,9 @@ runs its pieces side by side (measurements: docs/performance.md). Decode-sized p
 (quantized, and of bf16/fp16 weights) take pg_edge's compiled matvecs instead when they are
 built (pg_edge.cpu.qmv), and on a CPU with AMX the many-row products of 16-bit and quantized
 weights of BF16_MIN_ELEMENTS+ take its bfloat16 tile kernel (x rounded to bf16, sums in float32);
-without AMX, on AVX512-VNNI, those of 4-bit weights take its int8 GEMM (x rounded to int8 per group). The variants keep the stored weights (the pieces are views) and only
-change how the product is computed; the output dtype of a quantized product always equals the
+without AMX those of 4-bit weights take its int8 GEMM (x rounded to int8 per group) and those of
+16-bit and 8-bit weights its int16 GEMM (AVX512-VNNI or AVX2). The variants keep the stored
+weights (the pieces are views) and only change how the product is computed; the output dtype of a quantized product always equals the
 input dtype, as on Metal; an unquantized one's is promote(x, weight), as `x @ weight.T`.
 """
 from __future__ import annotations
@@ -39,12 +40,14 @@ SPLIT_MIN_ELEMENTS = 2 * 2**20
 # (pg_edge/blas.py), so an unsplit GEMM would use one core (SigLIP's 1152 x 1152 projections).
 DENSE_SPLIT_MIN_ELEMENTS = 2**18
 # Weights from this many elements take the compiled bfloat16 kernel for their many-row products
-# when the CPU has AMX (pg_edge.cpu.qmv.bf16_prefill): it needs no pieces, and
+# when the CPU has AMX, or the int8 / int16 GEMMs without it (pg_edge.cpu.qmv.bf16_prefill,
+# int8_prefill): they need no pieces, and
 # a smaller weight (the demo model's) gains little over the float32 GEMM, which keeps its output
 # the same on every x86 CPU.
 BF16_MIN_ELEMENTS = 2**20
-# Unquantized weights split only in products with fewer rows than this (decode): a training
-# step's backward pass through sliced weights would build full-size zero gradients per piece.
+# Outside inference's own paths (`lean_ok`), unquantized weights split only in products with
+# fewer rows than this (decode): a training step's backward pass through sliced weights would
+# build full-size zero gradients per piece. Inference splits its many-row products too.
 SPLIT_MAX_ROWS_FLOAT = DENSE_ROWS
 
 

@@ -1,8 +1,8 @@
 """pg_edge's int16 GEMM (pg_edge/cpu/qmv/qmm_int16.cpp): the many-row (prefill) products of
-bf16 / fp16 and 8-bit weights on AVX2 CPUs without AVX512-VNNI or AMX, weight and x rounded to
-integers per block, sums in int32. On a CPU with AVX512-VNNI or AMX the kernel runs here in a
-child process capped by PG_EDGE_QMV_SIMD=avx2 and PG_EDGE_PREFILL=int8; without AVX2 these tests
-say so in their skip."""
+bf16 / fp16 and 8-bit weights on CPUs without AMX, weight and x rounded to integers per block,
+sums in int32, by VPDPWSSD (AVX512-VNNI) or VPMADDWD (AVX2). Both run here in child processes:
+PG_EDGE_PREFILL=int8 turns AMX off, PG_EDGE_QMV_SIMD=avx2 caps the CPU to AVX2; without AVX2
+these tests say so in their skip."""
 from __future__ import annotations
 
 import os
@@ -94,20 +94,23 @@ for i, (kind, M, N, K, gs) in enumerate(CASES):
 """
 
 
-@pytest.fixture(scope="module")
-def outputs(ext, tmp_path_factory):
-    """{case index or "inf": output} from the int16 GEMM: in this process where it is this CPU's
-    prefill kernel, else in a child process capped to AVX2 without AMX."""
+@pytest.fixture(scope="module", params=["avx2", "this CPU"])
+def outputs(ext, tmp_path_factory, request):
+    """{case index or "inf": output} from the int16 GEMM in a child process without AMX: capped
+    to AVX2 (VPMADDWD), or at this CPU's level (VPDPWSSD where it has AVX512-VNNI)."""
     if ext.simd() == "portable":
         pytest.skip("this CPU has no AVX2: prefill takes the float32 GEMM")
     d = tmp_path_factory.mktemp("int16")
-    env = dict(os.environ)
-    if ext.bf16_kernel() != "int16":
-        env.update(PG_EDGE_QMV_SIMD="avx2", PG_EDGE_PREFILL="int8")
+    env = dict(os.environ, PG_EDGE_PREFILL="int8")
     env.pop("PG_EDGE_QMV", None)
+    env.pop("PG_EDGE_QMV_SIMD", None)
+    if request.param == "avx2":
+        env["PG_EDGE_QMV_SIMD"] = "avx2"
     out = subprocess.run([sys.executable, "-c", CHILD, str(d), os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, check=True).stdout
-    assert out.startswith("int16 | int16 on AVX2 for 16-bit and 8-bit weights, int8 on AVX2 for 4-bit weights")
+    kernel = "int16 on AVX2" if request.param == "avx2" else out.split(" | ")[1].split(" for ")[0]
+    assert kernel in ("int16 on AVX2", "int16 on AVX512-VNNI")
+    assert out.startswith(f"int16 | {kernel} for 16-bit and 8-bit weights, int8 on ")
     return {f.stem: np.load(f) for f in d.iterdir()}
 
 

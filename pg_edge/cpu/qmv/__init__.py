@@ -20,8 +20,10 @@ its tile unit instead of the float32 BLAS GEMM (bf16_gemm.cpp, amx.cpp: activati
 bfloat16, sums in float32; `PG_EDGE_PREFILL=float32` keeps the float32 GEMM). The decode
 matvec of large 4-bit weights rounds x to int8 per group and sums in int32 (qmv_int8.cpp, on
 AVX512-VNNI or AVX2: about twice the float32 kernel's speed; `PG_EDGE_DECODE=float32` keeps the
-float32 kernel); without AMX, on AVX512-VNNI, the prefill products of those weights run an int8
-GEMM (qmm_int8.cpp; `PG_EDGE_PREFILL=int8` picks it over AMX, `=float32` turns it off).
+float32 kernel); without AMX the prefill products of those weights run an int8 GEMM
+(qmm_int8.cpp on AVX512-VNNI, qmm_int8_avx2.cpp on AVX2), and those of 16-bit and 8-bit weights
+an int16 one (qmm_int16.cpp, the bf16 primitives' kernel there); `PG_EDGE_PREFILL=int8` picks
+these over AMX, `=float32` turns them all off.
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -126,8 +128,8 @@ def _int8_gemm() -> str | None:
 
 def _prefill16() -> str:
     """The module's kernel for many-row products of 16-bit (and quantized) weights: "amx"
-    (bfloat16 on AMX tiles), "int16" (qmm_int16.cpp: AVX2 CPUs without AVX512-VNNI), or "none"
-    (not built, neither, PG_EDGE_PREFILL float32 / off; int8 turns AMX off)."""
+    (bfloat16 on AMX tiles), "int16" (qmm_int16.cpp, where AMX is absent: AVX512-VNNI or AVX2),
+    or "none" (not built, neither, PG_EDGE_PREFILL float32 / off; int8 turns AMX off)."""
     if "bf16" not in _state:
         mod = module()
         _state["bf16"] = "none" if mod is None else mod.bf16_kernel()
@@ -141,8 +143,8 @@ def amx_prefill() -> bool:
 
 def bf16_prefill(weight: mx.array | None = None, layer=None) -> bool:
     """Whether a many-row product runs on the module's bf16_matmul primitives: on AMX every
-    16-bit and quantized weight; on the int16 kernel (AVX2 without VNNI) 16-bit weights of K a
-    multiple of 16 and 8-bit ones (4-bit weights take the int8 GEMM there). With neither
+    16-bit and quantized weight; on the int16 kernel (no AMX: AVX512-VNNI or AVX2) 16-bit
+    weights of K a multiple of 16 and 8-bit ones (4-bit weights take the int8 GEMM there). With neither
     argument: whether the primitives run here at all."""
     kind = _prefill16()
     if kind == "amx" or kind == "none":
@@ -156,7 +158,7 @@ def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
     if amx_prefill():
         return "bfloat16 on AMX tiles (pg_edge qmv)"
-    int16 = "int16 on AVX2 for 16-bit and 8-bit weights, " if _prefill16() == "int16" else ""
+    int16 = f"{module().int16_kernel()} for 16-bit and 8-bit weights, " if _prefill16() == "int16" else ""
     if _int8_gemm() is not None:
         rest = "" if int16 else ", float32 BLAS GEMM for the rest"
         return f"{int16}int8 on {_int8_gemm()} for 4-bit weights (pg_edge qmv){rest}"

@@ -26,7 +26,6 @@
 #include "bf16_kernels.h"
 #include "dq.h"
 #include "pool.h"
-#include "qmv_int8.h"
 
 #ifdef QMV_BF16
 #include <cpuid.h>
@@ -239,7 +238,7 @@ bool bf16_available() {
 
 const char* bf16_kernel() {
   if (bf16_available()) return "amx";
-  return int16_available() && int8_level() == 1 ? "int16" : "none";
+  return int16_available() ? "int16" : "none";
 }
 
 void Bf16Matmul::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {

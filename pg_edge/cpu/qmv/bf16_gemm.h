@@ -1,5 +1,6 @@
-// pg_edge's many-row products in bfloat16 (prefill, SigLIP's patches) for MLX's CPU backend, on
-// Intel AMX tiles (amx.cpp); bf16_gemm.cpp has the layout.
+// pg_edge's many-row products (prefill, SigLIP's patches) of 16-bit and quantized weights for MLX's
+// CPU backend: in bfloat16 on Intel AMX tiles (amx.cpp; bf16_gemm.cpp has the layout), or where AMX
+// is absent, for 16-bit and 8-bit weights, in int16 (qmm_int16.cpp).
 #pragma once
 
 #include "affine.h"
@@ -12,13 +13,16 @@ namespace pg_edge {
 // OS's permission to use the tile registers; PG_EDGE_PREFILL=float32 or int8 (or PG_EDGE_QMV_SIMD below
 // avx512) turns them off.
 bool bf16_available();
-// The kernel in words: "amx"; "int16" where bf16_available() is false but the CPU runs AVX2 and
-// not AVX512-VNNI (int8_level() == 1: qmm_int16.cpp takes 16-bit and 8-bit weights, whose K fits
-// its blocks); or "none".
+// The kernel in words: "amx"; "int16" where bf16_available() is false but int16_available()
+// (qmm_int16.cpp takes 16-bit and 8-bit weights whose K fits its blocks); or "none".
 const char* bf16_kernel();
 
-// qmm_int16.cpp: whether its int16 GEMM may run (AVX2 + F16C, PG_EDGE_PREFILL not float32 / off),
-// and whether it takes a weight of K columns (affine: 8 bits, gs | K; 16-bit floats: 16 | K).
+// qmm_int16.cpp: its level (2: AVX-512 with AVX512-VNNI, VPDPWSSD; 1: AVX2 + F16C, VPMADDWD; 0:
+// neither, or PG_EDGE_PREFILL float32 / off / 0; PG_EDGE_QMV_SIMD caps it as it caps the others),
+// that level in words ("int16 on AVX512-VNNI", "int16 on AVX2", "none"), whether it may run, and
+// whether it takes a weight of K columns (affine: 8 bits, gs | K; 16-bit floats: 16 | K).
+int int16_level();
+const char* int16_kernel();
 bool int16_available();
 bool int16_applies(int K, bool affine, int gs, int bits);
 

@@ -1,11 +1,13 @@
-// pg_edge's many-row (prefill) products of bfloat16 / float16 and 8-bit weights on AVX2 CPUs
-// without AMX or AVX512-VNNI (Intel since Haswell, AMD Zen 1-3), in int16 with int32 sums: the
-// fallback of bf16_gemm.cpp's primitives there (see bf16_gemm.h).
+// pg_edge's many-row (prefill) products of bfloat16 / float16 and 8-bit weights on CPUs without
+// AMX, in int16 with int32 sums: the kernel of bf16_gemm.cpp's primitives there (see
+// bf16_gemm.h). Level 1, AVX2 (Intel since Haswell, AMD Zen 1-3): VPMADDWD + VPADDD; level 2,
+// AVX512-VNNI (Intel Ice Lake / Cascade Lake, AMD Zen 4): VPDPWSSD on the same 256-bit vectors.
 //
 // out[m, n] = sum_b s_w[n, b] * sx[m, b] * (wq[n, b] . xq[m, b])  (+ bias[n, b] * sum(x[m, b]))
 //
 // Why: these CPUs multiply 16 int16 pairs in one VPMADDWD where an FMA does 8 float32 products,
-// and prefill is bound by those products (docs/performance.md, "Prefill in int16 on AVX2").
+// and prefill is bound by those products (docs/performance.md, "Prefill on AVX2 CPUs: int8 and
+// int16; int16 on AVX512-VNNI").
 // Blocks b of k: a quantized weight's own groups (gs), else 64 (the last one shorter when 64 does
 // not divide K; K a multiple of 16).
 //   8-bit affine weights: wq = the stored bytes q (exact), s_w = scale, plus the biases' term
@@ -17,7 +19,8 @@
 //
 // Layout: each thread takes its weight rows 16 at a time (a panel) as int16, k in pairs:
 // panel[p][r] = the weights of row r at k = 2p, 2p + 1 in one int32 lane. A tile of 6 x rows
-// runs over it: per pair, two panel vectors and one broadcast x pair per x row feed VPMADDWD;
+// runs over it: per pair, two panel vectors and one broadcast x pair per x row feed VPMADDWD
+// (or VPDPWSSD);
 // at each block's end the int32 sums become float32, times s_w * sx.
 #include <algorithm>
 #include <atomic>
@@ -31,7 +34,6 @@
 #include "common.h"
 #include "panel.h"
 #include "pool.h"
-#include "qmv_int8.h"
 
 #ifdef QMV_X86
 #include <immintrin.h>
@@ -127,44 +129,52 @@ Q16_ATTR void fill_row(const bf16::Job& j, int B, int n, int16_t* dst, float* sw
 }
 
 // x rows [m0, m0 + MT) against one panel ([K / 2][PANEL] int32 pairs; sw / bw [G][PANEL]):
-// out[m, n0 + r] for r < rows.
-template <int MT>
-Q16_ATTR void tile(const bf16::Job& j, const Rounded& x, int m0, int n0, int rows, const int32_t* panel,
-                   const float* sw, const float* bw, bool affine) {
-  const int B = x.B, G = (j.K + B - 1) / B;
-  alignas(32) float f[MT][PANEL] = {};
-  for (int g = 0; g < G; ++g) {
-    __m256i acc[MT][2];
-    for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
-    const int ppb = std::min(B, j.K - g * B) / 2;
-    const int32_t* pp = panel + static_cast<size_t>(g) * (B / 2) * PANEL;
-    for (int p = 0; p < ppb; ++p) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp + p * PANEL));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp + p * PANEL + 8));
-      for (int t = 0; t < MT; ++t) {
-        int32_t pair;
-        __builtin_memcpy(&pair, x.xq.data() + static_cast<size_t>(m0 + t) * j.K + g * B + 2 * p, 4);
-        const __m256i xb = _mm256_set1_epi32(pair);
-        acc[t][0] = _mm256_add_epi32(acc[t][0], _mm256_madd_epi16(w0, xb));
-        acc[t][1] = _mm256_add_epi32(acc[t][1], _mm256_madd_epi16(w1, xb));
-      }
-    }
-    for (int v = 0; v < 2; ++v) {
-      const __m256 s = _mm256_loadu_ps(sw + g * PANEL + 8 * v), b = _mm256_loadu_ps(bw + g * PANEL + 8 * v);
-      for (int t = 0; t < MT; ++t) {
-        const size_t i = static_cast<size_t>(m0 + t) * G + g;
-        __m256 y = _mm256_load_ps(f[t] + 8 * v);
-        y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), _mm256_mul_ps(s, _mm256_set1_ps(x.sx[i])), y);
-        if (affine) y = _mm256_fmadd_ps(b, _mm256_set1_ps(x.xsum[i]), y);
-        _mm256_store_ps(f[t] + 8 * v, y);
-      }
-    }
+// out[m, n0 + r] for r < rows. DOT(acc, w, xb) adds the pair products of w and xb to acc: on
+// AVX2 VPMADDWD + VPADDD, on AVX512-VNNI one VPDPWSSD (the same int32 sums).
+#define Q16_TILE(NAME, ATTR, DOT)                                                                                 \
+  template <int MT>                                                                                              \
+  ATTR void NAME(const bf16::Job& j, const Rounded& x, int m0, int n0, int rows, const int32_t* panel,          \
+                 const float* sw, const float* bw, bool affine) {                                                \
+    const int B = x.B, G = (j.K + B - 1) / B;                                                                    \
+    alignas(32) float f[MT][PANEL] = {};                                                                         \
+    for (int g = 0; g < G; ++g) {                                                                                \
+      __m256i acc[MT][2];                                                                                        \
+      for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();                               \
+      const int ppb = std::min(B, j.K - g * B) / 2;                                                              \
+      const int32_t* pp = panel + static_cast<size_t>(g) * (B / 2) * PANEL;                                      \
+      for (int p = 0; p < ppb; ++p) {                                                                            \
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp + p * PANEL));                \
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp + p * PANEL + 8));            \
+        for (int t = 0; t < MT; ++t) {                                                                           \
+          int32_t pair;                                                                                          \
+          __builtin_memcpy(&pair, x.xq.data() + static_cast<size_t>(m0 + t) * j.K + g * B + 2 * p, 4);           \
+          const __m256i xb = _mm256_set1_epi32(pair);                                                            \
+          acc[t][0] = DOT(acc[t][0], w0, xb);                                                                    \
+          acc[t][1] = DOT(acc[t][1], w1, xb);                                                                    \
+        }                                                                                                        \
+      }                                                                                                          \
+      for (int v = 0; v < 2; ++v) {                                                                              \
+        const __m256 s = _mm256_loadu_ps(sw + g * PANEL + 8 * v), b = _mm256_loadu_ps(bw + g * PANEL + 8 * v);   \
+        for (int t = 0; t < MT; ++t) {                                                                           \
+          const size_t i = static_cast<size_t>(m0 + t) * G + g;                                                  \
+          __m256 y = _mm256_load_ps(f[t] + 8 * v);                                                               \
+          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]), _mm256_mul_ps(s, _mm256_set1_ps(x.sx[i])), y);      \
+          if (affine) y = _mm256_fmadd_ps(b, _mm256_set1_ps(x.xsum[i]), y);                                      \
+          _mm256_store_ps(f[t] + 8 * v, y);                                                                      \
+        }                                                                                                        \
+      }                                                                                                          \
+    }                                                                                                            \
+    for (int t = 0; t < MT; ++t) std::copy(f[t], f[t] + rows, j.out + static_cast<size_t>(m0 + t) * j.N + n0);   \
   }
-  for (int t = 0; t < MT; ++t) std::copy(f[t], f[t] + rows, j.out + static_cast<size_t>(m0 + t) * j.N + n0);
-}
+
+#define Q16_VNNI_ATTR __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define Q16_DOT_AVX2(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+#define Q16_DOT_VNNI(acc, w, x) _mm256_dpwssd_epi32(acc, w, x)
+Q16_TILE(tile_avx2, Q16_ATTR, Q16_DOT_AVX2)
+Q16_TILE(tile_vnni, Q16_VNNI_ATTR, Q16_DOT_VNNI)
 
 // Output rows [lo, hi) (weight rows), every x row.
-Q16_ATTR void panels(const bf16::Job& j, const Rounded& x, int lo, int hi) {
+Q16_ATTR void panels(const bf16::Job& j, const Rounded& x, int lo, int hi, bool vnni) {
   const int B = x.B, G = (j.K + B - 1) / B;
   const bool affine = j.w16 == nullptr;
   std::vector<int16_t> rowsbuf(static_cast<size_t>(PANEL) * j.K);
@@ -187,27 +197,43 @@ Q16_ATTR void panels(const bf16::Job& j, const Rounded& x, int lo, int hi) {
     // row r's pair p to lane r of line p
     transpose_panel(reinterpret_cast<const int32_t*>(rowsbuf.data()), j.K / 2, j.K / 2, panel.data());
     int m = 0;
-    for (; m + TILE <= j.M; m += TILE) tile<TILE>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
-    for (; m < j.M; ++m) tile<1>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
+    if (vnni) {
+      for (; m + TILE <= j.M; m += TILE) tile_vnni<TILE>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
+      for (; m < j.M; ++m) tile_vnni<1>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
+    } else {
+      for (; m + TILE <= j.M; m += TILE) tile_avx2<TILE>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
+      for (; m < j.M; ++m) tile_avx2<1>(j, x, m, n0, rows, panel.data(), sw, bw, affine);
+    }
   }
 }
 #endif
 
 }  // namespace
 
-bool int16_available() {
+int int16_level() {
 #ifdef QMV_X86
-  static const bool ok = [] {
+  static const int level = [] {
     if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
       const std::string v(env);
-      if (v == "float32" || v == "off" || v == "0") return false;
+      if (v == "float32" || v == "off" || v == "0") return 0;
     }
-    return cpu_simd() >= 1 && cpu_f16c();
+    if (cpu_simd() < 1 || !cpu_f16c()) return 0;
+    __builtin_cpu_init();
+    return cpu_simd() >= 2 && __builtin_cpu_supports("avx512vnni") ? 2 : 1;
   }();
-  return ok;
+  return level;
 #else
-  return false;
+  return 0;
 #endif
+}
+
+bool int16_available() {
+  return int16_level() > 0;
+}
+
+const char* int16_kernel() {
+  static const char* names[] = {"none", "int16 on AVX2", "int16 on AVX512-VNNI"};
+  return names[int16_level()];
 }
 
 bool int16_applies(int K, bool affine, int gs, int bits) {
@@ -234,7 +260,7 @@ bool int16_run([[maybe_unused]] const Job& j, [[maybe_unused]] const float* x) {
     if (!round_rows(x, j.K, xmax, r, lo, hi)) finite = false;
   });
   if (!finite) return false;
-  split_rows(j.N, static_cast<int64_t>(j.N) * j.K * j.M, PANEL, [&](int lo, int hi) { panels(j, r, lo, hi); });
+  split_rows(j.N, static_cast<int64_t>(j.N) * j.K * j.M, PANEL, [&](int lo, int hi) { panels(j, r, lo, hi, int16_level() == 2); });
   return true;
 #endif
   return false;

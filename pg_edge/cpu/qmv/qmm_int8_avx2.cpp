@@ -10,7 +10,7 @@
 // sums of at most 2 * 15 * 127 = 3810 in size, so eight quads add up in int16 (30480 < 32767)
 // before one VPMADDWD by ones widens them into the int32 sums: two instructions per 32 products
 // where the decode kernel's VPMADDUBSW + VPMADDWD + VPADDD take three (docs/performance.md,
-// "Prefill with int8 activations on AVX2"). At each group's end the int32 sums become float32,
+// "Prefill on AVX2 CPUs: int8 and int16; int16 on AVX512-VNNI"). At each group's end the int32 sums become float32,
 // times scale[n, g] * sx[m, g], plus the centring's and the biases' terms.
 #include <algorithm>
 #include <atomic>
