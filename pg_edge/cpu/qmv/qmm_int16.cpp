@@ -102,24 +102,32 @@ Q16_ATTR void fill_row(const bf16::Job& j, int B, int n, int16_t* dst, float* sw
     for (int g = 0; g < G; ++g) bw[g * PANEL] = tmp[g];
     return;
   }
+  // Per block: the largest |w| from the 16-bit patterns themselves (sign cleared, a non-negative
+  // bfloat16 or float16 orders as its bits do), then each weight converted, scaled and rounded.
   const uint16_t* src = j.w16 + static_cast<size_t>(n) * j.K;
-  for (int k = 0; k < j.K; k += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-    _mm256_storeu_ps(tmp + k, j.fp16 ? _mm256_cvtph_ps(h)
-                                     : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-  }
-  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
   for (int g = 0; g < G; ++g) {
-    const float* w = tmp + g * B;
+    const uint16_t* w = src + g * B;
     const int len = std::min(B, j.K - g * B);
-    __m256 vmax = _mm256_setzero_ps();
-    for (int k = 0; k < len; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(w + k)));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    const float amax = *std::max_element(lanes, lanes + 8);  // finite: weights as loaded
-    const float inv = amax > 0.f ? W_MAX / amax : 0.f;
+    __m256i vmax = _mm256_setzero_si256();
+    for (int k = 0; k < len; k += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      vmax = _mm256_max_epu16(vmax, _mm256_and_si256(v, magnitude));
+    }
+    alignas(32) uint16_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+    const uint16_t top = *std::max_element(lanes, lanes + 16);
+    const float amax = j.fp16 ? _cvtsh_ss(top) : [top] {
+      const uint32_t bits = static_cast<uint32_t>(top) << 16;
+      float f;
+      __builtin_memcpy(&f, &bits, 4);
+      return f;
+    }();  // finite: weights as loaded
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? W_MAX / amax : 0.f);
     for (int k = 0; k < len; k += 8) {
-      const __m256i iv = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_set1_ps(inv)));
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+      const __m256 f = j.fp16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      const __m256i iv = _mm256_cvtps_epi32(_mm256_mul_ps(f, inv));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + g * B + k),
                        _mm_packs_epi32(_mm256_castsi256_si128(iv), _mm256_extracti128_si256(iv, 1)));
     }
