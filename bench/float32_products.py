@@ -12,8 +12,10 @@ matvec on one stream and split over two, against casting the weight to float32 p
 compiled module's dequantization of one piece and its tanh GELU against MLX's; and, on a CPU with
 AMX, the compiled module's bfloat16 products of the bf16 and 4-bit weights on its tiles
 (pg_edge.cpu.qmv, bf16_gemm.cpp); on a CPU with AVX512-VNNI, its int8 GEMM of the 4-bit weight
-(qmm_int8.cpp: what prefill runs there without AMX); and without AMX the int16 GEMM of
-the bf16 weight and its 8-bit version (qmm_int16.cpp), and on AVX2 the int8 GEMM (qmm_int8_avx2.cpp).
+(qmm_int8.cpp: what prefill runs there without AMX); and without AMX the bf16 weight and its
+8-bit version on the AVX512-BF16 GEMM (qmm_bf16dot.cpp) where the CPU has it, else on the int16
+GEMM (qmm_int16.cpp; PG_EDGE_PREFILL=int16 picks it there too), and on AVX2 the int8 GEMM
+(qmm_int8_avx2.cpp).
 Figures: docs/performance.md ("The measurements behind the CPU rules in the code").
 """
 from __future__ import annotations
@@ -77,18 +79,19 @@ def main() -> None:
     if qmv.amx_prefill():
         rows += [("bf16 weight, pg_edge AMX tiles", lambda: qmv.module().bf16_matmul(x32, w), 3),
                  ("4-bit weight, pg_edge AMX tiles", lambda: qmv.module().bf16_quantized_matmul(x32, wq, sc, bi, 64, 4), 3)]
-    if qmv.module() is not None and qmv.module().bf16_kernel() == "int16":
+    if qmv.module() is not None and qmv.module().bf16_kernel() in ("int16", "avx512bf16"):
         wq8, sc8, bi8 = mx.quantize(w.astype(mx.float32), group_size=64, bits=8)
-        which = qmv.module().int16_kernel().removeprefix("int16 on ")
-        rows += [(f"bf16 weight, pg_edge int16 GEMM ({which})", lambda: qmv.module().bf16_matmul(x32, w), 3),
-                 (f"8-bit weight, pg_edge int16 GEMM ({which})",
+        which = ("bf16 GEMM (AVX512-BF16)" if qmv.module().bf16_kernel() == "avx512bf16" else
+                 f"int16 GEMM ({qmv.module().int16_kernel().removeprefix('int16 on ')})")
+        rows += [(f"bf16 weight, pg_edge {which}", lambda: qmv.module().bf16_matmul(x32, w), 3),
+                 (f"8-bit weight, pg_edge {which}",
                   lambda: qmv.module().bf16_quantized_matmul(x32, wq8, sc8, bi8, 64, 8), 3)]
     if qmv.module() is not None and qmv.module().decode_kernel() in ("int8 on AVX512-VNNI", "int8 on AVX2"):
         which = qmv.module().decode_kernel().removeprefix("int8 on ")
         rows += [(f"4-bit weight, pg_edge int8 GEMM ({which})", lambda: qmv.module().quantized_matvec(x32, wq, sc, bi, 64, 4), 3)]
     print(f"compiled kernels: {qmv.kernel()}; prefill products: {qmv.prefill_kernel()}")
     for name, f, r in rows:
-        print(f"{name:<42} {gflop / best(f, r):7.2f} GFLOP/s")
+        print(f"{name:<46} {gflop / best(f, r):7.2f} GFLOP/s")
     x1 = x[:1]
     streams = cpu_streams()
 
@@ -100,7 +103,7 @@ def main() -> None:
     for name, f in [("decode row: bf16 matvec, one stream", lambda: x1 @ w.T),
                     (f"decode row: bf16 matvec, {len(streams)} streams", lambda: split(len(streams))),
                     ("decode row: weight cast to float32 + matvec", lambda: x1.astype(mx.float32) @ w.astype(mx.float32).T)]:
-        print(f"{name:<42} {1e3 * best(f, 5):7.1f} ms")
+        print(f"{name:<46} {1e3 * best(f, 5):7.1f} ms")
     # What the compiled module does on its own: dequantize one prefill piece (1024 x 2304, 4-bit),
     # and the tanh GELU of one decoder layer's hidden units (x [R, 9216] float32).
     piece = (wq[:1024], sc32[:1024], bi32[:1024], 64, 4)
@@ -112,7 +115,7 @@ def main() -> None:
         kernels.insert(1, ("dequantize 1024x2304 4-bit: pg_edge", lambda: qmv.module().dequantize(*piece)))
         kernels.append(("tanh GELU 259x9216: pg_edge", lambda: qmv.module().gelu_tanh(hidden)))
     for name, f in kernels:
-        print(f"{name:<42} {1e3 * best(f, 5):7.2f} ms")
+        print(f"{name:<46} {1e3 * best(f, 5):7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """pg_edge's int16 GEMM (pg_edge/cpu/qmv/qmm_int16.cpp): the many-row (prefill) products of
 bf16 / fp16 and 8-bit weights on CPUs without AMX, weight and x rounded to integers per block,
 sums in int32, by VPDPWSSD (AVX512-VNNI) or VPMADDWD (AVX2). Both run here in child processes:
-PG_EDGE_PREFILL=int8 turns AMX off, PG_EDGE_QMV_SIMD=avx2 caps the CPU to AVX2; without AVX2
-these tests say so in their skip."""
+PG_EDGE_PREFILL=int8 turns AMX and AVX512-BF16 off, PG_EDGE_QMV_SIMD=avx2 caps the CPU to AVX2;
+without AVX2 these tests say so in their skip."""
 from __future__ import annotations
 
 import os

@@ -22,8 +22,10 @@ matvec of large 4-bit weights rounds x to int8 per group and sums in int32 (qmv_
 AVX512-VNNI or AVX2: about twice the float32 kernel's speed; `PG_EDGE_DECODE=float32` keeps the
 float32 kernel); without AMX the prefill products of those weights run an int8 GEMM
 (qmm_int8.cpp on AVX512-VNNI, qmm_int8_avx2.cpp on AVX2), and those of 16-bit and 8-bit weights
-an int16 one (qmm_int16.cpp, the bf16 primitives' kernel there); `PG_EDGE_PREFILL=int8` picks
-these over AMX, `=float32` turns them all off.
+a bfloat16 one on CPUs with AVX512-BF16 (qmm_bf16dot.cpp: AMD Zen 4/5), else an int16 one
+(qmm_int16.cpp), the bf16 primitives' kernels there; `PG_EDGE_PREFILL=int8` (or `int16`) picks the
+integer kernels over AMX and AVX512-BF16, `=avx512bf16` the bfloat16 one over AMX, `=float32`
+turns them all off.
 
 It is compiled only on request (`python -m pg_edge.cpu.qmv build`, `make qmv`; build.py) into a
 user cache folder, and loaded if it is there. Without it (no compiler, a Mac, PG_EDGE_QMV=off)
@@ -90,7 +92,8 @@ def kernel() -> str:
     if mod is None:
         return f"mlx (pg_edge qmv {_state['why']})"
     int8 = ", int8 4-bit decode" if int8_decode() else ""
-    bf16 = {"amx": ", amx prefill", "int16": ", int16 prefill"}.get(_prefill16(), "")
+    bf16 = {"amx": ", amx prefill", "avx512bf16": ", avx512-bf16 prefill",
+            "int16": ", int16 prefill"}.get(_prefill16(), "")
     return f"pg_edge qmv ({mod.simd()}{int8}{bf16}, {mod.threads()} threads)"
 
 
@@ -128,8 +131,9 @@ def _int8_gemm() -> str | None:
 
 def _prefill16() -> str:
     """The module's kernel for many-row products of 16-bit (and quantized) weights: "amx"
-    (bfloat16 on AMX tiles), "int16" (qmm_int16.cpp, where AMX is absent: AVX512-VNNI or AVX2),
-    or "none" (not built, neither, PG_EDGE_PREFILL float32 / off; int8 turns AMX off)."""
+    (bfloat16 on AMX tiles), where AMX is absent "avx512bf16" (qmm_bf16dot.cpp: VDPBF16PS, AMD Zen
+    4/5) or "int16" (qmm_int16.cpp: AVX512-VNNI or AVX2), or "none" (not built, none of them,
+    PG_EDGE_PREFILL float32 / off; int8 / int16 keep the integer kernels, avx512bf16 turns AMX off)."""
     if "bf16" not in _state:
         mod = module()
         _state["bf16"] = "none" if mod is None else mod.bf16_kernel()
@@ -143,22 +147,24 @@ def amx_prefill() -> bool:
 
 def bf16_prefill(weight: mx.array | None = None, layer=None) -> bool:
     """Whether a many-row product runs on the module's bf16_matmul primitives: on AMX every
-    16-bit and quantized weight; on the int16 kernel (no AMX: AVX512-VNNI or AVX2) 16-bit
-    weights of K a multiple of 16 and 8-bit ones (4-bit weights take the int8 GEMM there). With neither
+    16-bit and quantized weight; without AMX, 16-bit weights (on the int16 kernel those of K a
+    multiple of 16) and 8-bit ones (4-bit weights take the int8 GEMM there). With neither
     argument: whether the primitives run here at all."""
     kind = _prefill16()
     if kind == "amx" or kind == "none":
         return kind == "amx"
     if layer is not None:
         return layer.bits == 8
-    return weight is None or weight.shape[-1] % 16 == 0
+    return weight is None or kind == "avx512bf16" or weight.shape[-1] % 16 == 0
 
 
 def prefill_kernel() -> str:
     """Which kernel runs many-row (prefill) products of 16-bit and quantized weights, in words."""
     if amx_prefill():
         return "bfloat16 on AMX tiles (pg_edge qmv)"
-    int16 = f"{module().int16_kernel()} for 16-bit and 8-bit weights, " if _prefill16() == "int16" else ""
+    kind = _prefill16()
+    int16 = ("bfloat16 on AVX512-BF16 for 16-bit and 8-bit weights, " if kind == "avx512bf16" else
+             f"{module().int16_kernel()} for 16-bit and 8-bit weights, " if kind == "int16" else "")
     if _int8_gemm() is not None:
         rest = "" if int16 else ", float32 BLAS GEMM for the rest"
         return f"{int16}int8 on {_int8_gemm()} for 4-bit weights (pg_edge qmv){rest}"
@@ -167,14 +173,15 @@ def prefill_kernel() -> str:
 
 def bf16_float_product(weight: mx.array, x: mx.array) -> mx.array:
     """x float32 [..., in] @ weight[out, in].T (bfloat16 / float16, row-contiguous) -> float32:
-    x rounded to bf16 on AMX tiles, or weight and x rounded to int16 per block of 64 (call when
-    `bf16_prefill(weight)`)."""
+    x rounded to bf16 on AMX tiles or by AVX512-BF16, or weight and x rounded to int16 per block
+    of 64 (call when `bf16_prefill(weight)`)."""
     return module().bf16_matmul(x, weight)
 
 
 def bf16_quantized_product(layer, x: mx.array) -> mx.array:
     """x float32 [..., in] @ dequantize(layer).T -> float32 [..., out], in bf16 on AMX tiles or
-    (8 bits) in int16 (call when `bf16_prefill(layer=layer)` and `dequantizes(layer, ...)`)."""
+    (8 bits) by AVX512-BF16 or in int16 (call when `bf16_prefill(layer=layer)` and
+    `dequantizes(layer, ...)`)."""
     return module().bf16_quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"],
                                           layer.group_size, layer.bits)
 

@@ -111,7 +111,8 @@ bool detect() {
 #ifdef QMV_BF16
   if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
     const std::string v(env);
-    if (v == "float32" || v == "off" || v == "0" || v == "int8") return false;  // int8: qmm_int8.cpp
+    // int8 / int16: the integer kernels (qmm_int8.cpp, qmm_int16.cpp); avx512bf16: qmm_bf16dot.cpp
+    if (v == "float32" || v == "off" || v == "0" || v == "int8" || v == "int16" || v == "avx512bf16") return false;
   }
   if (cpu_simd() < 2) return false;  // no AVX-512 (or PG_EDGE_QMV_SIMD caps it below)
   unsigned a, b, c, d;
@@ -152,10 +153,10 @@ void run_exact(const Job& j, const float* x) {
 }
 
 // Runs the product of `j` (its x still float32 in `x`): on AMX, packs x, then the weight rows over
-// the pool; elsewhere in int16 (qmm_int16.cpp).
+// the pool; elsewhere by VDPBF16PS (qmm_bf16dot.cpp) or in int16 (qmm_int16.cpp).
 void run(Job j, const float* x) {
   if (!bf16_available()) {
-    if (!int16_run(j, x)) run_exact(j, x);
+    if (!dot_run(j, x) && !int16_run(j, x)) run_exact(j, x);
     return;
   }
 #ifdef QMV_BF16
@@ -238,6 +239,7 @@ bool bf16_available() {
 
 const char* bf16_kernel() {
   if (bf16_available()) return "amx";
+  if (bf16dot_available()) return "avx512bf16";
   return int16_available() ? "int16" : "none";
 }
 

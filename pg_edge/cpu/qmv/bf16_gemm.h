@@ -9,13 +9,21 @@
 
 namespace pg_edge {
 
-// Whether this CPU runs the products: AMX-TILE + AMX-BF16 + AVX512-BF16 + AVX-512 F/BW/VL, and the
-// OS's permission to use the tile registers; PG_EDGE_PREFILL=float32 or int8 (or PG_EDGE_QMV_SIMD below
-// avx512) turns them off.
+// Whether this CPU runs the products on AMX: AMX-TILE + AMX-BF16 + AVX512-BF16 + AVX-512 F/BW/VL, and the
+// OS's permission to use the tile registers; PG_EDGE_PREFILL=float32, int8, int16 or avx512bf16 (or
+// PG_EDGE_QMV_SIMD below avx512) turns them off.
 bool bf16_available();
-// The kernel in words: "amx"; "int16" where bf16_available() is false but int16_available()
-// (qmm_int16.cpp takes 16-bit and 8-bit weights whose K fits its blocks); or "none".
+// The kernel in words: "amx"; where bf16_available() is false, "avx512bf16" where
+// bf16dot_available() (qmm_bf16dot.cpp: 16-bit and 4/8-bit weights), else "int16" where
+// int16_available() (qmm_int16.cpp: 16-bit weights of K a multiple of 16, 8-bit ones); or "none".
 const char* bf16_kernel();
+
+// qmm_bf16dot.cpp: whether this CPU runs it (AVX-512 F/BW/VL + AVX512-BF16; PG_EDGE_PREFILL
+// float32 / off / 0 / int8 / int16 or PG_EDGE_QMV_SIMD below avx512 turn it off), and whether it
+// takes a weight of K columns (16-bit floats: any K, zero-padded to a multiple of 16; affine: 4 or
+// 8 bits, gs | K).
+bool bf16dot_available();
+bool bf16dot_applies(int K, bool affine, int gs, int bits);
 
 // qmm_int16.cpp: its level (2: AVX-512 with AVX512-VNNI, VPDPWSSD; 1: AVX2 + F16C, VPMADDWD; 0:
 // neither, or PG_EDGE_PREFILL float32 / off / 0; PG_EDGE_QMV_SIMD caps it as it caps the others),

@@ -1,5 +1,5 @@
-// What bf16_gemm.cpp shares with its inner kernel (amx.cpp): the job, the weight blocks, a 16 x 16
-// transpose. x86-64 Linux only (QMV_BF16); elsewhere nothing here is built.
+// What bf16_gemm.cpp shares with its inner kernels (amx.cpp; qmm_bf16dot.cpp, qmm_int16.cpp): the
+// job, the weight blocks, a 16 x 16 transpose. x86-64 Linux only (QMV_BF16); elsewhere nothing here is built.
 #pragma once
 
 #include <cstdint>
@@ -80,5 +80,9 @@ void rows_amx(const Job& j, int lo, int hi);
 // The whole product of j in int16 (qmm_int16.cpp), x float32 [M, K]; false (j.out untouched)
 // when it does not apply (int16_applies) or x holds inf / NaN.
 bool int16_run(const Job& j, const float* x);
+
+// The whole product of j by VDPBF16PS (qmm_bf16dot.cpp), x float32 [M, K]; false (j.out
+// untouched) when it does not apply (bf16dot_applies, bf16_gemm.h).
+bool dot_run(const Job& j, const float* x);
 
 }  // namespace pg_edge::bf16

@@ -32,7 +32,7 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("bf16_quantized_matmul", &pg_edge::bf16_quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases).T -> float32 [..., N], in bfloat16 blocks");
-  m.def("bf16_kernel", &pg_edge::bf16_kernel, "the kernel of bf16_matmul on this CPU: 'amx', 'int16' (no AMX) or 'none'");
+  m.def("bf16_kernel", &pg_edge::bf16_kernel, "the kernel of bf16_matmul on this CPU: 'amx', 'avx512bf16' or 'int16' (no AMX) or 'none'");
   m.def("int16_kernel", &pg_edge::int16_kernel,
         "the int16 GEMM's instructions where AMX is absent: 'int16 on AVX512-VNNI', 'int16 on AVX2' or 'none'");
   m.def("decode_kernel", &pg_edge::decode_kernel,

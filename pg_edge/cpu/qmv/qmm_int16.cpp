@@ -1,7 +1,8 @@
 // pg_edge's many-row (prefill) products of bfloat16 / float16 and 8-bit weights on CPUs without
 // AMX, in int16 with int32 sums: the kernel of bf16_gemm.cpp's primitives there (see
 // bf16_gemm.h). Level 1, AVX2 (Intel since Haswell, AMD Zen 1-3): VPMADDWD + VPADDD; level 2,
-// AVX512-VNNI (Intel Ice Lake / Cascade Lake, AMD Zen 4): VPDPWSSD on the same 256-bit vectors.
+// AVX512-VNNI (Intel Ice Lake / Cascade Lake): VPDPWSSD on the same 256-bit vectors. (AMD Zen 4/5
+// have AVX512-BF16 and run qmm_bf16dot.cpp for these weights instead.)
 //
 // out[m, n] = sum_b s_w[n, b] * sx[m, b] * (wq[n, b] . xq[m, b])  (+ bias[n, b] * sum(x[m, b]))
 //
