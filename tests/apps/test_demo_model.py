@@ -2,11 +2,11 @@
 rebuilds it from the HF source in the repository, the README's commands on it, loading by name
 (also from a non-editable install) and the CLI.
 
-Scores (pg_edge/demo/score.py) on the test split (seeds disjoint from training), 100 images,
+Scores (pg_edge/demo/score.py) on the test split (seeds disjoint from training), 400 images,
 every prompt form (caption, count, detect one kind / two kinds / all three in a shuffled order,
 segment one kind / all three, a kind that is not in the image), generations batched; the float
-model on the same 100 images and the forms with a target (CI time), against the quantized
-model's scores.
+model on the first 100 images and the forms with a target (CI time), against the quantized
+model's scores on the same 100.
 Detection and segmentation match predictions to ground truth per kind, greedily by IoU, each
 ground-truth object at most once; an unmatched ground truth scores 0.
 """
@@ -33,15 +33,20 @@ ROOT = Path(__file__).resolve().parents[2]
 HF_SOURCE = ROOT / "apps" / "demo_model" / "hf"
 VAE_SOURCE = ROOT / "apps" / "demo_model" / "vae-oid.npz"
 RECIPE = json.loads((ROOT / "apps" / "demo_model" / "recipe.json").read_text())
-N_TEST = 100
+# 400 held-out images (issue 20 asks for >= 100): on the first 100 alone one-kind detection
+# read 0.755 for a model that scores 0.733 on all 400 (one object of ~140 moves a 100-image mean
+# by 0.006), so the asserted figures come from all 400 (~540 objects a one-kind form).
+N_TEST = 400
+N_FLOAT = 100
 # Issue 20's targets on the held-out split that the shipped model meets, asserted as they are
 # (its scores per form: apps/demo_model/README.md). A broken loader, tokenizer, parser, mask
 # decoder or quantization falls far below them: a random or mis-converted model scores ~0.
-TARGETS = {"caption": 0.90, "count": 0.95, "absent": 0.95, "detect_all": 0.75, "detect_single": 0.75}
-# NOT MET: issue 20 asks single-kind segmentation >= 0.70; the shipped model scores FLOORS_MEASURED
-# (apps/demo_model/README.md: the re-transfer took it from 0.42 to this). Asserted as a floor
-# (measured minus 0.03) so that a regression shows; raise it with the model.
-FLOORS_MEASURED = {"segment_single": 0.667}
+TARGETS = {"caption": 0.90, "count": 0.95, "absent": 0.95, "detect_all": 0.75}
+# NOT MET: issue 20 asks one-kind detection >= 0.75 and one-kind segmentation >= 0.70; the
+# shipped model scores FLOORS_MEASURED on the 400 images (segmentation exactly at its target,
+# 0.7002, too close to assert it on another CPU's roundings). Asserted as floors (measured minus
+# 0.03) so that a regression shows; raise them with the model (apps/demo_model/README.md).
+FLOORS_MEASURED = {"detect_single": 0.740, "segment_single": 0.700}
 FLOORS = {k: round(v - 0.03, 2) for k, v in FLOORS_MEASURED.items()}
 # The float model is scored on the forms with a target (CI time: pairs and three-kind masks are
 # the quantized model's alone). Float vs quantized "within noise": four images in a hundred for
@@ -79,28 +84,35 @@ def rebuilt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quant_scores(demo_pg, test_samples):
-    """Scores of the shipped model on the test images."""
-    return score.evaluate(demo_pg, test_samples)
+def quant_parts(demo_pg, test_samples):
+    """Scores of the shipped model on the first N_FLOAT test images and on the rest."""
+    return (score.evaluate(demo_pg, test_samples[:N_FLOAT]),
+            score.evaluate(demo_pg, test_samples[N_FLOAT:], start=N_FLOAT))
+
+
+@pytest.fixture(scope="session")
+def quant_scores(quant_parts):
+    """Scores of the shipped model on all N_TEST test images."""
+    return quant_parts[0].merge(quant_parts[1])
 
 
 def test_shipped_quantized_model_scores_every_prompt_form(quant_scores):
     s = quant_scores
     print("quantized:", s.as_dict(), "targets:", TARGETS, "floors (issue targets not met):", FLOORS)
-    assert s.n_images >= 100 and sorted(s.scores) == sorted(score.FORMS)
+    assert s.n_images == N_TEST and sorted(s.scores) == sorted(score.FORMS)
     # images (caption, count, absent: the images with a kind missing) or objects (IoU forms)
-    assert s.counts["absent"] >= 80 and all(n >= 100 for f, n in s.counts.items() if f != "absent")
+    assert s.counts["absent"] >= 320 and all(n >= 400 for f, n in s.counts.items() if f != "absent")
     for name, target in {**TARGETS, **FLOORS}.items():
         assert s[name] >= target, (name, s[name])
 
 
-def test_float_model_scores_as_well(rebuilt, test_samples, quant_scores):
+def test_float_model_scores_as_well(rebuilt, test_samples, quant_parts):
     float_dir, _ = rebuilt
     pg = pg_edge.load(float_dir)
-    s = score.evaluate(pg, test_samples, vae=demo.MODEL_DIR / "vae.safetensors", forms=FLOAT_FORMS)
+    s = score.evaluate(pg, test_samples[:N_FLOAT], vae=demo.MODEL_DIR / "vae.safetensors", forms=FLOAT_FORMS)
     print("float:", s.as_dict())
     for name in FLOAT_FORMS:
-        assert s[name] >= quant_scores[name] - NOISE[name], name
+        assert s[name] >= quant_parts[0][name] - NOISE[name], name
 
 
 def _tensors(folder: Path) -> dict:
