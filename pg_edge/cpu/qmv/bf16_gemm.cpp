@@ -109,11 +109,8 @@ BF16_ATTR void pack_tiles(const float* x, const Job& j, int mb_lo, int mb_hi, ui
 
 bool detect() {
 #ifdef QMV_BF16
-  if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
-    const std::string v(env);
-    // int8 / int16: the integer kernels (qmm_int8.cpp, qmm_int16.cpp); avx512bf16: qmm_bf16dot.cpp
-    if (v == "float32" || v == "off" || v == "0" || v == "int8" || v == "int16" || v == "avx512bf16") return false;
-  }
+  // int8 / int16: the integer kernels (qmm_int8.cpp, qmm_int16.cpp); avx512bf16: qmm_bf16dot.cpp
+  if (env_is("PG_EDGE_PREFILL", {"float32", "off", "0", "int8", "int16", "avx512bf16"})) return false;
   if (cpu_simd() < 2) return false;  // no AVX-512 (or PG_EDGE_QMV_SIMD caps it below)
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16

@@ -51,6 +51,15 @@ const char* simd() {
   return names[cpu_simd()];
 }
 
+bool env_is(const char* name, std::initializer_list<const char*> values) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return false;
+  for (const char* v : values) {
+    if (std::strcmp(env, v) == 0) return true;
+  }
+  return false;
+}
+
 float to_float(const void* p, Dtype t, size_t i) {
   switch (t) {
     case float32:

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "mlx/array.h"
@@ -21,6 +22,9 @@ int cpu_simd();
 bool cpu_f16c();
 // "avx512", "avx2" or "portable": cpu_simd() in words.
 const char* simd();
+// Whether the environment variable `name` is set to one of `values` (the kernels' switches,
+// PG_EDGE_PREFILL and PG_EDGE_DECODE, read once by each kernel's availability check).
+bool env_is(const char* name, std::initializer_list<const char*> values);
 
 // One thread's scratch of n floats on cache lines of its own. The row kernels rewrite their weight
 // row's scales and biases into such a buffer for every row; where two threads' small heap

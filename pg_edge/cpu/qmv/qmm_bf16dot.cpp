@@ -18,9 +18,7 @@
 // go to `out` at the chunk's end and come back at the next one (32 floats a row: two vectors).
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -148,10 +146,7 @@ DOT_ATTR void panels(const bf16::Job& j, const uint16_t* xb, int Kp, int lo, int
 bool bf16dot_available() {
 #ifdef QMV_BF16
   static const bool ok = [] {
-    if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
-      const std::string v(env);
-      if (v == "float32" || v == "off" || v == "0" || v == "int8" || v == "int16") return false;
-    }
+    if (env_is("PG_EDGE_PREFILL", {"float32", "off", "0", "int8", "int16"})) return false;
     if (cpu_simd() < 2) return false;  // no AVX-512 (or PG_EDGE_QMV_SIMD caps it below)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0;

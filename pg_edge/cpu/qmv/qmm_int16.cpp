@@ -222,10 +222,7 @@ Q16_ATTR void panels(const bf16::Job& j, const Rounded& x, int lo, int hi, bool 
 int int16_level() {
 #ifdef QMV_X86
   static const int level = [] {
-    if (const char* env = std::getenv("PG_EDGE_PREFILL")) {
-      const std::string v(env);
-      if (v == "float32" || v == "off" || v == "0") return 0;
-    }
+    if (env_is("PG_EDGE_PREFILL", {"float32", "off", "0"})) return 0;
     if (cpu_simd() < 1 || !cpu_f16c()) return 0;
     __builtin_cpu_init();
     return cpu_simd() >= 2 && __builtin_cpu_supports("avx512vnni") ? 2 : 1;

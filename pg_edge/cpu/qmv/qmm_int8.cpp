@@ -1,6 +1,7 @@
 // pg_edge's many-row (prefill) product of large 4-bit weights with x rounded to int8, on
 // AVX512-VNNI: the GEMM layout of qmv_int8.cpp's rounding (see qmv_int8.h, qmv_int8.cpp for the
-// maths: x rounded per row and group, centred nibbles, the biases' term from float32 sums of x).
+// maths: x rounded per row and group, centred nibbles, the biases' term from float32 sums of x;
+// the rounding itself: round_int8_rows, qmm_int8_avx2.cpp).
 //
 // Layout: each thread takes its weight rows 32 at a time (a panel) and unpacks them once into
 // bytes, k in quads: panel[q][r] = the 4 weights of row r at k = 4q .. 4q + 3, one int32 lane per
@@ -8,8 +9,6 @@
 // and one broadcast x quad per x row feed VPDPBUSD; at each group's end the int32 sums become
 // float32, times scale[n, g] * sx[m, g]. No horizontal sums: lane r is output row r.
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <vector>
 
 #include "common.h"
@@ -27,75 +26,14 @@ namespace {
 constexpr int PANEL = 32;  // weight rows per panel: two 16-lane vectors
 constexpr int TILE = 6;    // x rows per tile: 12 int32 + 12 float32 accumulators
 
-// x rounded: xq [M, K] int8 in order, sx / xsum / xr [M, G] as in qmv_int8.cpp (round_rows).
-struct Rounded {
-  std::vector<int8_t> xq;
-  std::vector<float> sx, xsum, xr;
-};
-
 #ifdef QMV_X86
 #define QMM_ATTR __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-// x rows [lo, hi) rounded into r (sized by the caller); false when a group's largest |x| is not
-// finite. 16 floats at a time: VCVTPS2DQ rounds to nearest even, as std::nearbyint does.
-QMM_ATTR bool round_rows(const Int8Product& p, Rounded& r, int lo, int hi) {
-  const int G = p.K / p.gs;
-  for (int m = lo; m < hi; ++m) {
-    for (int g = 0; g < G; ++g) {
-      const float* x = p.x + static_cast<size_t>(m) * p.K + g * p.gs;
-      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
-      for (int k = 0; k < p.gs; k += 16) {
-        const __m512 v = _mm512_loadu_ps(x + k);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-        vsum = _mm512_add_ps(vsum, v);
-      }
-      const float amax = _mm512_reduce_max_ps(vmax);
-      if (!std::isfinite(amax)) return false;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
-      int8_t* q = r.xq.data() + static_cast<size_t>(m) * p.K + g * p.gs;
-      __m512i vq = _mm512_setzero_si512();
-      for (int k = 0; k < p.gs; k += 16) {
-        __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
-        iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-        vq = _mm512_add_epi32(vq, iv);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(iv));
-      }
-      const float sum = _mm512_reduce_add_ps(vsum);
-      const size_t i = static_cast<size_t>(m) * G + g;
-      r.sx[i] = step;
-      r.xsum[i] = sum;
-      r.xr[i] = 8.f * (sum - step * static_cast<float>(_mm512_reduce_add_epi32(vq)));
-    }
-  }
-  return true;
-}
 
 // Rows [n0, n0 + rows) of the weight into `panel` ([K / 4][PANEL] int32 quads, rows past `rows`
 // zero) and their scales / biases into sct / bit ([G][PANEL] float32); `bytes`: PANEL * K scratch.
 QMM_ATTR void fill_panel(const Int8Product& p, int n0, int rows, uint8_t* bytes, int32_t* panel, float* sct,
                          float* bit, float* tmp) {
-  const int G = p.K / p.gs, half = p.K / 2;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int r = 0; r < PANEL; ++r) {
-    uint8_t* dst = bytes + static_cast<size_t>(r) * p.K;
-    if (r >= rows) {
-      std::fill(dst, dst + p.K, uint8_t{0});
-      for (int g = 0; g < G; ++g) sct[g * PANEL + r] = bit[g * PANEL + r] = 0.f;
-      continue;
-    }
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(p.w) + static_cast<size_t>(n0 + r) * half;
-    for (int b = 0; b < half; b += 32) {  // 32 bytes -> 64 weights in order (K % 128 == 0)
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b));
-      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m256i ul = _mm256_unpacklo_epi8(lo, hi), uh = _mm256_unpackhi_epi8(lo, hi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b), _mm256_permute2x128_si256(ul, uh, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b + 32), _mm256_permute2x128_si256(ul, uh, 0x31));
-    }
-    load_floats(p.scales, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
-    for (int g = 0; g < G; ++g) sct[g * PANEL + r] = tmp[g];
-    load_floats(p.biases, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
-    for (int g = 0; g < G; ++g) bit[g * PANEL + r] = tmp[g];
-  }
+  unpack_int4_rows(p, n0, rows, PANEL, bytes, sct, bit, tmp);  // qmm_int8_avx2.cpp
   alignas(64) int idx[16];
   for (int i = 0; i < 16; ++i) idx[i] = i * p.K / 4;  // row i's quads, as int32 offsets
   const __m512i rows16 = _mm512_load_si512(idx);
@@ -110,7 +48,7 @@ QMM_ATTR void fill_panel(const Int8Product& p, int n0, int rows, uint8_t* bytes,
 
 // x rows [m0, m0 + MT) against one panel: out[m, n0 + r] for r < rows.
 template <int MT>
-QMM_ATTR void tile(const Int8Product& p, const Rounded& x, int m0, int n0, int rows, const int32_t* panel,
+QMM_ATTR void tile(const Int8Product& p, const Int8Rows& x, int m0, int n0, int rows, const int32_t* panel,
                    const float* sct, const float* bit, float* out) {
   const int G = p.K / p.gs, qpg = p.gs / 4;
   __m512 f[MT][2];
@@ -151,7 +89,7 @@ QMM_ATTR void tile(const Int8Product& p, const Rounded& x, int m0, int n0, int r
 }
 
 // Output rows [lo, hi) (weight rows), every x row.
-QMM_ATTR void panels(const Int8Product& p, const Rounded& x, int lo, int hi, float* out) {
+QMM_ATTR void panels(const Int8Product& p, const Int8Rows& x, int lo, int hi, float* out) {
   const int G = p.K / p.gs;
   std::vector<uint8_t> bytes(static_cast<size_t>(PANEL) * p.K);
   std::vector<int32_t> panel(static_cast<size_t>(p.K / 4) * PANEL);
@@ -181,17 +119,8 @@ QMM_ATTR void panels(const Int8Product& p, const Rounded& x, int lo, int hi, flo
 bool int8_matmul([[maybe_unused]] const Int8Product& p, [[maybe_unused]] float* out) {
 #ifdef QMV_X86
   if (int8_level() != 2) return false;
-  Rounded x;
-  const size_t groups = static_cast<size_t>(p.M) * (p.K / p.gs);
-  x.xq.resize(static_cast<size_t>(p.M) * p.K);
-  x.sx.resize(groups);
-  x.xsum.resize(groups);
-  x.xr.resize(groups);
-  std::atomic<bool> finite{true};
-  split_rows(p.M, static_cast<int64_t>(p.M) * p.K * 64, 1, [&](int lo, int hi) {
-    if (!round_rows(p, x, lo, hi)) finite = false;
-  });
-  if (!finite) return false;
+  Int8Rows x;
+  if (!round_int8_rows(p, x)) return false;  // qmm_int8_avx2.cpp
   split_rows(p.N, static_cast<int64_t>(p.N) * p.K * p.M, PANEL, [&](int lo, int hi) { panels(p, x, lo, hi, out); });
   return true;
 #endif

@@ -36,13 +36,6 @@ static_assert(PANEL == 16, "transpose_panel (panel.h) fills 16 lanes");
 constexpr int TILE = 3;        // x rows per tile: 6 int16 + 6 int32 accumulators, 15 of the 16 registers
 constexpr int RUN = 8;         // quads summed in int16 before widening (the bound above)
 
-// x rounded: xq [M, K] int8 in order, sx [M, G] the step max|x_g| / 127, xsum [M, G] the float32
-// sums of x, xr [M, G] 8 * (xsum - sx * the sum of the group's xq) (qmv_int8.cpp).
-struct Rounded {
-  std::vector<int8_t> xq;
-  std::vector<float> sx, xsum, xr;
-};
-
 #ifdef QMV_X86
 #define QMM2_ATTR __attribute__((target("avx2,fma")))
 
@@ -66,7 +59,7 @@ QMM2_ATTR inline int hsum8i(__m256i v) {
 
 // x rows [lo, hi) rounded into r (sized by the caller); false when a group's largest |x| is not
 // finite. VCVTPS2DQ rounds to nearest even, as the decode kernel's std::nearbyint does.
-QMM2_ATTR bool round_rows(const Int8Product& p, Rounded& r, int lo, int hi) {
+QMM2_ATTR bool round_rows(const Int8Product& p, Int8Rows& r, int lo, int hi) {
   const int G = p.K / p.gs;
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int m = lo; m < hi; ++m) {
@@ -103,35 +96,14 @@ QMM2_ATTR bool round_rows(const Int8Product& p, Rounded& r, int lo, int hi) {
 // zero) and their scales / biases into sct / bit ([G][PANEL] float32); `bytes`: PANEL * K scratch.
 QMM2_ATTR void fill_panel(const Int8Product& p, int n0, int rows, uint8_t* bytes, int32_t* panel, float* sct,
                           float* bit, float* tmp) {
-  const int G = p.K / p.gs, half = p.K / 2;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int r = 0; r < PANEL; ++r) {
-    uint8_t* dst = bytes + static_cast<size_t>(r) * p.K;
-    if (r >= rows) {
-      std::fill(dst, dst + p.K, uint8_t{0});
-      for (int g = 0; g < G; ++g) sct[g * PANEL + r] = bit[g * PANEL + r] = 0.f;
-      continue;
-    }
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(p.w) + static_cast<size_t>(n0 + r) * half;
-    for (int b = 0; b < half; b += 32) {  // 32 bytes -> 64 weights in order (K % 64 == 0)
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b));
-      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m256i ul = _mm256_unpacklo_epi8(lo, hi), uh = _mm256_unpackhi_epi8(lo, hi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b), _mm256_permute2x128_si256(ul, uh, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b + 32), _mm256_permute2x128_si256(ul, uh, 0x31));
-    }
-    load_floats(p.scales, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
-    for (int g = 0; g < G; ++g) sct[g * PANEL + r] = tmp[g];
-    load_floats(p.biases, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
-    for (int g = 0; g < G; ++g) bit[g * PANEL + r] = tmp[g];
-  }
+  unpack_int4_rows(p, n0, rows, PANEL, bytes, sct, bit, tmp);
   // row r's quad q to lane r of line q
   transpose_panel(reinterpret_cast<const int32_t*>(bytes), p.K / 4, p.K / 4, panel);
 }
 
 // x rows [m0, m0 + MT) against one panel: out[m, n0 + r] for r < rows.
 template <int MT>
-QMM2_ATTR void tile(const Int8Product& p, const Rounded& x, int m0, int n0, int rows, const int32_t* panel,
+QMM2_ATTR void tile(const Int8Product& p, const Int8Rows& x, int m0, int n0, int rows, const int32_t* panel,
                     const float* sct, const float* bit, float* out) {
   const int G = p.K / p.gs, qpg = p.gs / 4;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -175,7 +147,7 @@ QMM2_ATTR void tile(const Int8Product& p, const Rounded& x, int m0, int n0, int 
 }
 
 // Output rows [lo, hi) (weight rows), every x row.
-QMM2_ATTR void panels(const Int8Product& p, const Rounded& x, int lo, int hi, float* out) {
+QMM2_ATTR void panels(const Int8Product& p, const Int8Rows& x, int lo, int hi, float* out) {
   const int G = p.K / p.gs;
   std::vector<uint8_t> bytes(static_cast<size_t>(PANEL) * p.K);
   std::vector<int32_t> panel(static_cast<size_t>(p.K / 4) * PANEL);
@@ -195,20 +167,58 @@ QMM2_ATTR void panels(const Int8Product& p, const Rounded& x, int lo, int hi, fl
 
 }  // namespace
 
+#ifdef QMV_X86
+// Rows [n0, n0 + rows) of p's 4-bit weight unpacked to one byte a weight ([lanes][K], in order;
+// rows past `rows` zero) and their scales / biases to sct / bit ([G][lanes] float32). K % 64 == 0.
+__attribute__((target("avx2"))) void unpack_int4_rows(const Int8Product& p, int n0, int rows, int lanes,
+                                                     uint8_t* bytes, float* sct, float* bit, float* tmp) {
+  const int G = p.K / p.gs, half = p.K / 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int r = 0; r < lanes; ++r) {
+    uint8_t* dst = bytes + static_cast<size_t>(r) * p.K;
+    if (r >= rows) {
+      std::fill(dst, dst + p.K, uint8_t{0});
+      for (int g = 0; g < G; ++g) sct[g * lanes + r] = bit[g * lanes + r] = 0.f;
+      continue;
+    }
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(p.w) + static_cast<size_t>(n0 + r) * half;
+    for (int b = 0; b < half; b += 32) {  // 32 bytes -> 64 weights in order (K % 64 == 0)
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m256i ul = _mm256_unpacklo_epi8(lo, hi), uh = _mm256_unpackhi_epi8(lo, hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b), _mm256_permute2x128_si256(ul, uh, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * b + 32), _mm256_permute2x128_si256(ul, uh, 0x31));
+    }
+    load_floats(p.scales, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
+    for (int g = 0; g < G; ++g) sct[g * lanes + r] = tmp[g];
+    load_floats(p.biases, p.sdt, static_cast<size_t>(n0 + r) * G, G, tmp);
+    for (int g = 0; g < G; ++g) bit[g * lanes + r] = tmp[g];
+  }
+}
+
+#endif
+
+bool round_int8_rows([[maybe_unused]] const Int8Product& p, [[maybe_unused]] Int8Rows& r) {
+#ifdef QMV_X86
+  const size_t groups = static_cast<size_t>(p.M) * (p.K / p.gs);
+  r.xq.resize(static_cast<size_t>(p.M) * p.K);
+  r.sx.resize(groups);
+  r.xsum.resize(groups);
+  r.xr.resize(groups);
+  std::atomic<bool> finite{true};
+  split_rows(p.M, static_cast<int64_t>(p.M) * p.K * 64, 1, [&](int lo, int hi) {
+    if (!round_rows(p, r, lo, hi)) finite = false;
+  });
+  return finite;
+#endif
+  return false;
+}
+
 bool int8_matmul_avx2([[maybe_unused]] const Int8Product& p, [[maybe_unused]] float* out) {
 #ifdef QMV_X86
   if (int8_level() < 1 || p.gs % (4 * RUN) != 0 || p.K % 64 != 0) return false;
-  Rounded x;
-  const size_t groups = static_cast<size_t>(p.M) * (p.K / p.gs);
-  x.xq.resize(static_cast<size_t>(p.M) * p.K);
-  x.sx.resize(groups);
-  x.xsum.resize(groups);
-  x.xr.resize(groups);
-  std::atomic<bool> finite{true};
-  split_rows(p.M, static_cast<int64_t>(p.M) * p.K * 64, 1, [&](int lo, int hi) {
-    if (!round_rows(p, x, lo, hi)) finite = false;
-  });
-  if (!finite) return false;
+  Int8Rows x;
+  if (!round_int8_rows(p, x)) return false;
   split_rows(p.N, static_cast<int64_t>(p.N) * p.K * p.M, PANEL, [&](int lo, int hi) { panels(p, x, lo, hi, out); });
   return true;
 #endif

@@ -240,10 +240,7 @@ void rows_all(const Job& j, int lo, int hi, float* out) {
 int int8_level() {
 #ifdef QMV_X86
   static const int level = [] {
-    if (const char* env = std::getenv("PG_EDGE_DECODE")) {
-      const std::string v(env);
-      if (v == "float32" || v == "off" || v == "0") return 0;
-    }
+    if (env_is("PG_EDGE_DECODE", {"float32", "off", "0"})) return 0;
     __builtin_cpu_init();
     if (cpu_simd() >= 2 && __builtin_cpu_supports("avx512vnni")) return 2;
     return cpu_simd() >= 1 ? 1 : 0;

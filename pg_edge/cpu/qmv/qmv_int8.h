@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "mlx/array.h"
 
@@ -47,5 +48,23 @@ bool int8_matmul(const Int8Product& p, float* out);
 // The same on AVX2 (qmm_int8_avx2.cpp): int8_level() >= 1, gs a multiple of 32 (false, out
 // untouched, otherwise or when x holds inf / NaN).
 bool int8_matmul_avx2(const Int8Product& p, float* out);
+
+// x rounded for both GEMMs, as qmv_int8.cpp rounds it: xq [M, K] int8 in order, sx [M, G] the
+// step max|x_g| / 127, xsum [M, G] the float32 sums of x, xr [M, G] 8 * (xsum - sx * the sum of
+// the group's xq).
+struct Int8Rows {
+  std::vector<int8_t> xq;
+  std::vector<float> sx, xsum, xr;
+};
+
+// p.x rounded into r (sized here), rows over the pool, in AVX2 (qmm_int8_avx2.cpp; its cost is
+// M * K against the GEMM's M * N * K); false when a group's largest |x| is not finite.
+bool round_int8_rows(const Int8Product& p, Int8Rows& r);
+
+// Rows [n0, n0 + rows) of p's 4-bit weight unpacked to one byte a weight ([lanes][K], in order;
+// rows past `rows` zero) and their scales / biases to sct / bit ([G][lanes] float32), for the
+// GEMMs' panels to transpose (qmm_int8_avx2.cpp; x86 only). tmp: G floats; K % 64 == 0.
+void unpack_int4_rows(const Int8Product& p, int n0, int rows, int lanes, uint8_t* bytes, float* sct, float* bit,
+                      float* tmp);
 
 }  // namespace pg_edge
