@@ -71,7 +71,8 @@ def main() -> None:
     per_layer = {
         "attention (projections, rope, KV cache, softcapped scores)":
             whole - ablated(gemma.Attention, "__call__", lambda self, x, mask, offset, cache=None: x),
-        "MLP (gate, up, GELU, down)": whole - ablated(gemma.MLP, "__call__", lambda self, x: x),
+        # the class that runs (the CPU backend's CpuMLP overrides __call__)
+        "MLP (gate, up, GELU, down)": whole - ablated(type(layers[0].mlp), "__call__", lambda self, x: x),
     }
     head = whole - ablated(gemma.LanguageModel, "logits",
                            lambda self, h, capped=True: mx.broadcast_to(h[..., :1], h.shape[:-1] + (V,)))

@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..model.gemma import Attention
 from ..model.siglip import SiglipAttention
 from . import ops
+from .products import cpu_quantized_products
 from .streams import lean, on_streams, stream_count
 
 # Attentions with this many scores (B x H x T x S) or more are split: every prefill from 224 px
@@ -58,9 +59,15 @@ def attention_on_streams(attend, q: mx.array, k: mx.array, v: mx.array, mask):
 
 
 class CpuAttention(Attention):
-    """The decoder's `Attention` (same parameters) outside training and tracing: RoPE from
-    per-step shared tables, the fused softcap, and a prefill's attention split by heads.
+    """The decoder's `Attention` (same parameters) outside training and tracing: a quantized
+    decode step's q, k and v from one compiled call, RoPE from per-step shared tables, the fused
+    softcap, and a prefill's attention split by heads.
     Decode (one query) is never long enough for the split, so it skips the call."""
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        # decode of a quantized model: q, k and v from one call of the compiled matvec
+        fused = cpu_quantized_products((self.q_proj, self.k_proj, self.v_proj), x) if lean(self) else None
+        return tuple(fused) if fused is not None else super().project(x)
 
     def rope(self, x: mx.array, offset: Any) -> mx.array:
         if isinstance(offset, int) and lean(self):

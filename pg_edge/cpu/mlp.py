@@ -19,6 +19,7 @@ import mlx.nn as nn
 from ..model.gemma import MLP
 from ..model.siglip import SiglipMLP
 from . import qmv
+from .products import cpu_quantized_products
 from .streams import lean
 
 # Below this many elements (decode: one row) MLX's own kernel costs no more than a call.
@@ -41,7 +42,11 @@ class CpuSiglipMLP(SiglipMLP):
 
 
 class CpuMLP(MLP):
-    """Gemma's `MLP` with `cpu_activation` (same parameters)."""
+    """Gemma's `MLP` with `cpu_activation` (same parameters); a quantized decode step's gate and
+    up products from one compiled call."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(cpu_activation(self, self.gate_proj(x)) * self.up_proj(x))
+        # decode of a quantized model: gate and up from one call of the compiled matvec
+        fused = cpu_quantized_products((self.gate_proj, self.up_proj), x) if lean(self) else None
+        gate, up = fused if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(cpu_activation(self, gate) * up)

@@ -8,7 +8,7 @@ behind it: ~1-2 GFLOP/s here, float32 with OpenBLAS 20-45, pg_edge/blas.py); and
 runs on one core, so a product split by output rows over one CPU stream per core
 runs its pieces side by side (measurements: docs/performance.md). Decode-sized products
 (quantized, and of bf16/fp16 weights) take pg_edge's compiled matvecs instead when they are
-built (pg_edge.cpu.qmv), and on a CPU with AMX the many-row products of 16-bit and quantized
+built (pg_edge.cpu.qmv; `cpu_quantized_products` runs several of one x in one call), and on a CPU with AMX the many-row products of 16-bit and quantized
 weights of BF16_MIN_ELEMENTS+ take its bfloat16 tile kernel (x rounded to bf16, sums in float32);
 without AMX those of 4-bit weights take its int8 GEMM (x rounded to int8 per group) and those of
 16-bit and 8-bit weights its int16 GEMM (AVX512-VNNI or AVX2). The variants keep the stored
@@ -130,6 +130,18 @@ def cpu_quantized_product(layer, x: mx.array) -> mx.array:
     eager = dense and not layer.training and not tracing()
     parts = on_streams(lambda i, stream: _quantized_piece(layer, x, *pieces[i], dense, stream), len(pieces), eager)
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def cpu_quantized_products(layers, x: mx.array) -> list[mx.array] | None:
+    """[x float[..., in] @ dequant(layer.weight).T for each layer] from one call of the compiled
+    matvec (pg_edge.cpu.qmv.products: a decode step's q, k and v, or gate and up, as one split of
+    their rows over the cores), or None where that does not apply: not each a
+    `CpuQuantizedLinear` (a LoRA wrapper, a float layer), more than qmv.MAX_ROWS rows, training,
+    tracing, or the module not built. The same numbers as each layer's own product."""
+    if (not all(type(l) is CpuQuantizedLinear and not l.training for l in layers) or tracing()
+            or x.size // x.shape[-1] > qmv.MAX_ROWS or not qmv.fusable(layers, x)):
+        return None
+    return qmv.products(layers, x)
 
 
 def float32_scales(layer) -> tuple:

@@ -84,8 +84,7 @@ class Attention(nn.Module):
         """x: float[B, T, D]; mask: bool[B, 1, T, S] or None (full); offset: position of
         x[:, 0] as int or int[B] (left padding gives each row its own). -> float[B, T, D]."""
         B, T, _ = x.shape
-        q, k, v = (self._heads(p(x), n) for p, n in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads),
-                                                      (self.v_proj, self.n_kv_heads)))
+        q, k, v = (self._heads(y, n) for y, n in zip(self.project(x), (self.n_heads, self.n_kv_heads, self.n_kv_heads)))
         q, k = self.rope(q, offset), self.rope(k, offset)
         bits = getattr(cache, "bits", None)  # mlx-lm's QuantizedKVCache (pg_edge.model.masks.make_cache)
         if bits and T > 1 and cache.offset == 0:
@@ -106,6 +105,10 @@ class Attention(nn.Module):
         # [B, H, T, E] -> [B, T, H * E]; one token: the same memory, a reshape alone.
         o = o.reshape(B, T, -1) if T == 1 else o.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(o)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x float[B, T, D] -> (q float[B, T, H * E], k and v float[B, T, K * E])."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _heads(self, y: mx.array, n: int) -> mx.array:
         """float[B, T, n * E] -> float[B, n, T, E] (one token: a reshape, no transpose)."""

@@ -6,7 +6,9 @@ bandwidth (docs/performance.md); this package's two C++ primitives compute the s
 (AVX-512 or AVX2 + FMA where the CPU has them, plain C++ otherwise; output rows over one shared
 pool of one thread per core, pool.cpp):
   - qmv.cpp, `quantized_matvec`: x [..., K] @ dequantize(w).T -> [..., N] for MLX's affine 4-
-    and 8-bit layouts with groups of 32/64/128;
+    and 8-bit layouts with groups of 32/64/128; `quantized_matvecs` computes several weights'
+    products of one x in one call (a decode step's q, k, v and its gate, up: `products`), the
+    rows of all of them split over the pool together;
   - fmv.cpp, `float_matvec`: x [..., K] @ w.T -> [..., N] for bfloat16 / float16 weights w
     [N, K], widened to float32 as they are read and summed in float32.
 
@@ -212,6 +214,24 @@ def product(layer, x: mx.array) -> mx.array:
     y = module().quantized_matvec(x, layer["weight"], layer["scales"], layer["biases"],
                                   layer.group_size, layer.bits)
     return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
+def products(layers, x: mx.array) -> list[mx.array]:
+    """[x [..., in] @ dequantize(layer).T for each layer] in x's dtype, in one call of the module
+    (quantized_matvecs: the rows of every weight split over the pool together); the same
+    numbers as `product` per layer. Call when `fusable(layers, x)`."""
+    first = layers[0]
+    ys = module().quantized_matvecs(x, [l[k] for l in layers for k in ("weight", "scales", "biases")],
+                                    first.group_size, first.bits)
+    return [y if y.dtype == x.dtype else y.astype(x.dtype) for y in ys]
+
+
+def fusable(layers, x: mx.array) -> bool:
+    """Whether `products(layers, x)` runs: each layer takes the compiled kernel (`supports`), all of
+    one format (bits, group size, scales dtype), none with a bias."""
+    first = layers[0]
+    return all(supports(l, x) and l.bits == first.bits and l.group_size == first.group_size
+               and l["scales"].dtype == first["scales"].dtype and "bias" not in l for l in layers)
 
 
 def supports_float(weight: mx.array, x: mx.array) -> bool:

@@ -1,6 +1,7 @@
 // Python module _pg_edge_qmv: pg_edge.cpu.qmv loads it from its build folder when present.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "act.h"
 #include "bf16_gemm.h"
@@ -20,6 +21,10 @@ NB_MODULE(_pg_edge_qmv, m) {
         "group_size"_a, "bits"_a, nb::kw_only(), "int8"_a = true, "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases).T -> [..., N] (affine, 4 or 8 bits); int8=False "
         "keeps the float32 kernels where the int8 ones (large 4-bit weights, AVX512-VNNI or AVX2) would run");
+  m.def("quantized_matvecs", &pg_edge::quantized_matvecs, "x"_a, "weights"_a, "group_size"_a, "bits"_a,
+        nb::kw_only(), "int8"_a = true, "stream"_a = nb::none(),
+        "[x @ dequantize(w, scales, biases).T for each (w, scales, biases) in weights (a flat list)], "
+        "one call: the rows of all the weights split over the pool together");
   m.def("float_matvec", &pg_edge::float_matvec, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w.T -> [..., N] for w bfloat16 / float16 [N, K], in float32");
   m.def("dequantize", &pg_edge::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,

@@ -284,62 +284,117 @@ void prepare_x(Job& j, std::vector<float> xs_rows) {
   }
 }
 
-}  // namespace
+// One weight of a call, and where its float32 result goes ([M, N] row-contiguous).
+struct Weight {
+  const uint32_t* w;
+  const void* scales;
+  const void* biases;
+  Dtype sdt;
+  int N;
+  float* res;
+};
 
-// ------------------------------------------------------------------ primitive
-
-void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
-  const array& x = inputs[0];
-  const array& w = inputs[1];
-  const array& scales = inputs[2];
-  const array& biases = inputs[3];
-  array& out = outputs[0];
-  for (const array* a : {&w, &scales, &biases}) {
-    if (!a->flags().row_contiguous) {
-      throw std::invalid_argument("[qmv] weights, scales and biases must be row-contiguous");
+// res = x @ dequantize(w).T for every weight (the same K, group size and bits): x rows xs
+// [M, K] float32. Weights that take the int8 kernels (`int8`, large 4-bit, decode-sized M) run
+// as one split of all their rows, those left as another on the float32 kernels, x prepared once
+// for each; many rows (prefill) run each weight's GEMM. Every weight's result is the one a call
+// of its own gives.
+void products(std::vector<float> xs, int M, int K, int gs, int bits, bool int8, const std::vector<Weight>& ws) {
+  std::vector<Weight> rest;
+  std::vector<Int8Product> ips;
+  std::vector<float*> outs;
+  for (const Weight& wt : ws) {
+    const Int8Product ip{M, wt.N, K, gs, bits, xs.data(), wt.w, wt.scales, wt.biases, wt.sdt};
+    if (!int8 || !int8_applies(ip)) {
+      rest.push_back(wt);
+    } else if (M > 8) {  // prefill: the GEMM layouts (qmm_int8.cpp on AVX512-VNNI, qmm_int8_avx2.cpp on AVX2)
+      if (!(int8_level() == 2 ? int8_matmul(ip, wt.res) : int8_matmul_avx2(ip, wt.res))) rest.push_back(wt);
+    } else {
+      ips.push_back(ip);
+      outs.push_back(wt.res);
     }
   }
-  out.set_data(allocator::malloc(out.nbytes()));
-  auto& encoder = cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_input_array(scales);
-  encoder.set_input_array(biases);
-  encoder.set_output_array(out);
-  const int K = x.shape(-1), N = w.shape(0), M = static_cast<int>(x.size() / K);
-  encoder.dispatch([x = array::unsafe_weak_copy(x), w = array::unsafe_weak_copy(w),
-                    scales = array::unsafe_weak_copy(scales),
-                    biases = array::unsafe_weak_copy(biases), out = array::unsafe_weak_copy(out),
-                    M, N, K, gs = group_size_, bits = bits_, int8 = int8_]() mutable {
-    std::vector<float> xs = read_rows(x);
-    std::vector<float> tmp;
-    float* res = out.dtype() == float32 ? out.data<float>() : nullptr;
-    if (res == nullptr) {
-      tmp.resize(static_cast<size_t>(M) * N);
-      res = tmp.data();
+  // decode: x in int8 (qmv_int8.cpp), unless x holds inf / NaN
+  if (!ips.empty() && !int8_matvecs(ips, outs)) {
+    for (const Weight& wt : ws) {
+      if (std::find(outs.begin(), outs.end(), wt.res) != outs.end()) rest.push_back(wt);
     }
-    // large weights on AVX512-VNNI: x in int8 (qmv_int8.cpp), unless x holds inf / NaN
-    const Int8Product ip{M, N, K, gs, bits, xs.data(), w.data<uint32_t>(), scales.data<void>(),
-                         biases.data<void>(), scales.dtype()};
-    // prefill: the GEMM layouts (qmm_int8.cpp on AVX512-VNNI, qmm_int8_avx2.cpp on AVX2)
-    const bool many = M > 8;
-    const auto gemm = [&] { return int8_level() == 2 ? int8_matmul(ip, res) : int8_matmul_avx2(ip, res); };
-    if (!int8 || !int8_applies(ip) || !(many ? gemm() : int8_matvec(ip, res))) {
-      Job j{M, N, K, gs, bits, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-            scales.dtype(), {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
-      prepare_x(j, std::move(xs));
-      split_rows(N, static_cast<int64_t>(N) * K * M, 1, [&](int lo, int hi) { rows(j, lo, hi, res); });
+  }
+  if (rest.empty()) return;
+  Job base{M, 0, K, gs, bits, nullptr, nullptr, nullptr, float32, {}, {}, {}, cpu_simd(), cpu_simd() == 2 ? 16 : 8};
+  prepare_x(base, std::move(xs));
+  std::vector<Job> jobs(rest.size(), base);
+  std::vector<int> first(rest.size() + 1, 0);  // output rows of all weights, one after another
+  for (size_t i = 0; i < rest.size(); ++i) {
+    jobs[i].N = rest[i].N;
+    jobs[i].w = rest[i].w;
+    jobs[i].scales = rest[i].scales;
+    jobs[i].biases = rest[i].biases;
+    jobs[i].sdt = rest[i].sdt;
+    first[i + 1] = first[i] + rest[i].N;
+  }
+  split_rows(first.back(), static_cast<int64_t>(first.back()) * K * M, 1, [&](int lo, int hi) {
+    for (size_t i = 0; i < rest.size(); ++i) {
+      const int a = std::max(lo, first[i]), b = std::min(hi, first[i + 1]);
+      if (a < b) rows(jobs[i], a - first[i], b - first[i], rest[i].res);
     }
-    if (!tmp.empty()) write_out(out, tmp.data());
   });
 }
 
-array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases,
-                       int group_size, int bits, bool int8, StreamOrDevice s) {
-  if (bits != 4 && bits != 8) throw std::invalid_argument("[qmv] bits must be 4 or 8");
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    throw std::invalid_argument("[qmv] group_size must be 32, 64 or 128");
+void check_contiguous(const std::vector<array>& inputs) {
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    if (!inputs[i].flags().row_contiguous) {
+      throw std::invalid_argument("[qmv] weights, scales and biases must be row-contiguous");
+    }
   }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ primitives
+
+void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
+  QuantizedMatvecs(stream(), group_size_, bits_, int8_).eval_cpu(inputs, outputs);
+}
+
+void QuantizedMatvecs::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
+  check_contiguous(inputs);
+  auto& encoder = cpu::get_command_encoder(stream());
+  for (const array& a : inputs) encoder.set_input_array(a);
+  for (array& out : outputs) {
+    out.set_data(allocator::malloc(out.nbytes()));
+    encoder.set_output_array(out);
+  }
+  std::vector<array> ins, outs;
+  for (const array& a : inputs) ins.push_back(array::unsafe_weak_copy(a));
+  for (const array& a : outputs) outs.push_back(array::unsafe_weak_copy(a));
+  encoder.dispatch([ins = std::move(ins), outs = std::move(outs), gs = group_size_, bits = bits_,
+                    int8 = int8_]() mutable {
+    const array& x = ins[0];
+    const int K = x.shape(-1), M = static_cast<int>(x.size() / K);
+    std::vector<std::vector<float>> tmp(outs.size());
+    std::vector<Weight> ws;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const array &w = ins[1 + 3 * i], &scales = ins[2 + 3 * i], &biases = ins[3 + 3 * i];
+      const int N = w.shape(0);
+      float* res = outs[i].dtype() == float32 ? outs[i].data<float>() : nullptr;
+      if (res == nullptr) {
+        tmp[i].resize(static_cast<size_t>(M) * N);
+        res = tmp[i].data();
+      }
+      ws.push_back({w.data<uint32_t>(), scales.data<void>(), biases.data<void>(), scales.dtype(), N, res});
+    }
+    products(read_rows(x), M, K, gs, bits, int8, ws);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      if (!tmp[i].empty()) write_out(outs[i], tmp[i].data());
+    }
+  });
+}
+
+namespace {
+
+// The checks of one weight of a call; its output shape.
+Shape check_weight(const array& x, const array& w, const array& scales, const array& biases, int group_size, int bits) {
   if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.ndim() != 2) {
     throw std::invalid_argument("[qmv] x [..., K], w / scales / biases 2-D");
   }
@@ -353,12 +408,50 @@ array quantized_matvec(const array& x, const array& w, const array& scales, cons
   if (!floating(x.dtype()) || !floating(scales.dtype()) || biases.dtype() != scales.dtype()) {
     throw std::invalid_argument("[qmv] x, scales, biases must be float32 / bfloat16 / float16");
   }
-  auto stream = to_stream(s);
-  if (stream.device != Device::cpu) throw std::invalid_argument("[qmv] CPU streams only");
   Shape out_shape = x.shape();
   out_shape.back() = N;
+  return out_shape;
+}
+
+void check_format(int group_size, int bits) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("[qmv] bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    throw std::invalid_argument("[qmv] group_size must be 32, 64 or 128");
+  }
+}
+
+Stream cpu_stream(StreamOrDevice s) {
+  auto stream = to_stream(s);
+  if (stream.device != Device::cpu) throw std::invalid_argument("[qmv] CPU streams only");
+  return stream;
+}
+
+}  // namespace
+
+array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases,
+                       int group_size, int bits, bool int8, StreamOrDevice s) {
+  check_format(group_size, bits);
+  Shape out_shape = check_weight(x, w, scales, biases, group_size, bits);
   return array(out_shape, promote_types(x.dtype(), scales.dtype()),
-               std::make_shared<QuantizedMatvec>(stream, group_size, bits, int8), {x, w, scales, biases});
+               std::make_shared<QuantizedMatvec>(cpu_stream(s), group_size, bits, int8), {x, w, scales, biases});
+}
+
+std::vector<array> quantized_matvecs(const array& x, const std::vector<array>& weights, int group_size, int bits,
+                                     bool int8, StreamOrDevice s) {
+  check_format(group_size, bits);
+  if (weights.empty() || weights.size() % 3 != 0) {
+    throw std::invalid_argument("[qmv] weights: w, scales, biases of each product, one after another");
+  }
+  std::vector<Shape> shapes;
+  std::vector<Dtype> dtypes;
+  std::vector<array> inputs{x};
+  for (size_t i = 0; i < weights.size(); i += 3) {
+    shapes.push_back(check_weight(x, weights[i], weights[i + 1], weights[i + 2], group_size, bits));
+    dtypes.push_back(promote_types(x.dtype(), weights[i + 1].dtype()));
+    inputs.insert(inputs.end(), {weights[i], weights[i + 1], weights[i + 2]});
+  }
+  return array::make_arrays(std::move(shapes), dtypes,
+                            std::make_shared<QuantizedMatvecs>(cpu_stream(s), group_size, bits, int8), inputs);
 }
 
 }  // namespace pg_edge

@@ -266,12 +266,34 @@ bool int8_applies(const Int8Product& p) {
   return static_cast<int64_t>(p.N) * p.K >= kInt8MinElements && p.K % B == 0;
 }
 
-bool int8_matvec([[maybe_unused]] const Int8Product& p, [[maybe_unused]] float* out) {
+bool int8_matvec(const Int8Product& p, float* out) {
+  return int8_matvecs({p}, {out});
+}
+
+bool int8_matvecs([[maybe_unused]] const std::vector<Int8Product>& ps, [[maybe_unused]] const std::vector<float*>& outs) {
 #ifdef QMV_X86
-  Job j{p, int8_level() == 2 ? 128 : 64, {}, {}, {}, {}};
-  if (!prepare(j)) return false;
-  split_rows(p.N, static_cast<int64_t>(p.N) * p.K * p.M, 1, [&](int lo, int hi) {
-    rows_all(j, lo, hi, out);
+  // x is rounded once (every product has the same x, K and group size); each weight's job is
+  // a copy of that one with its own weight (x's buffers are a few KB).
+  std::vector<Job> jobs(ps.size(), Job{ps[0], int8_level() == 2 ? 128 : 64, {}, {}, {}, {}});
+  if (!prepare(jobs[0])) return false;
+  std::vector<int> first(ps.size() + 1, 0);  // output rows of all products, one after another
+  int64_t work = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (i > 0) {
+      jobs[i] = jobs[0];
+      jobs[i].p = ps[i];
+    }
+    first[i + 1] = first[i] + ps[i].N;
+    work += static_cast<int64_t>(ps[i].N) * ps[i].K * ps[i].M;
+  }
+  // One split over the rows of every weight: the threads stream from one weight into the next
+  // without waiting for each other at every product's end (small products read at half the
+  // bandwidth of large ones when each is its own call: docs/performance.md).
+  split_rows(first.back(), work, 1, [&](int lo, int hi) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const int a = std::max(lo, first[i]), b = std::min(hi, first[i + 1]);
+      if (a < b) rows_all(jobs[i], a - first[i], b - first[i], outs[i]);
+    }
   });
   return true;
 #endif

@@ -41,6 +41,11 @@ bool int8_applies(const Int8Product& p);
 // untouched) when a row of x holds inf or NaN, for the caller's float32 kernel to run instead.
 bool int8_matvec(const Int8Product& p, float* out);
 
+// Several products of the same x (the same M, K, group size and bits), out[i] for ps[i]: x is
+// rounded once and the rows of all weights split over the pool as one range. False (outs
+// untouched) as int8_matvec. Each ps[i] must pass int8_applies.
+bool int8_matvecs(const std::vector<Int8Product>& ps, const std::vector<float*>& outs);
+
 // The same product over many x rows (prefill), in qmm_int8.cpp's GEMM layout; AVX512-VNNI only
 // (false, out untouched, elsewhere or when x holds inf / NaN).
 bool int8_matmul(const Int8Product& p, float* out);
