@@ -12,8 +12,9 @@ Stages (outputs under --work, default build/demo_model; the last stages write th
     export      the fine-tuned float model in the official HF layout -> hf_finetuned
     table       the segment codes that model writes, per (kind, box side)      (apps/demo_model/seg_table.py)
     retask      prompt following: torch, every detect/segment prompt form with empty answers for
-                absent kinds, caption and count replayed; the last three phases each on a model
-                deepened by two layers a stack, to 6 + 6, 8 + 8 then 10 + 10 (apps/demo_model/grow.py)
+                absent kinds, caption and count replayed; three phases each on a model deepened
+                by two layers a stack, to 6 + 6, 8 + 8 then 10 + 10 (apps/demo_model/grow.py), then
+                two more at 10 + 10 on fresh images (the last with a larger segment share)
                 -> apps/demo_model/hf (kept in the repo)
     ship        pg-edge convert apps/demo_model/hf, pg-edge quantize -> pg_edge/demo/model,
                 pg-edge convert-vae -> pg_edge/demo/model/vae.safetensors, sample images
