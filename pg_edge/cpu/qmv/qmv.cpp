@@ -14,6 +14,8 @@
 // 4-bit weights of 2^20+ elements take qmv_int8.cpp's kernels instead (x rounded to int8 per
 // group; AVX512-VNNI or AVX2; over 8 x rows on AVX512-VNNI, qmm_int8.cpp's GEMM);
 // PG_EDGE_DECODE=float32 keeps these float32 kernels.
+// quantized_matvecs runs several weights' products of one x as one primitive: x read once, the
+// rows of all the weights split over the pool as one range (`products` below).
 #include "qmv.h"
 
 #include <algorithm>
