@@ -139,7 +139,7 @@ def cpu_quantized_products(layers, x: mx.array) -> list[mx.array] | None:
     `CpuQuantizedLinear` (a LoRA wrapper, a float layer), more than qmv.MAX_ROWS rows, training,
     tracing, or the module not built. The same numbers as each layer's own product."""
     if (not all(type(l) is CpuQuantizedLinear and not l.training for l in layers) or tracing()
-            or x.size // x.shape[-1] > qmv.MAX_ROWS or not qmv.fusable(layers, x)):
+            or not qmv.fusable(layers, x)):  # fusable: qmv.supports each, which caps the rows
         return None
     return qmv.products(layers, x)
 

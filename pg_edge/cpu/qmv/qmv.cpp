@@ -353,11 +353,7 @@ void check_contiguous(const std::vector<array>& inputs) {
 
 }  // namespace
 
-// ------------------------------------------------------------------ primitives
-
-void QuantizedMatvec::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
-  QuantizedMatvecs(stream(), group_size_, bits_, int8_).eval_cpu(inputs, outputs);
-}
+// ------------------------------------------------------------------ primitive
 
 void QuantizedMatvecs::eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) {
   check_contiguous(inputs);
@@ -432,10 +428,7 @@ Stream cpu_stream(StreamOrDevice s) {
 
 array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases,
                        int group_size, int bits, bool int8, StreamOrDevice s) {
-  check_format(group_size, bits);
-  Shape out_shape = check_weight(x, w, scales, biases, group_size, bits);
-  return array(out_shape, promote_types(x.dtype(), scales.dtype()),
-               std::make_shared<QuantizedMatvec>(cpu_stream(s), group_size, bits, int8), {x, w, scales, biases});
+  return quantized_matvecs(x, {w, scales, biases}, group_size, bits, int8, s)[0];
 }
 
 std::vector<array> quantized_matvecs(const array& x, const std::vector<array>& weights, int group_size, int bits,

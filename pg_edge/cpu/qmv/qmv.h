@@ -23,25 +23,7 @@ std::vector<mlx::core::array> quantized_matvecs(
     const mlx::core::array& x, const std::vector<mlx::core::array>& weights, int group_size, int bits,
     bool int8 = true, mlx::core::StreamOrDevice s = {});
 
-class QuantizedMatvec : public AffinePrimitive {
- public:
-  QuantizedMatvec(mlx::core::Stream stream, int group_size, int bits, bool int8)
-      : AffinePrimitive(stream, group_size, bits), int8_(int8) {}
-  bool is_equivalent(const mlx::core::Primitive& other) const override {
-    return AffinePrimitive::is_equivalent(other) && int8_ == static_cast<const QuantizedMatvec&>(other).int8_;
-  }
-
-  void eval_cpu(const std::vector<mlx::core::array>& inputs,
-                std::vector<mlx::core::array>& outputs) override;
-  const char* name() const override {
-    return "PgEdgeQuantizedMatvec";
-  }
-
- private:
-  bool int8_;
-};
-
-// quantized_matvecs' primitive: inputs x, then w, scales, biases per product; one output each.
+// The primitive of both: inputs x, then w, scales, biases per product; one output each.
 class QuantizedMatvecs : public AffinePrimitive {
  public:
   QuantizedMatvecs(mlx::core::Stream stream, int group_size, int bits, bool int8)
