@@ -14,6 +14,7 @@ run decodes the same number of tokens):
     folder_gb       bytes on disk of the folder
     blas            the BLAS under MLX's CPU float32 products (pg_edge/blas.py) and
     matmul_gflops   MLX's float32 1024 x 1024 matmul speed here with it
+    pages           how much of the weights load put on 2 MB pages (pg_edge/cpu/pages.py)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cpu import qmv
+from .cpu import pages, qmv
 from .errors import PgEdgeError
 
 
@@ -156,7 +157,7 @@ def measure(folder, *, prompt: str = "caption en", tokens: int = 32, attention: 
         # key kept from before the bf16/fp16 matvec joined the extension: both run the same kernel set
         "quantized_matvec": qmv.kernel() if mx.default_device().type == mx.cpu else "mlx",
         "prefill_products": qmv.prefill_kernel() if mx.default_device().type == mx.cpu else "mlx",
-        "blas": describe(), "matmul_gflops": matmul_gflops(),
+        "blas": describe(), "matmul_gflops": matmul_gflops(), "pages": pages.describe(),
     }
 
 
@@ -178,4 +179,5 @@ def to_text(r: dict) -> str:
         head += f"\n  decode matvec (quantized, bf16/fp16): {r['quantized_matvec']}"
     if "prefill_products" in r:
         head += f"\n  prefill products (quantized, bf16/fp16): {r['prefill_products']}"
-    return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows] + [f"  BLAS: {r['blas']}"])
+    tail = [f"  BLAS: {r['blas']}"] + ([f"  weights' pages: {r['pages']}"] if "pages" in r else [])
+    return "\n".join([head] + [f"  {k:<{w}}  {v:>14}" for k, v in rows] + tail)

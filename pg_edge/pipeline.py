@@ -47,6 +47,7 @@ from .scheduler import Arrival, Scheduler
 from .generate import Chunk, GenerationResult, Sampling, generate_batch
 from .checkpoint.folder import resolve
 from .checkpoint.loader import load_folder
+from .cpu import pages
 from .model.paligemma import PaliGemmaModel
 from .inputs.images import ImageInput
 from .inputs.processor import Inputs, Processor, Tokenizer
@@ -75,6 +76,7 @@ class PaliGemma:
         # MLX evaluates a lazy graph only on the thread that built it: make the weights concrete
         # here, so the worker thread can use them.
         mx.eval(model.parameters())
+        pages.settle(model)  # on a Linux CPU: the weights on 2 MB pages (faster decode reads)
 
     @property
     def max_batch(self) -> int:

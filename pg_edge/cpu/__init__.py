@@ -10,6 +10,7 @@ Read in this order:
                    quantized models
     mlp.py         SigLIP's and Gemma's MLPs with the compiled tanh GELU (16-bit and quantized
                    models)
+    pages.py       the loaded weights moved onto 2 MB pages (Linux; pg_edge.load calls it)
 
 `apply(model)` is called once at load (pg_edge.checkpoint.loader.build_model). On the CPU backend it turns
 modules into their CPU subclasses: same parameters, same checkpoint keys, same memory, the same
