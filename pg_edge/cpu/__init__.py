@@ -5,7 +5,8 @@ Read in this order:
     products.py    Linear / Embedding variants: float32 quantized kernel, dequantize + GEMM for
                    many rows, products split by output rows over the streams
     ops.py         leaner RMSNorm / RoPE / softcap graphs, and CpuRMSNorm
-    attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention
+    attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention;
+                   a decode step's attention in one compiled kernel: CpuDecodeAttention
     layers.py      prefill evaluated layer by layer; float32 activations for 16-bit and
                    quantized models
     mlp.py         SigLIP's and Gemma's MLPs with the compiled tanh GELU (16-bit and quantized
@@ -30,7 +31,7 @@ import mlx.nn as nn
 from ..model.gemma import MLP, Attention, GemmaModel, RMSNorm
 from ..model.paligemma import PaliGemmaModel
 from ..model.siglip import SiglipAttention, SiglipEncoder, SiglipMLP
-from .attention import CpuAttention, CpuSiglipAttention
+from .attention import CpuAttention, CpuDecodeAttention, CpuSiglipAttention
 from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
 from .mlp import CpuMLP, CpuSiglipMLP
 from . import products
@@ -43,9 +44,10 @@ SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuant
          nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding,
          RMSNorm: CpuRMSNorm, Attention: CpuAttention, SiglipAttention: CpuSiglipAttention}
 # Swapped when the model holds quantized or 16-bit float layers (their dense or float32 prefill
-# pieces; the compiled GELU, whose last bits differ from MLX's: a float32 model keeps those).
+# pieces; the compiled GELU and decode attention, whose last bits differ from MLX's: a float32
+# model keeps those).
 LAYER_BY_LAYER = {GemmaModel: CpuGemmaModel, SiglipEncoder: CpuSiglipEncoder,
-                  MLP: CpuMLP, SiglipMLP: CpuSiglipMLP}
+                  MLP: CpuMLP, SiglipMLP: CpuSiglipMLP, CpuAttention: CpuDecodeAttention}
 
 
 def policy() -> str:

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..model.gemma import Attention
 from ..model.siglip import SiglipAttention
-from . import ops
+from . import ops, qmv
 from .products import cpu_quantized_products
 from .streams import lean, on_streams, stream_count
 
@@ -81,6 +81,18 @@ class CpuAttention(Attention):
 
     def cap(self, scores: mx.array) -> mx.array:
         return ops.softcap(scores.astype(mx.float32), self.softcap) if lean(self) else super().cap(scores)
+
+
+class CpuDecodeAttention(CpuAttention):
+    """`CpuAttention` of a 16-bit or quantized model (pg_edge.cpu.apply swaps it in with the
+    compiled GELU): a decode step's attention (one query token, float32 cache) as one compiled
+    kernel, qmv.decode_attention, when the module is built (AVX-512). Its softcap and softmax
+    use a vectorised exp, so its last bits differ from MLX's ops; a float32 model keeps them."""
+
+    def attend(self, q, k, v, mask):
+        if q.shape[2] == 1 and lean(self) and qmv.supports_attention(q, k, v, mask):
+            return qmv.decode_attention(q, k, v, mask, self.scale, self.softcap or 0.0)
+        return super().attend(q, k, v, mask)
 
 
 class CpuSiglipAttention(SiglipAttention):

@@ -244,3 +244,18 @@ def float_product(weight: mx.array, x: mx.array) -> mx.array:
     """x [..., in] @ weight.T -> [..., out] in promote(x, weight)'s dtype, like `x @ weight.T`
     (call when `supports_float`)."""
     return module().float_matvec(x, weight)
+
+
+def supports_attention(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
+    """Whether `decode_attention` runs: one float32 query token (q [B, H, 1, E]) against float32
+    keys and values [B, K, S, E], E a multiple of 16 up to 256, mask None or bool, on AVX-512."""
+    mod = module()
+    return (mod is not None and q.ndim == 4 and q.shape[2] == 1 and k.ndim == 4
+            and q.dtype == k.dtype == v.dtype == mx.float32 and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+            and (mask is None or mask.dtype == mx.bool_) and mod.decode_attention_supported())
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, mask, scale: float, softcap: float) -> mx.array:
+    """softmax(cap(scale * q . k), mask) . v -> float32 [B, H, 1, E] in one kernel (attn.cpp;
+    call when `supports_attention`); softcap 0: none."""
+    return module().decode_attention(q, k, v, mask, float(scale), float(softcap or 0.0))

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "pool.h"
+#include "vexp.h"
 
 #ifdef QMV_X86
 #include <immintrin.h>
@@ -47,22 +48,6 @@ void gelu_portable(const float* in, float* out, int64_t n) {
 }
 
 #ifdef QMV_X86
-// exp(v) for v in [-88, 88]: v = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' polynomial.
-__attribute__((target("avx512f"))) inline __m512 exp512(__m512 v) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);  // p * 2^n
-}
-
 __attribute__((target("avx512f"))) void gelu_avx512(const float* in, float* out, int64_t n) {
   const __m512 c = _mm512_set1_ps(-2.f * kC), a = _mm512_set1_ps(kA), one = _mm512_set1_ps(1.f);
   const __m512 lo = _mm512_set1_ps(-kMaxArg), hi = _mm512_set1_ps(kMaxArg);

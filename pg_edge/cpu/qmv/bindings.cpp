@@ -1,9 +1,11 @@
 // Python module _pg_edge_qmv: pg_edge.cpu.qmv loads it from its build folder when present.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include "act.h"
+#include "attn.h"
 #include "bf16_gemm.h"
 #include "common.h"
 #include "dq.h"
@@ -32,6 +34,10 @@ NB_MODULE(_pg_edge_qmv, m) {
         "dequantize(w, scales, biases) -> float32 [N, K] (affine, 4 or 8 bits), one thread");
   m.def("gelu_tanh", &pg_edge::gelu_tanh, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), x float32 / bfloat16, in float32");
+  m.def("decode_attention", &pg_edge::decode_attention, "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "scale"_a,
+        "softcap"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(cap(scale * q . k), mask) . v for one query token: q [B, H, 1, E], k / v [B, K, S, E] float32");
+  m.def("decode_attention_supported", &pg_edge::decode_attention_supported, "whether this CPU runs decode_attention (AVX-512)");
   m.def("bf16_matmul", &pg_edge::bf16_matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w.T -> float32 [..., N], w bfloat16 / float16 [N, K], x rounded to bfloat16 (AMX)");
   m.def("bf16_quantized_matmul", &pg_edge::bf16_quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,

@@ -138,4 +138,13 @@ void split_rows(int N, int64_t work, int align, const std::function<void(int, in
   });
 }
 
+void split_units(int n, int64_t work, const std::function<void(int, int)>& units) {
+  Pool& p = pool();
+  if (p.size() == 1 || work < (1 << 16) || n < 2) {
+    units(0, n);
+    return;
+  }
+  p.run(n, [&](int u) { units(u, u + 1); });
+}
+
 }  // namespace pg_edge

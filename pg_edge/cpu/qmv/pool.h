@@ -15,4 +15,8 @@ int threads();
 // `align` rounds the chunk size up to a multiple (a kernel's block of output rows).
 void split_rows(int N, int64_t work, int align, const std::function<void(int, int)>& rows);
 
+// Calls units(lo, hi) over [0, n) with one unit per chunk (attn.cpp: a decode attention's
+// (row, head) pairs, 8 for one PaliGemma 2 row), or once on the caller when `work` is small.
+void split_units(int n, int64_t work, const std::function<void(int, int)>& units);
+
 }  // namespace pg_edge
