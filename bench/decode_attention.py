@@ -2,7 +2,8 @@
 
     python bench/decode_attention.py [--folder FOLDER] [--tokens 32] [--rounds 4]
 
-Needs the compiled module (`make qmv`) on an AVX-512 CPU. Part 1: one PaliGemma 2 3B layer's
+Needs the compiled module (`make qmv`) on an AVX-512 or AVX2 CPU (PG_EDGE_QMV_SIMD=avx2 runs the
+AVX2 kernel on an AVX-512 one). Part 1: one PaliGemma 2 3B layer's
 attention for one token (8 query heads, 4 kv heads of 256, softcap 50, float32), the keys and
 values strided slices of a cache buffer as mlx-lm's KVCache returns them, at 260, 1040 and 4100
 cached tokens (224, 448 and 896 px with a short prompt): the model's ops (scale, batched
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args()
     if qmv.module() is None or not qmv.module().decode_attention_supported():
-        sys.exit(f"needs the compiled module on an AVX-512 CPU: {qmv.kernel()}")
+        sys.exit(f"needs the compiled module on an AVX-512 or AVX2 CPU: {qmv.kernel()}")
     layers()
     if a.folder:
         decode(a.folder, a.tokens, a.rounds)

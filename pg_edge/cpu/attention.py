@@ -86,7 +86,7 @@ class CpuAttention(Attention):
 class CpuDecodeAttention(CpuAttention):
     """`CpuAttention` of a 16-bit or quantized model (pg_edge.cpu.apply swaps it in with the
     compiled GELU): a decode step's attention (one query token, float32 cache) as one compiled
-    kernel, qmv.decode_attention, when the module is built (AVX-512). Its softcap and softmax
+    kernel, qmv.decode_attention, when the module is built (AVX-512 or AVX2). Its softcap and softmax
     use a vectorised exp, so its last bits differ from MLX's ops; a float32 model keeps them."""
 
     def attend(self, q, k, v, mask):

@@ -3,6 +3,11 @@ kernel, as MLX's ops compute it (scale, dot, softcap, mask, softmax, values), an
 backend's decode attention of 16-bit and quantized models taking it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ from pg_edge.cpu import attention, ops, qmv
 @pytest.fixture(scope="module")
 def kernel(ext):
     if not ext.decode_attention_supported():
-        pytest.skip("decode_attention runs on AVX-512 CPUs only; elsewhere MLX's ops run (tested as the model's)")
+        pytest.skip("decode_attention runs on AVX2 or AVX-512 x86 CPUs; elsewhere MLX's ops run (tested as the model's)")
     return ext
 
 
@@ -51,6 +56,33 @@ def test_matches_the_models_ops_on_cache_slices(kernel, B, H, K, S, E, cap, mask
     want = reference(q, k, v, m, 1 / 16, cap)
     assert got.shape == (B, H, 1, E) and got.dtype == mx.float32
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=2e-5)
+
+
+def test_the_avx2_kernel_too(kernel):
+    """The AVX2 + FMA kernel (8 lanes) in a fresh process capped to AVX2 (the level is read once),
+    on the shapes above, with and without a mask (one row fully masked)."""
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import mlx.core as mx
+from pg_edge.cpu import qmv
+from test_decode_attention import reference
+worst = 0.0
+for B, H, K, S, E, cap in [(1, 8, 4, 260, 256, 50.0), (2, 8, 4, 37, 256, 50.0), (1, 8, 1, 300, 256, 0.0), (2, 4, 2, 5, 32, 30.0)]:
+    kb, vb = mx.random.normal((B, K, S + 40, E)), mx.random.normal((B, K, S + 40, E))
+    k, v, q = kb[:, :, :S], vb[:, :, :S], mx.random.normal((B, H, 1, E)) * 3
+    m = mx.random.uniform(shape=(B, 1, 1, S)) > 0.3
+    m[0] = False
+    for mask in (None, m):
+        got = qmv.module().decode_attention(q, k, v, mask, 1 / 16, cap)
+        worst = max(worst, float(mx.abs(got - reference(q, k, v, mask, 1 / 16, cap)).max()))
+print(qmv.module().simd(), worst)
+"""
+    env = dict(os.environ, PG_EDGE_QMV_SIMD="avx2")
+    env.pop("PG_EDGE_QMV", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    level, worst = out.stdout.split()
+    assert level == "avx2" and float(worst) < 2e-5, out.stdout
 
 
 def test_a_row_with_every_key_masked_averages_as_mlx_does(kernel):

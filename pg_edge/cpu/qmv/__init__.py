@@ -248,7 +248,7 @@ def float_product(weight: mx.array, x: mx.array) -> mx.array:
 
 def supports_attention(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
     """Whether `decode_attention` runs: one float32 query token (q [B, H, 1, E]) against float32
-    keys and values [B, K, S, E], E a multiple of 16 up to 256, mask None or bool, on AVX-512."""
+    keys and values [B, K, S, E], E a multiple of 16 up to 256, mask None or bool, on AVX-512 or AVX2."""
     mod = module()
     return (mod is not None and q.ndim == 4 and q.shape[2] == 1 and k.ndim == 4
             and q.dtype == k.dtype == v.dtype == mx.float32 and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256

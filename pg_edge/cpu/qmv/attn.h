@@ -13,7 +13,8 @@ namespace pg_edge {
 // slices); mask None or bool [B, 1, 1, S] (broadcast strides allowed). Query head h reads kv
 // head h / (H / K). -> float32 [B, H, 1, E]:
 //   softmax(cap(scale * q . k_s), masked scores at the float32 minimum) . v
-// with cap(x) = softcap * tanh(x / softcap) when softcap > 0. AVX-512 only (decode_attention_supported).
+// with cap(x) = softcap * tanh(x / softcap) when softcap > 0. AVX-512 or AVX2 + FMA
+// (decode_attention_supported).
 mlx::core::array decode_attention(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                                   const std::optional<mlx::core::array>& mask, float scale, float softcap,
                                   mlx::core::StreamOrDevice s = {});
