@@ -57,8 +57,8 @@ QMM2_ATTR inline int hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-// x rows [lo, hi) rounded into r (sized by the caller); false when a group's largest |x| is not
-// finite. VCVTPS2DQ rounds to nearest even, as the decode kernel's std::nearbyint does.
+// x rows [lo, hi) rounded into r (sized by the caller); false when a group's largest |x| or its
+// sum is not finite. VCVTPS2DQ rounds to nearest even, as the decode kernel's std::nearbyint does.
 QMM2_ATTR bool round_rows(const Int8Product& p, Int8Rows& r, int lo, int hi) {
   const int G = p.K / p.gs;
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -71,8 +71,9 @@ QMM2_ATTR bool round_rows(const Int8Product& p, Int8Rows& r, int lo, int hi) {
         vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
         vsum = _mm256_add_ps(vsum, v);
       }
-      const float amax = hmax8(vmax);
-      if (!std::isfinite(amax)) return false;
+      const float amax = hmax8(vmax), sum = hsum8(vsum);
+      // NaN: max_ps keeps its second operand, so a NaN lane can be dropped from amax; the sum keeps it
+      if (!std::isfinite(amax) || !std::isfinite(sum)) return false;
       const float inv = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
       int8_t* q = r.xq.data() + static_cast<size_t>(m) * p.K + g * p.gs;
       __m256i vq = _mm256_setzero_si256();
@@ -85,7 +86,7 @@ QMM2_ATTR bool round_rows(const Int8Product& p, Int8Rows& r, int lo, int hi) {
       }
       const size_t i = static_cast<size_t>(m) * G + g;
       r.sx[i] = step;
-      r.xsum[i] = hsum8(vsum);
+      r.xsum[i] = sum;
       r.xr[i] = 8.f * (r.xsum[i] - step * static_cast<float>(hsum8i(vq)));
     }
   }

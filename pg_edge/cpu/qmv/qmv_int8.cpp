@@ -63,71 +63,20 @@ struct Job {
 };
 
 #ifdef QMV_X86
-// One group of x (gs elements, a multiple of 8) rounded to int8 in natural order: q[0 .. gs),
-// with its largest |x| and its float32 sum; the int8 sum is returned. Eight lanes at a time:
-// this runs on one thread before the rows are split, once per call (a decode step makes over a
-// hundred calls), so a per-element loop here was a visible share of a small product's time.
-// The rounding is the scalar one's: x * (127 / amax) to the nearest (even) integer under the
-// default rounding mode, clamped to [-127, 127].
-__attribute__((target("avx2,fma"))) int round_group(const float* x, int gs, int8_t* q, float* amax_out,
-                                                      float* sum_out) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
-  for (int i = 0; i < gs; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    vsum = _mm256_add_ps(vsum, v);  // NaN anywhere makes the sum NaN (max_ps would drop it)
-    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, absmask));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  float amax = lanes[0];
-  for (int i = 1; i < 8; ++i) amax = std::max(amax, lanes[i]);
-  _mm256_store_ps(lanes, vsum);
-  float sum = 0.f;
-  for (int i = 0; i < 8; ++i) sum += lanes[i];
-  *amax_out = amax;
-  *sum_out = sum;
-  if (!std::isfinite(amax) || !std::isfinite(sum)) return 0;
-  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
-  const __m256i first_dwords = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
-  __m256i qsum = _mm256_setzero_si256();
-  for (int i = 0; i < gs; i += 8) {
-    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
-    r = _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
-    qsum = _mm256_add_epi32(qsum, r);
-    // 8 int32 -> 8 int8: the packs work per 128-bit half, so bytes 0-3 of each half are kept
-    const __m256i w = _mm256_packs_epi32(r, r);
-    const __m256i b = _mm256_packs_epi16(w, w);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i),
-                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, first_dwords)));
-  }
-  alignas(32) int qs[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(qs), qsum);
-  return qs[0] + qs[1] + qs[2] + qs[3] + qs[4] + qs[5] + qs[6] + qs[7];
-}
-
-// Rounds x into j's buffers; false when a group's largest |x| or its sum is not finite.
+// Rounds x into j's buffers (round_int8_rows, the GEMMs' rounding, then each block's order);
+// false when a group's largest |x| or its sum is not finite.
 bool prepare(Job& j) {
   const Int8Product& p = j.p;
   const int groups = p.K / p.gs, B = j.B;
+  Int8Rows r;
+  if (!round_int8_rows(p, r)) return false;
+  j.xsum = std::move(r.xsum);
+  j.xr = std::move(r.xr);
   j.xq.resize(static_cast<size_t>(p.M) * p.K);
   j.xl.resize(static_cast<size_t>(p.M) * p.K / E);
-  j.xsum.resize(static_cast<size_t>(p.M) * groups);
-  j.xr.resize(static_cast<size_t>(p.M) * groups);
-  std::vector<float> sx(groups);
-  std::vector<int8_t> row(p.K);  // one x row rounded, in natural order
   for (int m = 0; m < p.M; ++m) {
-    const float* x = p.x + static_cast<size_t>(m) * p.K;
-    for (int g = 0; g < groups; ++g) {
-      float amax, sum;
-      const int qsum = round_group(x + g * p.gs, p.gs, row.data() + g * p.gs, &amax, &sum);
-      if (!std::isfinite(amax) || !std::isfinite(sum)) return false;
-      sx[g] = amax / 127.f;
-      j.xsum[static_cast<size_t>(m) * groups + g] = sum;
-      j.xr[static_cast<size_t>(m) * groups + g] = 8.f * (sum - sx[g] * static_cast<float>(qsum));
-    }
     // each block's even elements, then its odd ones: the nibbles' order
+    const int8_t* row = r.xq.data() + static_cast<size_t>(m) * p.K;
     int8_t* xq = j.xq.data() + static_cast<size_t>(m) * p.K;
     for (int b = 0; b < p.K; b += B) {
       for (int t = 0; t < B / 2; ++t) {
@@ -135,6 +84,7 @@ bool prepare(Job& j) {
         xq[b + B / 2 + t] = row[b + 2 * t + 1];
       }
     }
+    const float* sx = r.sx.data() + static_cast<size_t>(m) * groups;
     float* xl = j.xl.data() + static_cast<size_t>(m) * p.K / E;
     for (int lane = 0; lane < p.K / E; ++lane) xl[lane] = sx[lane * E / p.gs];
   }

@@ -63,7 +63,7 @@ struct Int8Rows {
 };
 
 // p.x rounded into r (sized here), rows over the pool, in AVX2 (qmm_int8_avx2.cpp; its cost is
-// M * K against the GEMM's M * N * K); false when a group's largest |x| is not finite.
+// M * K against the GEMM's M * N * K); false when a group's largest |x| or its sum is not finite.
 bool round_int8_rows(const Int8Product& p, Int8Rows& r);
 
 // Rows [n0, n0 + rows) of p's 4-bit weight unpacked to one byte a weight ([lanes][K], in order;
