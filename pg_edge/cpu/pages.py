@@ -23,6 +23,7 @@ PG_EDGE_HUGEPAGES=off leaves the pages as they are.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 import time
@@ -31,9 +32,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 HUGE = 2 << 20  # the x86-64 / arm64 (4 KB base page) transparent huge page size
-MIN_BYTES = 256 << 10  # below this a weight is read too seldom for its page to matter
+MIN_BYTES = 256 << 10  # smaller weights (norms, biases) are few bytes of a step; skipping them saves calls
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>
-_EINVAL = 22
 
 # What the last settle() did, for `pg-edge bench` and the tests: bytes on 2 MB pages, how.
 last: dict = {"bytes": 0, "how": "not run", "seconds": 0.0}
@@ -100,7 +100,7 @@ def _collapse(madvise, start: int, nbytes: int) -> tuple[int, int]:
     if madvise(first, end - first, MADV_COLLAPSE) == 0:
         return nbytes, 0
     err = ctypes.get_errno()
-    if err == _EINVAL:
+    if err == errno.EINVAL:
         return 0, err
     first, end = aligned_range(start, nbytes)
     if end > first and madvise(first, end - first, MADV_COLLAPSE) == 0:
@@ -132,7 +132,7 @@ def settle(model) -> dict:
     results = [_collapse(madvise, start, nbytes) for start, nbytes in ranges]
     total = sum(b for b, _ in results)
     how = "collapse"
-    if ranges and all(err == _EINVAL for _, err in results):  # a kernel before 6.1: khugepaged will
+    if ranges and all(err == errno.EINVAL for _, err in results):  # a kernel before 6.1: khugepaged will
         how, total = "hugepage", 0
         for start, nbytes in ranges:
             first, end = covering_range(start, nbytes)
