@@ -4,9 +4,10 @@ SigLIP's MLP, fc2(gelu(fc1(x))), and Gemma's GeGLU, down(gelu(gate(x)) * up(x)),
 tanh-approximated GELU to every hidden unit of every token: x float[B, T, intermediate]. MLX's
 CPU code evaluates its tanh one element at a time, a large share of a prefill layer's time; the
 compiled kernel computes x / (1 + exp(-2z)), the same function, with a vectorised exp
-(measurements: docs/performance.md, "GELU"). It is taken for prefill-sized inputs
-(GELU_MIN_ELEMENTS and up) in inference when the module is built; otherwise, and for the exact
-GELU, the model class's activation runs.
+(measurements: docs/performance.md, "GELU"). It is taken at every size in inference when the
+module is built, a decode step's single row too (where MLX's op costs more than the products
+around it would suggest: docs/performance.md, "GELU"); otherwise, and for the exact GELU, the model class's activation
+runs.
 
 Swapped in only for 16-bit and quantized models (pg_edge.cpu.apply): a float32 model keeps the
 model classes' exact numbers (the kernel's results differ from MLX's tanh in the last bits).
@@ -22,13 +23,10 @@ from . import qmv
 from .products import cpu_quantized_products
 from .streams import lean
 
-# Below this many elements (decode: one row) MLX's own kernel costs no more than a call.
-GELU_MIN_ELEMENTS = 1 << 16
-
 
 def cpu_activation(module: nn.Module, x: mx.array) -> mx.array:
     """module.act(x), by the compiled kernel where it applies."""
-    if (module.act is nn.gelu_approx and lean(module) and x.size >= GELU_MIN_ELEMENTS
+    if (module.act is nn.gelu_approx and lean(module)
             and x.dtype in (mx.float32, mx.bfloat16) and qmv.module() is not None):
         return qmv.module().gelu_tanh(mx.contiguous(x))
     return module.act(x)

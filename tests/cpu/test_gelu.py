@@ -1,5 +1,5 @@
 """pg_edge.cpu.qmv's compiled tanh GELU equals MLX's nn.gelu_approx within float32 rounding, and
-the MLP variants (pg_edge/cpu/mlp.py) take it for prefill-sized inputs of 16-bit and quantized
+the MLP variants (pg_edge/cpu/mlp.py) take it for every input size of 16-bit and quantized
 models in inference only. `ext`: tests/cpu/conftest.py."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_bad_input_is_a_clear_error(ext):
         ext.gelu_tanh(mx.ones((4,), dtype=mx.float16))
 
 
-def test_mlp_variants_take_it_for_prefill_in_inference(ext, monkeypatch):
+def test_mlp_variants_take_it_in_inference(ext, monkeypatch):
     calls = []
     real = ext.gelu_tanh
     monkeypatch.setattr(qmv, "module", lambda: type("M", (), {"gelu_tanh": staticmethod(
@@ -64,13 +64,14 @@ def test_mlp_variants_take_it_for_prefill_in_inference(ext, monkeypatch):
     layer.act = nn.gelu_approx
     layer.fc1, layer.fc2 = nn.Linear(64, 1024), nn.Linear(1024, 64)
     layer.eval()
-    x = mx.random.normal((1, 80, 64))  # 80 x 1024 hidden units: over GELU_MIN_ELEMENTS
+    x = mx.random.normal((1, 80, 64))  # prefill-sized: 80 x 1024 hidden units
     y = layer(x)
-    assert calls == [(1, 80, 1024)]
+    one = layer(x[:, :1])  # decode-sized: one row, the kernel too
+    assert calls == [(1, 80, 1024), (1, 1, 1024)]
     ref = layer.fc2(nn.gelu_approx(layer.fc1(x)))
     assert mx.allclose(y, ref, rtol=1e-4, atol=1e-5)
+    assert mx.allclose(one, ref[:, :1], rtol=1e-4, atol=1e-5)
     calls.clear()
-    layer(x[:, :1])  # decode-sized: MLX's own
     with streams.tracing_on():
         layer(x)
     layer.train()
@@ -88,7 +89,6 @@ def test_bf16_model_uses_it_with_the_same_tokens(ext, converted, sample_images, 
         pytest.skip("the CPU variants are swapped in on the CPU backend only")
     kinds = {type(m) for _, m in pg.model.named_modules()}
     assert {mlp.CpuMLP, mlp.CpuSiglipMLP} <= kinds
-    monkeypatch.setattr(mlp, "GELU_MIN_ELEMENTS", 1)  # the fixture is tiny: every call takes it
     image = sample_images[0]
     ours = pg.logits(image, "caption en")
     tokens = pg.generate(image, "caption en", max_tokens=6).tokens

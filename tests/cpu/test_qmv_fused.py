@@ -9,7 +9,7 @@ import pytest
 
 from pg_edge.cpu import products, qmv
 from pg_edge.cpu.attention import CpuAttention
-from pg_edge.cpu.mlp import CpuMLP
+from pg_edge.cpu.mlp import CpuMLP, cpu_activation
 from pg_edge.model.config import TextConfig
 
 from test_qmv import cpu_layer, quantized
@@ -77,7 +77,7 @@ def test_attention_and_mlp_fuse_in_decode_only(ext, monkeypatch):
     mlp.eval()
     y = mlp(x)
     assert calls == [2]
-    expect = mlp.down_proj(mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    expect = mlp.down_proj(cpu_activation(mlp, mlp.gate_proj(x)) * mlp.up_proj(x))
     assert mx.array_equal(y, expect).item()
     # a float layer among them (as LoRA wrappers or unquantized parts are): no fusion
     calls.clear()

@@ -1,0 +1,110 @@
+"""A decode step's small ops: pg_edge's compiled kernels against MLX's ops, part by part.
+
+    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu]
+
+Needs the compiled module (`make qmv`). At decode size these ops handle one row of a few
+thousand numbers, so what they cost is how MLX evaluates them, not the arithmetic. Each part:
+- gelu: the MLP's tanh GELU on a decode step's one row (9216 units for PaliGemma 2 3B). MLX's
+  `nn.gelu_approx` against pg_edge's kernel (qmv.gelu_tanh, act.cpp).
+
+Part 1: microseconds per call at the folder's width, best of 5 x 200 calls evaluated one at a
+time (as a decode step meets them). Part 2: decode tokens/s of the folder with each part's
+kernel and with MLX's op instead, alternately round by round in one process (the host's drift
+hits both alike); the other parts keep their kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pg_edge  # noqa: E402  (first: it loads the fast BLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from pg_edge.cpu import mlp, qmv  # noqa: E402
+
+
+def mlx_gelu(module, x):
+    """The MLP's activation by MLX's op (what the model class runs)."""
+    return module.act(x)
+
+
+# part -> (module, attribute, MLX's version, a per-call pair (MLX, kernel) given the folder's config)
+PARTS = {
+    "gelu": (mlp, "cpu_activation", mlx_gelu,
+             lambda cfg, dt: _pair(lambda x: nn.gelu_approx(x), lambda x: qmv.module().gelu_tanh(x),
+                                   mx.random.normal((1, 1, cfg.text.intermediate_size)).astype(dt))),
+}
+
+
+def _pair(a, b, x):
+    mx.eval(x)
+    return (lambda: a(x)), (lambda: b(x))
+
+
+def per_call_us(fn, n: int = 200) -> float:
+    for _ in range(10):
+        mx.eval(fn())
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            mx.eval(fn())
+        best = min(best, (time.perf_counter() - t) / n)
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", required=True, help="a 16-bit or quantized folder")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+    a = ap.parse_args()
+    if qmv.module() is None:
+        sys.exit(f"needs the compiled module: {qmv.kernel()}")
+    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        sys.exit(f"unknown part(s) {sorted(unknown)}: choose from {', '.join(PARTS)}")
+
+    from pg_edge.benchmark import bench_image, decode_tokens
+
+    pg = pg_edge.load(a.folder)
+    image = bench_image(pg.config.vision.image_size)
+    seen = []  # the activations' dtype a decode step's MLP meets
+    real = mlp.cpu_activation
+    mlp.cpu_activation = lambda module, x: seen.append(x.dtype) or real(module, x)
+    decode_tokens(pg, image, "caption en", 8)  # warm-up
+    mlp.cpu_activation = real
+    act_dtype = seen[-1]
+    print(f"{a.folder}: decode activations {act_dtype}; kernel {qmv.kernel()}")
+    for part in parts:
+        ours, theirs = PARTS[part][3](pg.config, act_dtype)
+        x, y = per_call_us(ours), per_call_us(theirs)
+        print(f"  {part}: one decode-sized call, MLX's op {x:.1f} us, kernel {y:.1f} us", flush=True)
+
+    for part in parts:
+        where, name, plain, _ = PARTS[part]
+        real = getattr(where, name)
+        runs = {"MLX's op": [], "kernel": []}
+        for _ in range(a.rounds):
+            for which in runs:
+                setattr(where, name, real if which == "kernel" else plain)
+                runs[which].append(decode_tokens(pg, image, "caption en", a.tokens)["decode_tps"])
+        setattr(where, name, real)
+        for which, tps in runs.items():
+            print(f"decode, {part} by {which}: " + " ".join(f"{t:.2f}" for t in tps)
+                  + f" tok/s (mean {statistics.mean(tps):.2f})")
+        x, y = runs["MLX's op"], runs["kernel"]
+        print(f"{part}: kernel / MLX's op {sum(y) / sum(x):.3f}x; rounds faster with the kernel: "
+              f"{sum(q > p for p, q in zip(x, y))} of {a.rounds}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
