@@ -1,11 +1,16 @@
 """A decode step's small ops: pg_edge's compiled kernels against MLX's ops, part by part.
 
-    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu]
+    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu,norms]
 
 Needs the compiled module (`make qmv`). At decode size these ops handle one row of a few
 thousand numbers, so what they cost is how MLX evaluates them, not the arithmetic. Each part:
 - gelu: the MLP's tanh GELU on a decode step's one row (9216 units for PaliGemma 2 3B). MLX's
   `nn.gelu_approx` against pg_edge's kernel (qmv.gelu_tanh, act.cpp).
+- norms: a decoder layer's four RMSNorms and two residual adds (Gemma2). The model class's ops
+  (each norm pg_edge.cpu.ops.rms_norm's compiled graph: three kernels) against three calls of
+  pg_edge's `rms_norm_add` (norm.cpp: pg_edge.cpu.layers.CpuDecoderLayer). The per-call pair
+  times one residual add between two norms, x + norm(y) then norm of that, as the layer's
+  middle has it.
 
 Part 1: microseconds per call at the folder's width, best of 5 x 200 calls evaluated one at a
 time (as a decode step meets them). Part 2: decode tokens/s of the folder with each part's
@@ -26,7 +31,8 @@ import pg_edge  # noqa: E402  (first: it loads the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from pg_edge.cpu import mlp, qmv  # noqa: E402
+from pg_edge.cpu import layers, mlp, ops, qmv  # noqa: E402
+from pg_edge.model.gemma import DecoderLayer  # noqa: E402
 
 
 def mlx_gelu(module, x):
@@ -34,17 +40,31 @@ def mlx_gelu(module, x):
     return module.act(x)
 
 
+def mlx_layer(self, x, mask, offset, cache=None):
+    """The decoder layer by the model class's code (its norms: ops.rms_norm's compiled graph)."""
+    return DecoderLayer.__call__(self, x, mask, offset, cache)
+
+
+def _norms_pair(cfg, dt):
+    D, eps = cfg.text.hidden_size, cfg.text.rms_norm_eps
+    x, y = mx.random.normal((1, 1, D)).astype(dt), mx.random.normal((1, 1, D)).astype(dt)
+    w1, w2 = mx.random.normal((D,)) * 0.1, mx.random.normal((D,)) * 0.1
+    mx.eval(x, y, w1, w2)
+    return (lambda: ops.rms_norm(x + ops.rms_norm(y, w1, eps), w2, eps),
+            lambda: qmv.module().rms_norm_add(x, y, w1, w2, eps=eps)[1])
+
+
+def _gelu_pair(cfg, dt):
+    x = mx.random.normal((1, 1, cfg.text.intermediate_size)).astype(dt)
+    mx.eval(x)
+    return (lambda: nn.gelu_approx(x)), (lambda: qmv.module().gelu_tanh(x))
+
+
 # part -> (module, attribute, MLX's version, a per-call pair (MLX, kernel) given the folder's config)
 PARTS = {
-    "gelu": (mlp, "cpu_activation", mlx_gelu,
-             lambda cfg, dt: _pair(lambda x: nn.gelu_approx(x), lambda x: qmv.module().gelu_tanh(x),
-                                   mx.random.normal((1, 1, cfg.text.intermediate_size)).astype(dt))),
+    "gelu": (mlp, "cpu_activation", mlx_gelu, _gelu_pair),
+    "norms": (layers.CpuDecoderLayer, "__call__", mlx_layer, _norms_pair),
 }
-
-
-def _pair(a, b, x):
-    mx.eval(x)
-    return (lambda: a(x)), (lambda: b(x))
 
 
 def per_call_us(fn, n: int = 200) -> float:

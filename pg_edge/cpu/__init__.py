@@ -8,7 +8,8 @@ Read in this order:
     attention.py   long attentions split by heads over the streams: CpuAttention, CpuSiglipAttention;
                    a decode step's attention in one compiled kernel: CpuDecodeAttention
     layers.py      prefill evaluated layer by layer; float32 activations for 16-bit and
-                   quantized models
+                   quantized models; their decode step's norms and residual adds in three
+                   compiled calls a layer
     mlp.py         SigLIP's and Gemma's MLPs with the compiled tanh GELU (16-bit and quantized
                    models)
     pages.py       the loaded weights moved onto 2 MB pages (Linux; pg_edge.load calls it)
@@ -28,11 +29,11 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..model.gemma import MLP, Attention, GemmaModel, RMSNorm
+from ..model.gemma import MLP, Attention, DecoderLayer, GemmaModel, RMSNorm
 from ..model.paligemma import PaliGemmaModel
 from ..model.siglip import SiglipAttention, SiglipEncoder, SiglipMLP
 from .attention import CpuAttention, CpuDecodeAttention, CpuSiglipAttention
-from .layers import CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
+from .layers import CpuDecoderLayer, CpuGemmaModel, CpuPaliGemmaModel, CpuSiglipEncoder
 from .mlp import CpuMLP, CpuSiglipMLP
 from . import products
 from .ops import CpuRMSNorm
@@ -44,10 +45,11 @@ SWAPS = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuant
          nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding,
          RMSNorm: CpuRMSNorm, Attention: CpuAttention, SiglipAttention: CpuSiglipAttention}
 # Swapped when the model holds quantized or 16-bit float layers (their dense or float32 prefill
-# pieces; the compiled GELU and decode attention, whose last bits differ from MLX's: a float32
-# model keeps those).
+# pieces; the compiled GELU, decode attention and decode norms, whose last bits differ from
+# MLX's: a float32 model keeps those).
 LAYER_BY_LAYER = {GemmaModel: CpuGemmaModel, SiglipEncoder: CpuSiglipEncoder,
-                  MLP: CpuMLP, SiglipMLP: CpuSiglipMLP, CpuAttention: CpuDecodeAttention}
+                  MLP: CpuMLP, SiglipMLP: CpuSiglipMLP, CpuAttention: CpuDecodeAttention,
+                  DecoderLayer: CpuDecoderLayer}
 
 
 def policy() -> str:

@@ -1,5 +1,6 @@
-"""CPU variants of the stacks: prefill evaluated layer by layer, and a 16-bit or quantized
-model's activations in float32.
+"""CPU variants of the stacks: prefill evaluated layer by layer, a 16-bit or quantized
+model's activations in float32, and its decode step's norms and residual adds in three calls a
+layer.
 
 A quantized model's dense prefill products dequantize pieces of every layer; in one lazy graph
 MLX keeps many layers' pieces alive at once, so evaluating each layer's output frees its pieces
@@ -13,9 +14,10 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..model.gemma import GemmaModel
+from ..model.gemma import DecoderLayer, GemmaModel
 from ..model.paligemma import PaliGemmaModel
 from ..model.siglip import SiglipEncoder
+from . import qmv
 from .streams import lean
 
 
@@ -30,6 +32,30 @@ class CpuGemmaModel(GemmaModel):
             h = layer(h, masks[layer.window], offset, c)
             mx.eval(h)
         return self.norm(h)
+
+
+class CpuDecoderLayer(DecoderLayer):
+    """`DecoderLayer` (same parameters) whose decode step runs its four norms and two residual
+    adds (Gemma2; Gemma 1: two norms and two adds) as three calls of the compiled module's
+    `rms_norm_add`, instead of fourteen scheduled MLX kernels (docs/performance.md, "Norms and
+    residual adds in one call"). Its sum of squares runs in another order than MLX's, so the
+    last bits differ: swapped in for 16-bit and quantized models only, with the compiled GELU.
+    Prefill, training, tracing and a model without the module run the model class's code."""
+
+    def __call__(self, x, mask, offset, cache=None):
+        mod = qmv.module()
+        if x.shape[1] != 1 or mod is None or not lean(self):
+            return super().__call__(x, mask, offset, cache)
+        eps = self.input_layernorm.eps  # every norm of the layer is built with the config's eps
+        (n,) = mod.rms_norm_add(x, w_n=self.input_layernorm.weight, eps=eps)
+        a = self.self_attn(n, mask, offset, cache)
+        if self.sandwich:
+            x, n = mod.rms_norm_add(x, a, self.post_attention_layernorm.weight,
+                                    self.pre_feedforward_layernorm.weight, eps=eps)
+            (h,) = mod.rms_norm_add(x, self.mlp(n), self.post_feedforward_layernorm.weight, eps=eps)
+            return h
+        x, n = mod.rms_norm_add(x, a, w_n=self.post_attention_layernorm.weight, eps=eps)
+        return x + self.mlp(n)
 
 
 class CpuSiglipEncoder(SiglipEncoder):

@@ -10,6 +10,7 @@
 #include "common.h"
 #include "dq.h"
 #include "fmv.h"
+#include "norm.h"
 #include "pool.h"
 #include "qmv.h"
 #include "qmv_int8.h"
@@ -37,6 +38,10 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("decode_attention", &pg_edge::decode_attention, "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "scale"_a,
         "softcap"_a, nb::kw_only(), "stream"_a = nb::none(),
         "softmax(cap(scale * q . k), mask) . v for one query token: q [B, H, 1, E], k / v [B, K, S, E] float32");
+  m.def("rms_norm_add", &pg_edge::rms_norm_add, "x"_a, "y"_a = nb::none(), "w_y"_a = nb::none(), "w_n"_a = nb::none(),
+        "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Gemma's RMSNorm around a residual add, rows of D: h = x + (norm(y; w_y) if w_y else y) when y is given, "
+        "n = norm(h or x; w_n) when w_n is given -> [h, n] / [h] / [n]; norm(v; w) = v * rsqrt(mean(v^2) + eps) * (1 + w)");
   m.def("decode_attention_supported", &pg_edge::decode_attention_supported, "whether this CPU runs decode_attention (AVX-512)");
   m.def("bf16_matmul", &pg_edge::bf16_matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w.T -> float32 [..., N], w bfloat16 / float16 [N, K], x rounded to bfloat16 (AMX)");
