@@ -1,6 +1,6 @@
 """A decode step's small ops: pg_edge's compiled kernels against MLX's ops, part by part.
 
-    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu,norms]
+    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu,norms,logprobs]
 
 Needs the compiled module (`make qmv`). At decode size these ops handle one row of a few
 thousand numbers, so what they cost is how MLX evaluates them, not the arithmetic. Each part:
@@ -11,6 +11,11 @@ thousand numbers, so what they cost is how MLX evaluates them, not the arithmeti
   pg_edge's `rms_norm_add` (norm.cpp: pg_edge.cpu.layers.CpuDecoderLayer). The per-call pair
   times one residual add between two norms, x + norm(y) then norm of that, as the layer's
   middle has it.
+- logprobs: a sampled step's log-probabilities over the vocabulary (Gemma2's final softcap, the
+  mask of ids never emitted, the log-softmax). PaliGemmaModel.log_probs's MLX ops against
+  pg_edge's `log_softmax` (logits.cpp: pg_edge.cpu.layers.CpuPaliGemmaModel). Its decode is
+  sampled (temperature 0.7, mlx-lm's sampler); the other parts' decode is greedy, which leaves
+  the log-probabilities unevaluated.
 
 Part 1: microseconds per call at the folder's width, best of 5 x 200 calls evaluated one at a
 time (as a decode step meets them). Part 2: decode tokens/s of the folder with each part's
@@ -32,7 +37,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from pg_edge.cpu import layers, mlp, ops, qmv  # noqa: E402
+from pg_edge.generate import Sampling  # noqa: E402
 from pg_edge.model.gemma import DecoderLayer  # noqa: E402
+from pg_edge.model.paligemma import PaliGemmaModel  # noqa: E402
 
 
 def mlx_gelu(module, x):
@@ -45,7 +52,8 @@ def mlx_layer(self, x, mask, offset, cache=None):
     return DecoderLayer.__call__(self, x, mask, offset, cache)
 
 
-def _norms_pair(cfg, dt):
+def _norms_pair(pg, dt):
+    cfg = pg.config
     D, eps = cfg.text.hidden_size, cfg.text.rms_norm_eps
     x, y = mx.random.normal((1, 1, D)).astype(dt), mx.random.normal((1, 1, D)).astype(dt)
     w1, w2 = mx.random.normal((D,)) * 0.1, mx.random.normal((D,)) * 0.1
@@ -54,16 +62,26 @@ def _norms_pair(cfg, dt):
             lambda: qmv.module().rms_norm_add(x, y, w1, w2, eps=eps)[1])
 
 
-def _gelu_pair(cfg, dt):
-    x = mx.random.normal((1, 1, cfg.text.intermediate_size)).astype(dt)
+def _gelu_pair(pg, dt):
+    x = mx.random.normal((1, 1, pg.config.text.intermediate_size)).astype(dt)
     mx.eval(x)
     return (lambda: nn.gelu_approx(x)), (lambda: qmv.module().gelu_tanh(x))
 
 
-# part -> (module, attribute, MLX's version, a per-call pair (MLX, kernel) given the folder's config)
+def _logprobs_pair(pg, dt):
+    cfg = pg.config
+    x = mx.random.normal((1, cfg.text.vocab_size)) * 10
+    mx.eval(x)
+    cap, limit = float(cfg.text.final_logit_softcapping or 0.0), cfg.real_vocab_size
+    return (lambda: PaliGemmaModel.log_probs(pg.model, x, limit)), (lambda: qmv.module().log_softmax(x, cap, limit))
+
+
+# part -> (module, attribute, MLX's version, a per-call pair (MLX, kernel) given the loaded
+# folder and the activations' dtype, whether its decode samples)
 PARTS = {
-    "gelu": (mlp, "cpu_activation", mlx_gelu, _gelu_pair),
-    "norms": (layers.CpuDecoderLayer, "__call__", mlx_layer, _norms_pair),
+    "gelu": (mlp, "cpu_activation", mlx_gelu, _gelu_pair, False),
+    "norms": (layers.CpuDecoderLayer, "__call__", mlx_layer, _norms_pair, False),
+    "logprobs": (layers.CpuPaliGemmaModel, "log_probs", PaliGemmaModel.log_probs, _logprobs_pair, True),
 }
 
 
@@ -105,18 +123,19 @@ def main() -> None:
     act_dtype = seen[-1]
     print(f"{a.folder}: decode activations {act_dtype}; kernel {qmv.kernel()}")
     for part in parts:
-        ours, theirs = PARTS[part][3](pg.config, act_dtype)
+        ours, theirs = PARTS[part][3](pg, act_dtype)
         x, y = per_call_us(ours), per_call_us(theirs)
         print(f"  {part}: one decode-sized call, MLX's op {x:.1f} us, kernel {y:.1f} us", flush=True)
 
     for part in parts:
-        where, name, plain, _ = PARTS[part]
+        where, name, plain, _, sampled = PARTS[part]
+        sampler = Sampling(temperature=0.7).sampler() if sampled else None
         real = getattr(where, name)
         runs = {"MLX's op": [], "kernel": []}
         for _ in range(a.rounds):
             for which in runs:
                 setattr(where, name, real if which == "kernel" else plain)
-                runs[which].append(decode_tokens(pg, image, "caption en", a.tokens)["decode_tps"])
+                runs[which].append(decode_tokens(pg, image, "caption en", a.tokens, sampler)["decode_tps"])
         setattr(where, name, real)
         for which, tps in runs.items():
             print(f"decode, {part} by {which}: " + " ".join(f"{t:.2f}" for t in tps)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .generate import Chunk, Detokenizer, GenerationResult, Sampling, _logprobs, vocab_mask
+from .generate import Chunk, Detokenizer, GenerationResult, Sampling, vocab_mask
 from .worker import _DONE, _Job
 
 
@@ -213,7 +213,7 @@ class Batch:
             if r.sampling.temperature == 0:
                 picks.append(None)
                 continue
-            logprobs = _logprobs(self.model.cap_logits(logits[i:i + 1].astype(mx.float32)) + self.bias(lg.shape[-1]))
+            logprobs = self.model.log_probs(logits[i:i + 1], self.limit, self.bias(lg.shape[-1]))
             tok = r.sampling.sampler(self.limit)(logprobs)
             picks.append(mx.where(tok < self.limit, tok, greedy[i:i + 1]))
         out = greedy.tolist()

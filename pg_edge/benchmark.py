@@ -56,8 +56,9 @@ def bench_image(size: int = 224):
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def decode_tokens(pg, image, prompt: str, tokens: int) -> dict:
-    """One timed generation with pg_edge's generator: vision, TTFT, decode tokens/s."""
+def decode_tokens(pg, image, prompt: str, tokens: int, sampler=None) -> dict:
+    """One timed generation with pg_edge's generator: vision, TTFT, decode tokens/s (greedy, or
+    by `sampler`, e.g. `pg_edge.generate.Sampling(temperature=0.7).sampler()`)."""
     from .generate import generate_step
 
     inp = pg.prepare([image], [prompt])
@@ -66,7 +67,7 @@ def decode_tokens(pg, image, prompt: str, tokens: int) -> dict:
     clock = Clock()
     feats = pg.image_features(inp.pixel_values)
     vision = clock.lap()
-    steps = generate_step(pg.model, ids, feats, max_tokens=tokens + 1)
+    steps = generate_step(pg.model, ids, feats, max_tokens=tokens + 1, sampler=sampler)
     first, _ = next(steps)
     mx.eval(first)
     prefill = clock.lap()

@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from ._mlx_lm import make_sampler
 from .errors import PgEdgeError
-from .model.paligemma import PaliGemmaModel
+from .model.paligemma import PaliGemmaModel, vocab_mask
 from .inputs.checks import check_max_tokens, check_sampling
 
 
@@ -73,11 +73,6 @@ def greedy(logprobs: mx.array) -> mx.array:
 GREEDY = Sampling()
 
 
-def vocab_mask(vocab_size: int, limit: int) -> mx.array:
-    """Additive float[V]: 0 for ids < limit, -inf for the rest (never emitted)."""
-    return mx.where(mx.arange(vocab_size) < limit, 0.0, -mx.inf)
-
-
 def generate_step(
     model: PaliGemmaModel,
     input_ids: mx.array,
@@ -100,28 +95,27 @@ def generate_step(
     limit = vocab_limit or model.config.real_vocab_size
     B, T = input_ids.shape
 
-    # Greedy picks argmax of the raw logits (the same id: Gemma2's softcap is an increasing
-    # tanh) and leaves the logprobs lazy, computed only if a caller evaluates them (their cost:
-    # docs/performance.md, "Greedy decoding takes the raw argmax").
+    # The model returns raw logits (Gemma2's final softcap left off). Greedy picks their argmax
+    # (the same id: the softcap is an increasing tanh) and leaves the logprobs lazy, computed
+    # only if a caller evaluates them (their cost: docs/performance.md, "Greedy decoding takes
+    # the raw argmax"); other samplers get `model.log_probs` (capped, masked, log-softmax).
     lazy = sampler is greedy
     logits = model(input_ids, image_features=image_features, valid=valid, cache=cache, last_only=True,
-                   capped=not lazy)[:, -1]
+                   capped=False)[:, -1]
     # Next position of each row = number of its valid tokens (positions count from 0).
     offset = valid.astype(mx.int32).sum(axis=1) if valid is not None else T
     bias = vocab_mask(logits.shape[-1], limit)
 
     def sample(lg):
+        # The argmax over the ids that may be emitted (a view of the first `limit`): the same id
+        # as over the capped, -inf-biased float32 logits, in one kernel rather than three.
+        best = mx.argmax(lg[..., :limit], axis=-1)
+        logprobs = model.log_probs(lg, limit, bias)
         if lazy:
-            # The argmax over the ids that may be emitted (a view of the first `limit`): the
-            # same id as over the -inf-biased float32 logits, in one kernel rather than three.
-            return mx.argmax(lg[..., :limit], axis=-1), _logprobs(model.cap_logits(lg.astype(mx.float32)) + bias)
-        lg = lg.astype(mx.float32)
-        lg = lg + bias
-        logprobs = _logprobs(lg)
+            return best, logprobs
         tok = sampler(logprobs)
         # Extreme temperatures (1/T overflowing) can make a sampler pick a masked id; never emit one.
-        tok = mx.where(tok < limit, tok, mx.argmax(lg[..., :limit], axis=-1))
-        return tok, logprobs
+        return mx.where(tok < limit, tok, best), logprobs
 
     def start(step):  # what is evaluated ahead: the token only, when the logprobs stay lazy
         mx.async_eval(step[0]) if lazy else mx.async_eval(*step)
@@ -133,18 +127,13 @@ def generate_step(
             # Queue the next step before handing this token out (overlaps host and device).
             if valid is not None:
                 valid = mx.concatenate([valid, mx.ones((B, 1), dtype=mx.bool_)], axis=1)
-            nxt_logits = model.step(tokens[:, None], valid, offset, cache, capped=not lazy)[:, -1]
+            nxt_logits = model.step(tokens[:, None], valid, offset, cache, capped=False)[:, -1]
             offset = offset + 1
             nxt = sample(nxt_logits)
             start(nxt)
         yield tokens, logprobs
         if n + 1 < max_tokens:
             tokens, logprobs = nxt
-
-
-def _logprobs(lg: mx.array) -> mx.array:
-    """float32[B, V] logits -> log-softmax."""
-    return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
 
 def until_eos(steps: Iterable[tuple[mx.array, mx.array]], eos_id: int) -> Iterator[list[int | None]]:

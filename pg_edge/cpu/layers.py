@@ -75,7 +75,8 @@ class CpuPaliGemmaModel(PaliGemmaModel):
     vision tower, connector and decoder alike: every product then is a float32 GEMM on the
     BLAS, dequantizes in float32, or takes the fast float32 quantized kernel with no casts
     around it; attention's own products (scores, weighted values) run on the BLAS too, where
-    in bf16 they would not (MLX's bf16 matmul: docs/performance.md). The KV cache is float32."""
+    in bf16 they would not (MLX's bf16 matmul: docs/performance.md). The KV cache is float32.
+    A sampled step's log-probabilities over the vocabulary take one compiled call."""
 
     def encode_image(self, pixel_values: mx.array) -> mx.array:
         if not lean(self):
@@ -84,3 +85,13 @@ class CpuPaliGemmaModel(PaliGemmaModel):
 
     def embed_text(self, ids: mx.array) -> mx.array:
         return super().embed_text(ids).astype(mx.float32)
+
+    def log_probs(self, logits: mx.array, limit: int, bias: mx.array | None = None) -> mx.array:
+        """`PaliGemmaModel.log_probs` (the softcap, the mask of ids never emitted, the
+        log-softmax) as one call of the compiled module's `log_softmax`, whose vectorised tanh
+        and exp replace MLX's element-at-a-time ones over the vocabulary (docs/performance.md,
+        "Sampled decoding's log-probabilities"); the model class's ops where it is not built."""
+        mod = qmv.module()
+        if mod is None or not lean(self) or logits.dtype != mx.float32:
+            return super().log_probs(logits, limit, bias)
+        return mod.log_softmax(logits, float(self.config.text.final_logit_softcapping or 0.0), int(limit))

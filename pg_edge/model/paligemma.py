@@ -20,6 +20,11 @@ from .masks import bounded_windows, decode_masks, layer_windows, make_cache, pre
 from .siglip import VisionTower
 
 
+def vocab_mask(vocab_size: int, limit: int) -> mx.array:
+    """Additive float[V]: 0 for ids < limit, -inf for the rest (never emitted)."""
+    return mx.where(mx.arange(vocab_size) < limit, 0.0, -mx.inf)
+
+
 class MultiModalProjector(nn.Module):
     """`multi_modal_projector.linear`: one Linear(C -> D, bias) per image token."""
 
@@ -90,6 +95,14 @@ class PaliGemmaModel(nn.Module):
     def cap_logits(self, logits: mx.array) -> mx.array:
         """The logits `capped=True` gives, from those `capped=False` gives."""
         return self.language_model.cap(logits)
+
+    def log_probs(self, logits: mx.array, limit: int, bias: mx.array | None = None) -> mx.array:
+        """Raw logits float[B, V] (`capped=False`) -> float32[B, V] log-softmax of the capped
+        logits over the ids < limit, -inf for the rest (never emitted). bias: `vocab_mask(V,
+        limit)`, passed in by a caller that computes it once per generation."""
+        lg = self.cap_logits(logits.astype(mx.float32))
+        lg = lg + (vocab_mask(lg.shape[-1], limit) if bias is None else bias)
+        return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
     # -- whole pass ----------------------------------------------------------------------
     def __call__(

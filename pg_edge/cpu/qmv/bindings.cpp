@@ -10,6 +10,7 @@
 #include "common.h"
 #include "dq.h"
 #include "fmv.h"
+#include "logits.h"
 #include "norm.h"
 #include "pool.h"
 #include "qmv.h"
@@ -38,6 +39,9 @@ NB_MODULE(_pg_edge_qmv, m) {
   m.def("decode_attention", &pg_edge::decode_attention, "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "scale"_a,
         "softcap"_a, nb::kw_only(), "stream"_a = nb::none(),
         "softmax(cap(scale * q . k), mask) . v for one query token: q [B, H, 1, E], k / v [B, K, S, E] float32");
+  m.def("log_softmax", &pg_edge::log_softmax, "x"_a, "cap"_a, "limit"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "float32 logits [..., V] -> log-softmax of cap * tanh(x / cap) (x when cap is 0) over the ids < limit, "
+        "-inf beyond");
   m.def("rms_norm_add", &pg_edge::rms_norm_add, "x"_a, "y"_a = nb::none(), "w_y"_a = nb::none(), "w_n"_a = nb::none(),
         "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Gemma's RMSNorm around a residual add, rows of D: h = x + (norm(y; w_y) if w_y else y) when y is given, "

@@ -22,7 +22,7 @@ from pathlib import Path
 from ...errors import PgEdgeError
 
 SOURCE = Path(__file__).resolve().parent
-SOURCES = ("qmv.h", "qmv.cpp", "qmv_int8.h", "qmv_int8.cpp", "qmm_int8.cpp", "qmm_int8_avx2.cpp", "qmm_int16.cpp", "qmm_bf16dot.cpp", "panel.h", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "attn.h", "attn.cpp", "norm.h", "norm.cpp", "vexp.h", "bf16_gemm.h",
+SOURCES = ("qmv.h", "qmv.cpp", "qmv_int8.h", "qmv_int8.cpp", "qmm_int8.cpp", "qmm_int8_avx2.cpp", "qmm_int16.cpp", "qmm_bf16dot.cpp", "panel.h", "fmv.h", "fmv.cpp", "dq.h", "dq.cpp", "act.h", "act.cpp", "attn.h", "attn.cpp", "norm.h", "norm.cpp", "logits.h", "logits.cpp", "vexp.h", "bf16_gemm.h",
            "bf16_gemm.cpp", "bf16_kernels.h", "amx.cpp", "pool.h", "pool.cpp",
            "common.h", "common.cpp", "affine.h", "bindings.cpp", "CMakeLists.txt")
 MODULE = "_pg_edge_qmv"
