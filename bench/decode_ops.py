@@ -1,6 +1,6 @@
 """A decode step's small ops: pg_edge's compiled kernels against MLX's ops, part by part.
 
-    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu,norms,logprobs]
+    python bench/decode_ops.py --folder FOLDER [--tokens 32] [--rounds 4] [--parts gelu,norms,logprobs,spin]
 
 Needs the compiled module (`make qmv`). At decode size these ops handle one row of a few
 thousand numbers, so what they cost is how MLX evaluates them, not the arithmetic. Each part:
@@ -16,11 +16,15 @@ thousand numbers, so what they cost is how MLX evaluates them, not the arithmeti
   pg_edge's `log_softmax` (logits.cpp: pg_edge.cpu.layers.CpuPaliGemmaModel). Its decode is
   sampled (temperature 0.7, mlx-lm's sampler); the other parts' decode is greedy, which leaves
   the log-probabilities unevaluated.
+- spin: not an op but the wait between them. The matvecs' thread pool with its workers put to
+  sleep after each product (PG_EDGE_QMV_SPIN_US=0) against polling for the next one
+  (pg_edge.cpu.qmv's pool.cpp, 200 us by default); its per-call pair is one 4-bit product of
+  2304 rows (a layer's o projection) evaluated alone, as the decode step meets it.
 
 Part 1: microseconds per call at the folder's width, best of 5 x 200 calls evaluated one at a
 time (as a decode step meets them). Part 2: decode tokens/s of the folder with each part's
-kernel and with MLX's op instead, alternately round by round in one process (the host's drift
-hits both alike); the other parts keep their kernels.
+kernel and with MLX's op instead (spin: polling against sleeping), alternately round by round
+in one process (the host's drift hits both alike); the other parts keep their kernels.
 """
 from __future__ import annotations
 
@@ -76,12 +80,49 @@ def _logprobs_pair(pg, dt):
     return (lambda: PaliGemmaModel.log_probs(pg.model, x, limit)), (lambda: qmv.module().log_softmax(x, cap, limit))
 
 
-# part -> (module, attribute, MLX's version, a per-call pair (MLX, kernel) given the loaded
-# folder and the activations' dtype, whether its decode samples)
+def _spin_pair(pg, dt):
+    """One product of 2304 rows (a layer's o projection) alone, the pool's workers asleep
+    between calls against polling (each lambda sets the pool's wait first)."""
+    m = qmv.module()
+    layer = pg.model.language_model.model.layers[0].self_attn.o_proj
+    quantized = "scales" in layer
+    x = mx.random.normal((1, 1, layer.weight.shape[1] * 32 // layer.bits if quantized else layer.weight.shape[1]))
+    mx.eval(x)
+
+    def call(us):
+        m.spin_microseconds(us)
+        if quantized:
+            return m.quantized_matvec(x, layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        return m.float_matvec(x, layer.weight)
+
+    return (lambda: call(0)), (lambda: call(SPIN_US))
+
+
+class Swap:
+    """A part whose baseline is an attribute set to MLX's version (the kernel: the real one)."""
+
+    def __init__(self, where, name, plain):
+        self.where, self.name, self.plain = where, name, plain
+        self.real = getattr(where, name)
+
+    def __call__(self, on: bool) -> None:
+        setattr(self.where, self.name, self.real if on else self.plain)
+
+
+def _spin(on: bool) -> None:
+    qmv.module().spin_microseconds(SPIN_US if on else 0)
+
+
+SPIN_US = qmv.module().spin_microseconds() if qmv.module() is not None else 200
+# part -> (switch(on), a per-call pair (baseline, ours) given the loaded folder and the
+# activations' dtype, whether its decode samples, the two sides' names)
+OPS = ("MLX's op", "kernel")
 PARTS = {
-    "gelu": (mlp, "cpu_activation", mlx_gelu, _gelu_pair, False),
-    "norms": (layers.CpuDecoderLayer, "__call__", mlx_layer, _norms_pair, False),
-    "logprobs": (layers.CpuPaliGemmaModel, "log_probs", PaliGemmaModel.log_probs, _logprobs_pair, True),
+    "gelu": (lambda: Swap(mlp, "cpu_activation", mlx_gelu), _gelu_pair, False, OPS),
+    "norms": (lambda: Swap(layers.CpuDecoderLayer, "__call__", mlx_layer), _norms_pair, False, OPS),
+    "logprobs": (lambda: Swap(layers.CpuPaliGemmaModel, "log_probs", PaliGemmaModel.log_probs), _logprobs_pair,
+                 True, OPS),
+    "spin": (lambda: _spin, _spin_pair, False, ("sleeping workers", "polling workers")),
 }
 
 
@@ -123,25 +164,28 @@ def main() -> None:
     act_dtype = seen[-1]
     print(f"{a.folder}: decode activations {act_dtype}; kernel {qmv.kernel()}")
     for part in parts:
-        ours, theirs = PARTS[part][3](pg, act_dtype)
-        x, y = per_call_us(ours), per_call_us(theirs)
-        print(f"  {part}: one decode-sized call, MLX's op {x:.1f} us, kernel {y:.1f} us", flush=True)
+        make_switch, pair, _, (base, ours) = PARTS[part]
+        switch = make_switch()
+        theirs_fn, ours_fn = pair(pg, act_dtype)
+        x, y = per_call_us(theirs_fn), per_call_us(ours_fn)
+        switch(True)
+        print(f"  {part}: one decode-sized call, {base} {x:.1f} us, {ours} {y:.1f} us", flush=True)
 
     for part in parts:
-        where, name, plain, _, sampled = PARTS[part]
+        make_switch, _, sampled, (base, ours) = PARTS[part]
+        switch = make_switch()
         sampler = Sampling(temperature=0.7).sampler() if sampled else None
-        real = getattr(where, name)
-        runs = {"MLX's op": [], "kernel": []}
+        runs = {base: [], ours: []}
         for _ in range(a.rounds):
             for which in runs:
-                setattr(where, name, real if which == "kernel" else plain)
+                switch(which == ours)
                 runs[which].append(decode_tokens(pg, image, "caption en", a.tokens, sampler)["decode_tps"])
-        setattr(where, name, real)
+        switch(True)
         for which, tps in runs.items():
             print(f"decode, {part} by {which}: " + " ".join(f"{t:.2f}" for t in tps)
                   + f" tok/s (mean {statistics.mean(tps):.2f})")
-        x, y = runs["MLX's op"], runs["kernel"]
-        print(f"{part}: kernel / MLX's op {sum(y) / sum(x):.3f}x; rounds faster with the kernel: "
+        x, y = runs[base], runs[ours]
+        print(f"{part}: {ours} / {base} {sum(y) / sum(x):.3f}x; rounds faster with {ours}: "
               f"{sum(q > p for p, q in zip(x, y))} of {a.rounds}", flush=True)
 
 

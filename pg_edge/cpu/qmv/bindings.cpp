@@ -59,4 +59,7 @@ NB_MODULE(_pg_edge_qmv, m) {
         "the kernel of quantized_matvec for weights of 2^20+ elements: 'int8 on AVX512-VNNI', 'int8 on AVX2' or 'float32'");
   m.def("simd", &pg_edge::simd, "the kernel this CPU runs: 'avx512', 'avx2' or 'portable'");
   m.def("threads", &pg_edge::threads, "threads one product is split over");
+  m.def("spin_microseconds", &pg_edge::spin_microseconds, "us"_a = -1,
+        "how long the pool's threads poll for work before sleeping (PG_EDGE_QMV_SPIN_US, else 200); us >= 0 sets it; "
+        "returns the value before");
 }

@@ -4,10 +4,17 @@
 // the weights, which one core does not saturate, so one product's output rows are split over
 // one thread per core here. One job at a time: a caller that finds the pool busy (a task of
 // another MLX stream) runs its job alone on its own thread.
+//
+// A decode step calls the pool a hundred times a token, a few MLX ops apart, and a worker put
+// to sleep on a futex woke too late to share a small product (docs/performance.md, "Workers that
+// wait awake between products"). So after a job a worker polls for the next one for a while
+// (PG_EDGE_QMV_SPIN_US, default 200 microseconds; 0: sleep at once) before it sleeps, and the
+// caller polls the same way for the workers to finish before it sleeps.
 #include "pool.h"
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -16,6 +23,9 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 #endif
 
 namespace pg_edge {
@@ -34,6 +44,37 @@ int default_threads() {
   }
 #endif
   return std::max(1u, std::min(std::thread::hardware_concurrency(), 8u));
+}
+
+int default_spin_us() {
+  if (const char* env = std::getenv("PG_EDGE_QMV_SPIN_US")) return std::max(0, std::min(std::atoi(env), 100000));
+  return 200;
+}
+
+std::atomic<int> spin_us{default_spin_us()};
+
+inline void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+// Polls done() for up to spin_us microseconds, yielding the core between rounds of checks;
+// whether it came true.
+template <class F>
+bool spin(F done) {
+  const int us = spin_us.load(std::memory_order_relaxed);
+  if (us == 0) return done();
+  const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  while (true) {
+    for (int i = 0; i < 32; ++i) {
+      if (done()) return true;
+      pause();
+    }
+    // a thread that waits for a core (Python building the next step's graph) gets this one
+    std::this_thread::yield();
+    if (std::chrono::steady_clock::now() >= end) return done();
+  }
 }
 
 // run(n, f) calls f(0) .. f(n - 1), spread over the workers and the caller.
@@ -66,17 +107,21 @@ class Pool {
       n_ = n;
       next_.store(0);
       open_ = true;
-      joined_ = 0;
-      ++generation_;
+      joined_.store(0);
+      published_.store(++generation_, std::memory_order_release);
     }
-    cv_.notify_all();
+    cv_.notify_all();  // no system call when every worker is polling
     work();
     // Every chunk is taken. Wait only for the workers that joined (they are finishing theirs):
     // one the OS has not scheduled yet (a core busy with another process) skips this job when
     // it wakes, instead of the caller waiting a time slice for it.
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      open_ = false;
+    }
+    spin([this] { return joined_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lk(m_);
-    open_ = false;
-    done_cv_.wait(lk, [this] { return joined_ == 0; });
+    done_cv_.wait(lk, [this] { return joined_.load() == 0; });
     fn_ = nullptr;
   }
 
@@ -87,6 +132,7 @@ class Pool {
   void loop() {
     unsigned long seen = 0;
     while (true) {
+      spin([&] { return published_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lk(m_);
         cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
@@ -97,7 +143,7 @@ class Pool {
       }
       work();
       std::lock_guard<std::mutex> lk(m_);
-      if (--joined_ == 0) done_cv_.notify_one();
+      if (joined_.fetch_sub(1, std::memory_order_release) == 1) done_cv_.notify_one();
     }
   }
 
@@ -105,9 +151,10 @@ class Pool {
   std::mutex job_, m_;
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* fn_ = nullptr;
-  int n_ = 0, joined_ = 0;
-  std::atomic<int> next_{0};
-  unsigned long generation_ = 0;
+  int n_ = 0;
+  std::atomic<int> next_{0}, joined_{0};  // joined_: workers inside the open job
+  unsigned long generation_ = 0;               // jobs started (under m_)
+  std::atomic<unsigned long> published_{0};    // generation_, for polling workers
   bool stop_ = false, open_ = false;
 };
 
@@ -120,6 +167,12 @@ Pool& pool() {
 
 int threads() {
   return pool().size();
+}
+
+int spin_microseconds(int us) {
+  const int old = spin_us.load();
+  if (us >= 0) spin_us.store(std::min(us, 100000));
+  return old;
 }
 
 void split_rows(int N, int64_t work, int align, const std::function<void(int, int)>& rows) {

@@ -10,6 +10,11 @@ namespace pg_edge {
 // at most 8).
 int threads();
 
+// How long (microseconds) a worker polls for the next job, and a caller for the workers, before
+// sleeping: PG_EDGE_QMV_SPIN_US at start, else 200. `us` >= 0 sets it (at most 100000); returns
+// the value before.
+int spin_microseconds(int us = -1);
+
 // Calls rows(lo, hi) over [0, N) in chunks spread over the pool's threads and the caller, or
 // once on the caller when `work` (multiply-adds) is too small to pay for waking the pool.
 // `align` rounds the chunk size up to a multiple (a kernel's block of output rows).
