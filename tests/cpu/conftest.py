@@ -23,3 +23,24 @@ def ext():
     qmv.reset()
     if old is not None:
         os.environ["PG_EDGE_QMV"] = old
+
+
+@pytest.fixture
+def count_calls(ext, monkeypatch):
+    """count_calls(name) -> a list that gets one entry per call of the module's `name`: for the
+    test, qmv.module() answers with a stand-in that is `ext` but for that counting."""
+
+    def install(name: str) -> list:
+        calls = []
+        real = getattr(ext, name)
+
+        class Counting:
+            def __getattr__(self, attr):
+                return getattr(ext, attr)
+
+        stand_in = Counting()
+        setattr(stand_in, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(qmv, "module", lambda: stand_in)
+        return calls
+
+    return install

@@ -13,7 +13,7 @@ import pytest
 
 import pg_edge
 from pg_edge import cpu
-from pg_edge.cpu import layers, qmv
+from pg_edge.cpu import layers
 from pg_edge.model.paligemma import PaliGemmaModel
 
 
@@ -76,23 +76,12 @@ print(qmv.module().simd(), float(np.abs(got[:, :4999] - ref[:, :4999]).max()), b
         assert level in (simd, "portable") and float(err) < 1e-4 and masked == "True", out.stdout
 
 
-def test_sampled_generation_takes_it(ext, converted, sample_images, monkeypatch):
+def test_sampled_generation_takes_it(count_calls, converted, sample_images, monkeypatch):
     pg = pg_edge.load(converted(version=2, dtype="bfloat16"))
     if cpu.policy() != "cpu":
         pytest.skip("the CPU variants are swapped in on the CPU backend only")
     assert type(pg.model) is layers.CpuPaliGemmaModel
-    calls = []
-
-    class Counting:  # the module, counting its log_softmax calls
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def log_softmax(self, *a, **k):
-            calls.append(1)
-            return ext.log_softmax(*a, **k)
-
-    counting = Counting()
-    monkeypatch.setattr(qmv, "module", lambda: counting)
+    calls = count_calls("log_softmax")
     image = sample_images[0]
     ours = pg.generate(image, "caption en", max_tokens=6, temperature=0.8, seed=5)
     assert len(calls) >= 6

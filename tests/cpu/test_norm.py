@@ -9,7 +9,7 @@ import pytest
 
 import pg_edge
 from pg_edge import cpu
-from pg_edge.cpu import layers, ops, qmv
+from pg_edge.cpu import layers, ops
 from pg_edge.model.gemma import DecoderLayer
 
 EPS = 1e-6
@@ -75,24 +75,13 @@ def test_bad_input_is_a_clear_error(ext):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_decoder_layer_decodes_as_the_model_class(ext, converted, sample_images, version, monkeypatch):
+def test_decoder_layer_decodes_as_the_model_class(count_calls, converted, sample_images, version, monkeypatch):
     pg = pg_edge.load(converted(version=version, dtype="bfloat16"))
     if cpu.policy() != "cpu":
         pytest.skip("the CPU variants are swapped in on the CPU backend only")
     decoder = pg.model.language_model.model
     assert all(type(layer) is layers.CpuDecoderLayer for layer in decoder.layers)
-    calls = []
-
-    class Counting:  # the module, counting its rms_norm_add calls
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def rms_norm_add(self, *a, **k):
-            calls.append(1)
-            return ext.rms_norm_add(*a, **k)
-
-    counting = Counting()
-    monkeypatch.setattr(qmv, "module", lambda: counting)
+    calls = count_calls("rms_norm_add")
     image = sample_images[0]
     ours = pg.generate(image, "caption en", max_tokens=6)
     per_layer = 3 if version == 2 else 2  # Gemma 1 has no sandwich norms
