@@ -98,8 +98,22 @@ def test_zero_rows_and_groups(vnni):
     assert np.abs(got[1:] - want[1:]).max() < 0.01 * np.abs(want[1:]).max()
 
 
+@pytest.mark.parametrize("K,gs", [(64, 64), (64, 32), (192, 64), (320, 32)])
+def test_k_a_multiple_of_64_not_of_128(vnni, K, gs):
+    """K a multiple of 64 but not of 128 (the narrow-deep bench's width 64): the AVX2 kernel's
+    blocks of 64, on an AVX512-VNNI CPU too, within the bound of x's rounding."""
+    N = -(-BIG // K)  # at least 2^20 elements
+    _, wq, s, b = quantized(N, K, gs, 4, mx.bfloat16, seed=K + gs)
+    x = np.random.default_rng(K).standard_normal((2, K)).astype(np.float32)
+    got = np.array(vnni.quantized_matvec(mx.array(x), wq, s, b, gs, 4), dtype=np.float64)
+    want = exact(x, wq, s, b, gs, 4)
+    err = np.abs(got - want)
+    assert (err <= rounding_bound(x, wq, s, b, gs) * 1.001 + 1e-4 * np.abs(want).max()).all()
+    assert err.max() > 1e-5 * np.abs(want).max()  # x was rounded: the int8 path ran
+
+
 def test_what_keeps_the_float32_kernel(vnni):
-    """Small weights (the demo model's), 8-bit weights, K not a multiple of 128, and an x holding
+    """Small weights (the demo model's), 8-bit weights, K not a multiple of 64, and an x holding
     inf or NaN take the float32 kernel: they agree with MLX's product to float32 rounding."""
     rng = np.random.default_rng(5)
     cases = [(1024, 1024 - 128, 64, 4),  # one block short of 2^20 elements

@@ -226,6 +226,14 @@ void rows_all(const Job& j, int lo, int hi, float* out) {
 
 }  // namespace
 
+// Elements per block for rows of K: 128 (the AVX512-VNNI kernel) where K is a multiple of 128 on
+// such a CPU, else 64 (the AVX2 kernel, which every AVX512-VNNI CPU also runs) where K is a
+// multiple of 64, else 0 (the float32 kernels).
+static int block_elements(int K) {
+  if (int8_level() == 2 && K % 128 == 0) return 128;
+  return int8_level() >= 1 && K % 64 == 0 ? 64 : 0;
+}
+
 // 2: AVX512-VNNI (512-bit blocks), 1: AVX2 (256-bit blocks), 0: the float32 kernels only.
 int int8_level() {
 #ifdef QMV_X86
@@ -252,8 +260,7 @@ const char* decode_kernel() {
 
 bool int8_applies(const Int8Product& p) {
   if (!int8_available() || p.bits != 4) return false;
-  const int B = int8_level() == 2 ? 128 : 64;
-  return static_cast<int64_t>(p.N) * p.K >= kInt8MinElements && p.K % B == 0;
+  return static_cast<int64_t>(p.N) * p.K >= kInt8MinElements && block_elements(p.K) > 0;
 }
 
 bool int8_matvec(const Int8Product& p, float* out) {
@@ -264,7 +271,7 @@ bool int8_matvecs([[maybe_unused]] const std::vector<Int8Product>& ps, [[maybe_u
 #ifdef QMV_X86
   // x is rounded once (every product has the same x, K and group size); each weight's job is
   // a copy of that one with its own weight (x's buffers are a few KB).
-  std::vector<Job> jobs(ps.size(), Job{ps[0], int8_level() == 2 ? 128 : 64, {}, {}, {}, {}});
+  std::vector<Job> jobs(ps.size(), Job{ps[0], block_elements(ps[0].K), {}, {}, {}, {}});
   if (!prepare(jobs[0])) return false;
   std::vector<int> first(ps.size() + 1, 0);  // output rows of all products, one after another
   int64_t work = 0;

@@ -34,7 +34,8 @@ struct Int8Product {
 };
 
 // Whether `p` takes the int8 kernel: int8_available(), 4 bits, N * K >= kInt8MinElements, K a
-// multiple of the kernel's block (128 elements on AVX512-VNNI, 64 on AVX2).
+// multiple of a kernel's block: 128 elements on AVX512-VNNI, else 64 (the AVX2 kernel, which an
+// AVX512-VNNI CPU runs too for K a multiple of 64 but not of 128).
 bool int8_applies(const Int8Product& p);
 
 // out[m * N + n] (float32) = the product, x rounded to int8 per group of gs; false (out
