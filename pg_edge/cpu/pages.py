@@ -95,17 +95,19 @@ def _collapse(madvise, start: int, nbytes: int) -> tuple[int, int]:
     """(bytes now on 2 MB pages, errno of the failure or 0) for one buffer. First the 2 MB pages
     that cover it whole: its first and last page hold the neighbouring buffers' ends too, which
     stay as they were, only on one 2 MB page (malloc's neighbours lie in the same mapping);
-    where that range is not all mapped, the pages inside the buffer only."""
+    where the kernel refuses that range (part of it unmapped, or in a mapping of another kind
+    next to a buffer that has a mapping of its own: ENOMEM or EINVAL), the pages inside the
+    buffer only. A kernel without MADV_COLLAPSE answers EINVAL to both."""
     first, end = covering_range(start, nbytes)
     if madvise(first, end - first, MADV_COLLAPSE) == 0:
         return nbytes, 0
     err = ctypes.get_errno()
-    if err == errno.EINVAL:
-        return 0, err
     first, end = aligned_range(start, nbytes)
-    if end > first and madvise(first, end - first, MADV_COLLAPSE) == 0:
+    if end <= first:
+        return 0, err
+    if madvise(first, end - first, MADV_COLLAPSE) == 0:
         return end - first, 0
-    return 0, ctypes.get_errno() if end > first else 0
+    return 0, ctypes.get_errno()
 
 
 def settle(model) -> dict:

@@ -1,6 +1,8 @@
 """pg_edge.cpu.pages: the weights moved onto 2 MB pages at load, contents and results unchanged."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import sys
 
 import mlx.core as mx
@@ -116,3 +118,30 @@ def test_bench_reports_the_pages(converted, capsys):
     assert main(["bench", str(converted(version=2)), "--tokens", "2", "--no-warmup"]) == 0
     out = capsys.readouterr().out
     assert f"weights' pages: {pages.describe()}" in out
+
+
+def test_a_refused_covering_range_falls_back_to_the_pages_inside():
+    """A buffer with a mapping of its own, next to a mapping of another kind: the kernel refuses
+    the covering range with EINVAL (or ENOMEM where part of it is unmapped); the 2 MB pages inside
+    the buffer are still moved. Only when those are refused too is the errno reported."""
+    H = pages.HUGE
+    start, nbytes = H + 100, 5 * H  # covering [H, 7H), inside [2H, 6H)
+    for refused in (errno.EINVAL, errno.ENOMEM):
+        calls = []
+
+        def madvise(addr, length, advice, refused=refused, calls=calls):
+            calls.append((addr, length))
+            if addr == H:  # the covering range
+                ctypes.set_errno(refused)
+                return -1
+            return 0
+
+        assert pages._collapse(madvise, start, nbytes) == (4 * H, 0)
+        assert calls == [(H, 6 * H), (2 * H, 4 * H)]
+
+    def old_kernel(addr, length, advice):
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    assert pages._collapse(old_kernel, start, nbytes) == (0, errno.EINVAL)
+    assert pages._collapse(old_kernel, H + 100, H) == (0, errno.EINVAL)  # nothing inside: the first answer
