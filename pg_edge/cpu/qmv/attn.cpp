@@ -111,12 +111,6 @@ __attribute__((target("avx512f"))) void one_head(const float* q, const float* k,
 }
 
 // The same on AVX2 + FMA, 8 lanes at a time (E a multiple of 16: two vectors per 16 floats).
-__attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
 
 __attribute__((target("avx2,fma"))) void one_head_avx2(const float* q, const float* k, int64_t ks, const float* v,
                                                        int64_t vs, const bool* m, int64_t ms, int S, int E, float scale,

@@ -88,13 +88,6 @@ __attribute__((target("avx2,fma"))) float hmax256(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-__attribute__((target("avx2,fma"))) float hadd256(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
-
 __attribute__((target("avx2,fma"))) float row_avx2(const float* x, float* out, int n, float cap, bool& nan) {
   const __m256 two_over = _mm256_set1_ps(cap > 0.f ? 2.f / cap : 0.f), c = _mm256_set1_ps(cap);
   const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
@@ -121,7 +114,7 @@ __attribute__((target("avx2,fma"))) float sum_avx2(const float* y, int n, float 
   __m256 s = _mm256_setzero_ps();
   int i = 0;
   for (; i + 8 <= n; i += 8) s = _mm256_add_ps(s, exp256(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(y + i), t), lo)));
-  return hadd256(s) + sum_portable(y, i, n, top);
+  return hsum256(s) + sum_portable(y, i, n, top);
 }
 #endif
 

@@ -1,4 +1,5 @@
-// Vectorised exp for pg_edge's kernels (act.cpp's GELU, attn.cpp's softmax): AVX-512 and AVX2.
+// Vectorised exp for pg_edge's kernels (act.cpp's GELU, attn.cpp's softmax, logits.cpp's
+// log-softmax): AVX-512 and AVX2; and the AVX2 horizontal sum they share.
 #pragma once
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -38,6 +39,14 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 v) {
   // 2^n: n + 127 into the exponent bits (n in [-127, 127] for v in [-88, 88])
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The sum of v's 8 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
 }
 
 }  // namespace pg_edge
