@@ -80,3 +80,13 @@ def test_environment_variable_sets_it_at_start(ext):
         env.pop("PG_EDGE_QMV", None)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.split() == [want]
+
+
+def test_a_bad_environment_value_is_a_clear_error(ext):
+    code = "import pg_edge; from pg_edge.cpu import qmv; qmv.module()"
+    for value in ("abc", "-5", "1e3", "200000"):
+        env = dict(os.environ, PG_EDGE_QMV_SPIN_US=value)
+        env.pop("PG_EDGE_QMV", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode != 0, value
+        assert "PG_EDGE_QMV_SPIN_US must be a whole number" in out.stderr, out.stderr

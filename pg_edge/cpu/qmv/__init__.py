@@ -41,6 +41,7 @@ import sys
 
 import mlx.core as mx
 
+from ...errors import PgEdgeError
 from . import build as _build
 
 # The compiled path is taken for products with at most this many rows (decode, a few
@@ -65,6 +66,7 @@ def module():
     if "module" in _state:
         return _state["module"]
     mod, why = None, ""
+    check_spin_setting()
     if disabled():
         why = "turned off by PG_EDGE_QMV"
     else:
@@ -81,6 +83,15 @@ def module():
                 mod, why = None, f"failed to load ({e})"
     _state["module"], _state["why"] = mod, why
     return mod
+
+
+def check_spin_setting() -> None:
+    """PG_EDGE_QMV_SPIN_US, how long the pool's threads poll for work before sleeping (pool.cpp),
+    when set: a whole number of microseconds from 0 to 100000, else a clear error (the module
+    itself would read a bad value as 0)."""
+    value = os.environ.get("PG_EDGE_QMV_SPIN_US")
+    if value is not None and not (value.strip().isdigit() and int(value) <= 100000):
+        raise PgEdgeError(f"PG_EDGE_QMV_SPIN_US must be a whole number of microseconds from 0 to 100000, got {value!r}")
 
 
 def reset() -> None:
